@@ -1,0 +1,171 @@
+"""Safe checkpoints: weights in safetensors with the model config beside them.
+
+A *model file* is one ``model.safetensors`` whose metadata holds the model config as
+JSON under the key ``ranreg``; a copy of the config is written next to it as
+``model.json`` for people to read. A *training checkpoint* is a directory holding the
+model file plus ``train_state.pt`` (optimizer/scheduler state, loaded with
+``torch.load(weights_only=True)``) and ``rng.json`` (Python/numpy/torch RNG states).
+Nothing here unpickles arbitrary objects, and every directory is written to a temporary
+sibling first and renamed into place, so a killed run never leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from ranreg.errors import RanregError
+from ranreg.nn import build_model
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "model.json"
+STATE_FILE = "train_state.pt"
+RNG_FILE = "rng.json"
+METADATA_KEY = "ranreg"
+FORMAT_VERSION = 1
+
+
+def save_model(
+    model: torch.nn.Module, directory: str | os.PathLike[str], extra: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model.safetensors`` (+ ``model.json``) into ``directory`` (created)."""
+    config = dict(model.config, format=FORMAT_VERSION, **(extra or {}))
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
+    tmp = target / (MODEL_FILE + ".tmp")
+    save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(config)})
+    os.replace(tmp, target / MODEL_FILE)
+    _write_text(target / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    return target / MODEL_FILE
+
+
+def read_model_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The config stored in a model file (a ``.safetensors`` file or a directory with one)."""
+    file = _model_file(path)
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RanregError(f"{file}: not a safetensors model file ({exc})") from None
+    if METADATA_KEY not in meta:
+        raise RanregError(f"{file}: safetensors file without a ranreg model config")
+    try:
+        config = json.loads(meta[METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise RanregError(f"{file}: corrupt ranreg model config ({exc})") from None
+    if not isinstance(config, dict) or "name" not in config or "ndim" not in config:
+        raise RanregError(f"{file}: ranreg model config lacks 'name' or 'ndim'")
+    return config
+
+
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Build the model a model file describes and load its weights (strictly)."""
+    file = _model_file(path)
+    config = read_model_config(file)
+    options = {k: config[k] for k in ("heads", "in_channels") if k in config}
+    try:
+        model = build_model(config["name"], ndim=int(config["ndim"]), **options)
+    except ValueError as exc:
+        raise RanregError(f"{file}: {exc}") from None
+    try:
+        state = load_file(str(file), device="cpu")
+        model.load_state_dict(state, strict=True)
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise RanregError(f"{file}: weights do not fit {config['name']} ({first})") from None
+    return model.to(device)
+
+
+def save_checkpoint(
+    directory: str | os.PathLike[str],
+    model: torch.nn.Module,
+    train_state: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a training checkpoint directory atomically (temporary sibling + rename)."""
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        save_model(model, tmp, extra)
+        torch.save(train_state, tmp / STATE_FILE)
+        _write_text(tmp / RNG_FILE, json.dumps(capture_rng()))
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def load_checkpoint(directory: str | os.PathLike[str], model: torch.nn.Module) -> dict[str, Any]:
+    """Load weights into ``model``, restore RNG states, return the train state dict."""
+    d = Path(directory)
+    file = _model_file(d)
+    try:
+        state = load_file(str(file), device="cpu")
+        _unwrap(model).load_state_dict(state, strict=True)
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise RanregError(f"{file}: cannot resume from this checkpoint ({first})") from None
+    try:
+        train_state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
+        restore_rng(json.loads((d / RNG_FILE).read_text()))
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise RanregError(f"{d}: incomplete or unsafe training checkpoint ({exc})") from None
+    return train_state
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, numpy (legacy global) and torch CPU RNG states as JSON-able data."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def _model_file(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / MODEL_FILE
+    if not p.is_file():
+        raise RanregError(f"{p}: model file not found")
+    return p
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

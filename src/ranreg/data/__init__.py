@@ -1,0 +1,73 @@
+"""Data: NIfTI I/O, preprocessing, dataset discovery / pairing, synthetic CT images."""
+
+from ranreg.data.datasets import (
+    ABDOMEN_CROP,
+    PairDataset,
+    Subject,
+    crop_arrays,
+    crop_offsets,
+    discover_splits,
+    discover_subjects,
+    load_subject,
+    ordered_pairs,
+    split_subjects,
+)
+from ranreg.data.io import (
+    Volume,
+    load_label,
+    load_label_volume,
+    load_nifti,
+    nifti_stem,
+    save_nifti,
+)
+from ranreg.data.preprocess import (
+    ABDOMEN_ORGANS,
+    DEFAULT_FACTOR,
+    DEFAULT_WINDOW,
+    Resampled,
+    preprocess_pair,
+    preprocess_subject,
+    resample,
+    select_labels,
+    window_normalize,
+)
+from ranreg.data.synth_images import (
+    ORGAN_HU,
+    OrganHU,
+    labels_to_image,
+    subject_rng,
+    synthesize_dataset,
+)
+
+__all__ = [
+    "ABDOMEN_CROP",
+    "ABDOMEN_ORGANS",
+    "DEFAULT_FACTOR",
+    "DEFAULT_WINDOW",
+    "ORGAN_HU",
+    "OrganHU",
+    "PairDataset",
+    "Resampled",
+    "Subject",
+    "Volume",
+    "crop_arrays",
+    "crop_offsets",
+    "discover_splits",
+    "discover_subjects",
+    "labels_to_image",
+    "load_label",
+    "load_label_volume",
+    "load_nifti",
+    "load_subject",
+    "nifti_stem",
+    "ordered_pairs",
+    "preprocess_pair",
+    "preprocess_subject",
+    "resample",
+    "save_nifti",
+    "select_labels",
+    "split_subjects",
+    "subject_rng",
+    "synthesize_dataset",
+    "window_normalize",
+]

@@ -1,0 +1,247 @@
+"""Reading and writing NIfTI volumes with checks that name the offending file.
+
+Every problem with a user's file (missing, truncated, not NIfTI, wrong number of
+dimensions, NaN/inf voxels, non-integer labels) raises :class:`RanregError` whose
+message starts with the path, so the CLI can report it as one ``error:`` line.
+Writes are atomic: the volume goes to a hidden temporary file in the target
+directory first and is moved into place with :func:`os.replace`.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ranreg.errors import RanregError
+
+__all__ = [
+    "Volume",
+    "load_nifti",
+    "load_label",
+    "load_label_volume",
+    "save_nifti",
+    "nifti_stem",
+    "spacing_from_affine",
+]
+
+_NIFTI_EXTS = (".nii.gz", ".nii")
+
+
+@dataclass
+class Volume:
+    """A 3D volume with its voxel-to-world affine.
+
+    ``spacing`` is the voxel size along each array axis (world units, normally mm),
+    the column norms of ``affine[:3, :3]``.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    path: Path | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+
+def nifti_stem(path: str | os.PathLike[str]) -> str:
+    """File name without ``.nii.gz`` / ``.nii`` (``"0001.nii.gz"`` -> ``"0001"``)."""
+    name = Path(path).name
+    for ext in _NIFTI_EXTS:
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def spacing_from_affine(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size along each array axis: the column norms of the 3x3 part."""
+    affine = np.asarray(affine, dtype=np.float64)
+    norms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    return (float(norms[0]), float(norms[1]), float(norms[2]))
+
+
+def _open(path: str | os.PathLike[str]) -> tuple[Path, nib.Nifti1Image]:
+    p = Path(path)
+    if not p.exists():
+        raise RanregError(f"{p}: file not found")
+    if p.is_dir():
+        raise RanregError(f"{p}: is a directory, expected a NIfTI file (.nii or .nii.gz)")
+    try:
+        img = nib.load(str(p))
+    except Exception as exc:  # nibabel raises many types for bad files
+        raise RanregError(f"{p}: cannot read as NIfTI ({_describe(exc)})") from exc
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise RanregError(f"{p}: not a NIfTI file (read as {type(img).__name__})")
+    return p, img
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _read_data(p: Path, img: nib.Nifti1Image) -> np.ndarray:
+    try:
+        return np.asanyarray(img.dataobj)
+    except Exception as exc:  # truncated gzip, short file, bad scaling ...
+        raise RanregError(
+            f"{p}: cannot read voxel data, file truncated or corrupt ({_describe(exc)})"
+        ) from exc
+
+
+def _check_affine(p: Path, affine: np.ndarray) -> np.ndarray:
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise RanregError(f"{p}: invalid affine (non-finite values)")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise RanregError(f"{p}: invalid affine (singular voxel-to-world matrix)")
+    return affine
+
+
+def _squeeze_to_3d(p: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(shape) < 3:
+        raise RanregError(f"{p}: expected a 3D volume, got shape {tuple(shape)}")
+    extra = shape[3:]
+    if any(s != 1 for s in extra):
+        raise RanregError(
+            f"{p}: expected a 3D volume, got a {len(shape)}D volume of shape {tuple(shape)}"
+        )
+    return (int(shape[0]), int(shape[1]), int(shape[2]))
+
+
+def load_nifti(
+    path: str | os.PathLike[str],
+    *,
+    dtype: np.dtype | type | None = np.float32,
+    check_finite: bool = True,
+) -> Volume:
+    """Load a 3D NIfTI image.
+
+    A 4D (or 5D) file whose extra dimensions all have size 1 is squeezed to 3D;
+    anything else that is not 3D is an error. The array is cast to ``dtype``
+    (``None`` keeps the stored type after NIfTI intensity scaling). With
+    ``check_finite`` (the default) NaN or infinite voxels are an error.
+    """
+    p, img = _open(path)
+    shape3 = _squeeze_to_3d(p, img.shape)
+    affine = _check_affine(p, img.affine)
+    data = _read_data(p, img).reshape(shape3)
+    if dtype is not None:
+        data = data.astype(dtype, copy=False)
+    if check_finite and data.dtype.kind in "fc":
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise RanregError(f"{p}: {bad} voxel(s) are NaN or infinite")
+    return Volume(array=data, affine=affine, spacing=spacing_from_affine(affine), path=p)
+
+
+def _one_hot_to_labels(p: Path, data: np.ndarray) -> np.ndarray:
+    """(X, Y, Z, C) one-hot (DeepReg style) -> integer map, channel c -> label c + 1."""
+    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
+        raise RanregError(f"{p}: label map contains NaN or infinite values")
+    binary = (data == 0) | (data == 1)
+    if not np.all(binary) or np.any(data.sum(axis=-1) > 1):
+        raise RanregError(
+            f"{p}: expected a 3D label map, got shape {tuple(data.shape)} that is not one-hot"
+        )
+    labels = np.argmax(data, axis=-1).astype(np.int16) + 1
+    labels[data.max(axis=-1) == 0] = 0
+    return labels
+
+
+def load_label_volume(path: str | os.PathLike[str]) -> Volume:
+    """Load an integer label map as a :class:`Volume`.
+
+    Integer files keep their stored integer type (int8 stays int8). Float files
+    must hold whole numbers and are converted to int32. Negative labels are an
+    error. A 4D one-hot file (the DeepReg layout, one channel per organ) is turned
+    into an integer map with channel ``c`` as label ``c + 1``.
+    """
+    p, img = _open(path)
+    affine = _check_affine(p, img.affine)
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 4 and shape[3] > 1:
+        data = _one_hot_to_labels(p, np.asarray(_read_data(p, img)))
+    else:
+        shape3 = _squeeze_to_3d(p, shape)
+        data = np.asarray(_read_data(p, img)).reshape(shape3)
+        if data.dtype == np.bool_:
+            data = data.astype(np.uint8)
+        elif data.dtype.kind == "f":
+            if not np.all(np.isfinite(data)):
+                raise RanregError(f"{p}: label map contains NaN or infinite values")
+            if not np.array_equal(data, np.round(data)):
+                raise RanregError(f"{p}: label map has non-integer values")
+            data = data.astype(np.int32)
+        elif data.dtype.kind not in "iu":
+            raise RanregError(f"{p}: unsupported label data type {data.dtype}")
+    if data.dtype.kind == "i" and data.size and int(data.min()) < 0:
+        raise RanregError(f"{p}: label map has negative values (min {int(data.min())})")
+    return Volume(array=data, affine=affine, spacing=spacing_from_affine(affine), path=p)
+
+
+def load_label(path: str | os.PathLike[str]) -> np.ndarray:
+    """Load an integer label map (see :func:`load_label_volume`) and return its array."""
+    return load_label_volume(path).array
+
+
+def _nifti_ext(p: Path) -> str:
+    for ext in _NIFTI_EXTS:
+        if p.name.endswith(ext):
+            return ext
+    raise RanregError(f"{p}: output file name must end with .nii.gz or .nii")
+
+
+def _storable(array: np.ndarray) -> np.ndarray:
+    arr = np.asarray(array)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8)
+    if arr.dtype == np.float64:
+        return arr.astype(np.float32)
+    if arr.dtype in (np.int64, np.uint64):
+        if arr.size == 0:
+            return arr.astype(np.int32)
+        lo, hi = int(arr.min()), int(arr.max())
+        info = np.iinfo(np.int32)
+        if lo < info.min or hi > info.max:
+            raise ValueError(f"integer values {lo}..{hi} do not fit in int32")
+        return arr.astype(np.int32)
+    return arr
+
+
+def save_nifti(
+    path: str | os.PathLike[str],
+    array: np.ndarray,
+    affine: np.ndarray,
+) -> Path:
+    """Write ``array`` with ``affine`` to ``path`` (.nii.gz compressed, .nii plain).
+
+    bool is stored as uint8, float64 as float32 and int64 as int32. The write is
+    atomic: a temporary file in the same directory is renamed onto ``path``.
+    Missing parent directories are created.
+    """
+    p = Path(path)
+    ext = _nifti_ext(p)
+    arr = _storable(array)
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be 4x4, got {affine.shape}")
+    img = nib.Nifti1Image(arr, affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name[: -len(ext)]}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{ext}")
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return p

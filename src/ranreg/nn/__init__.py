@@ -1,0 +1,58 @@
+"""Networks: the four RAN variants (Tables 2-4), the "without RA" ablation and a
+VoxelMorph-style U-Net, all built by :func:`build_model`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ranreg.nn.aligner import LevelOutput, PlainAligner, ResidualAligner
+from ranreg.nn.baselines import VoxelMorphUNet
+from ranreg.nn.ran import RAN, RegistrationOutput
+from ranreg.nn.variants import VARIANTS, Variant, capturable_range, get_variant
+
+#: Suffix that turns a RAN variant name into its "without RA" ablation.
+NO_RA_SUFFIX = "-noRA"
+
+MODEL_NAMES: tuple[str, ...] = (
+    *VARIANTS,
+    *(name + NO_RA_SUFFIX for name in VARIANTS),
+    "VoxelMorph",
+)
+
+
+def build_model(name: str, ndim: int = 3, **options: Any) -> nn.Module:
+    """Build a registration network by name, in the style of torchvision builders.
+
+    Names: ``RAN0``, ``RAN3``, ``RAN4``, ``RAN4+`` (the paper's variants), the same with
+    ``-noRA`` (RA modules replaced by a plain per-level DDF head) and ``VoxelMorph``.
+    Matching ignores case. ``options`` go to the model (``heads``, ``in_channels``).
+
+    Every model is called as ``model(moving, fixed)`` with (B, C, *S) tensors and returns
+    the DDF (B, ndim, *S) in voxels, ``warped(x) = moving(x + ddf(x))``.
+    """
+    lookup = {n.lower(): n for n in MODEL_NAMES}
+    canonical = lookup.get(name.lower())
+    if canonical is None:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    if canonical == "VoxelMorph":
+        return VoxelMorphUNet(ndim=ndim, **options)
+    if canonical.endswith(NO_RA_SUFFIX):
+        return RAN(canonical[: -len(NO_RA_SUFFIX)], ndim=ndim, aligner="plain", **options)
+    return RAN(canonical, ndim=ndim, **options)
+
+
+__all__ = [
+    "MODEL_NAMES",
+    "RAN",
+    "LevelOutput",
+    "PlainAligner",
+    "RegistrationOutput",
+    "ResidualAligner",
+    "Variant",
+    "VoxelMorphUNet",
+    "build_model",
+    "capturable_range",
+    "get_variant",
+]

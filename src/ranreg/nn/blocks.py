@@ -1,0 +1,80 @@
+"""Building blocks shared by the encoder, decoder and RA modules, for d = 2 and d = 3."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: LeakyReLU slope of the authors' release.
+NEGATIVE_SLOPE = 0.2
+
+
+def conv(ndim: int, cin: int, cout: int, kernel: int = 3, dilation: int = 1) -> nn.Module:
+    """A d-dimensional convolution with 'same' padding (odd kernels) and a bias."""
+    cls = {2: nn.Conv2d, 3: nn.Conv3d}[ndim]
+    return cls(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation)
+
+
+def instance_norm(ndim: int, channels: int) -> nn.Module:
+    """Instance normalisation without learnt affine parameters."""
+    cls = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[ndim]
+    return cls(channels, affine=False)
+
+
+def act() -> nn.Module:
+    return nn.LeakyReLU(NEGATIVE_SLOPE)
+
+
+class ConvNormAct(nn.Sequential):
+    """``conv, norm, act`` (one table row); ``activation=False`` gives ``conv, norm``."""
+
+    def __init__(
+        self, ndim: int, cin: int, cout: int, dilation: int = 1, activation: bool = True
+    ) -> None:
+        layers = [conv(ndim, cin, cout, 3, dilation), instance_norm(ndim, cout)]
+        if activation:
+            layers.append(act())
+        super().__init__(*layers)
+
+
+class ResidualBlock(nn.Module):
+    """The four-row block of Tables 2 and 3.
+
+    ============  ====  ========  ==========
+    layer(s)      ker   dilation  out
+    ============  ====  ========  ==========
+    conv,norm,act 3     1         r
+    conv,norm,act 3     1         f
+    conv,norm     3     3         f
+    act           -     -         act(f + r)
+    ============  ====  ========  ==========
+    """
+
+    def __init__(self, ndim: int, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv_r = ConvNormAct(ndim, cin, cout)
+        self.conv_f1 = ConvNormAct(ndim, cout, cout)
+        self.conv_f2 = ConvNormAct(ndim, cout, cout, dilation=3, activation=False)
+        self.act = act()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.conv_r(x)
+        return self.act(self.conv_f2(self.conv_f1(r)) + r)
+
+
+def avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """The tables' ``downsample`` row: x2 average pooling."""
+    pool = {4: nn.functional.avg_pool2d, 5: nn.functional.avg_pool3d}[x.dim()]
+    return pool(x, 2)
+
+
+def resize(x: torch.Tensor, size: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """The tables' ``upsample`` row for features and logits: linear interpolation.
+
+    ``align_corners=False`` keeps the cell geometry of average pooling (a coarse voxel
+    is the mean of the fine voxels it covers). A no-op when the size already matches.
+    """
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    mode = {4: "bilinear", 5: "trilinear"}[x.dim()]
+    return nn.functional.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
