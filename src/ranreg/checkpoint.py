@@ -84,6 +84,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     except (SafetensorError, RuntimeError, OSError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise RanregError(f"{file}: weights do not fit {config['name']} ({first})") from None
+    model.config = {**model.config, **config}  # keep provenance (trained_steps, ...)
     return model.to(device)
 
 

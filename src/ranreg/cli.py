@@ -21,13 +21,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ranreg import summary
+    from ranreg import summary, train
     from ranreg.data import commands as data_commands
 
     parser = _Parser(prog="ranreg", description="Residual Aligner-based Network registration")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     summary.add_parser(sub)
     data_commands.add_parser(sub)
+    train.add_parser(sub)
     return parser
 
 

@@ -34,8 +34,12 @@ def shapes_subject(
     image = np.where(body, 0.2, 0.0).astype(np.float32)
     labels = np.zeros(shape, dtype=np.int16)
     for k in range(1, n_organs + 1):
-        c = centre + size * rng.uniform(-0.18, 0.18, len(shape))
-        r = size * rng.uniform(0.08, 0.16, len(shape))
+        c = (
+            centre
+            + np.array([-0.15, 0.0, 0.15][(k - 1) % 3]) * size
+            + size * rng.uniform(-0.07, 0.07, len(shape))
+        )
+        r = size * rng.uniform(0.09, 0.14, len(shape))
         organ = ellipsoid(c, r) & body
         labels[organ] = k
         image[organ] = 0.35 + 0.15 * k

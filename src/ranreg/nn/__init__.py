@@ -27,7 +27,8 @@ def build_model(name: str, ndim: int = 3, **options: Any) -> nn.Module:
 
     Names: ``RAN0``, ``RAN3``, ``RAN4``, ``RAN4+`` (the paper's variants), the same with
     ``-noRA`` (RA modules replaced by a plain per-level DDF head) and ``VoxelMorph``.
-    Matching ignores case. ``options`` go to the model (``heads``, ``in_channels``).
+    Matching ignores case. ``options`` go to the model (``heads``, ``in_channels``;
+    VoxelMorph ignores ``heads``).
 
     Every model is called as ``model(moving, fixed)`` with (B, C, *S) tensors and returns
     the DDF (B, ndim, *S) in voxels, ``warped(x) = moving(x + ddf(x))``.
@@ -37,6 +38,7 @@ def build_model(name: str, ndim: int = 3, **options: Any) -> nn.Module:
     if canonical is None:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
     if canonical == "VoxelMorph":
+        options.pop("heads", None)  # no heads in a direct-regression U-Net
         return VoxelMorphUNet(ndim=ndim, **options)
     if canonical.endswith(NO_RA_SUFFIX):
         return RAN(canonical[: -len(NO_RA_SUFFIX)], ndim=ndim, aligner="plain", **options)

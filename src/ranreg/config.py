@@ -1,0 +1,290 @@
+"""Training configuration: YAML in, validated dataclasses out.
+
+Every bad value is reported as one :class:`RanregError` naming the file and the key,
+e.g. ``configs/x.yaml: stages[1].lr: must be a positive number, got -1``. Relative
+paths in the file are resolved against the file's own folder.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ranreg.errors import RanregError
+from ranreg.nn import MODEL_NAMES
+
+STAGE_KINDS = ("synthetic", "unsupervised")
+SIMILARITIES = ("ncc", "mse")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "RAN4+"
+    ndim: int = 3
+    heads: int = 6
+
+
+@dataclass
+class DataConfig:
+    """Where subjects come from: exactly one of ``root``, ``labels`` or ``shapes``."""
+
+    root: str | None = None  # DeepReg / Learn2Reg folder
+    labels: str | None = None  # label maps only: images are synthesised (ranreg data synth)
+    cache: str | None = None  # where synthesised images go (default: <out>/synth-data)
+    synth_seed: int = 0
+    shapes: dict[str, Any] | None = None  # {size: [..], count: N}: procedural subjects
+    subjects: int | None = None  # use only the first N subjects (file order)
+    train: int | None = None  # first N subjects train, the next `val` validate ...
+    val: int = 0  # ... when the data have no train/val folders
+    factor: float | None = 0.5
+    window: list[float] | None = field(default_factory=lambda: [-100.0, 300.0])
+    organs: list[int] | None = field(default_factory=lambda: [1, 2, 3, 5, 6, 8, 9, 10, 11])
+    crop: list[int] | None = None  # random-crop margin per side for training
+
+
+@dataclass
+class StageConfig:
+    name: str
+    kind: str
+    steps: int
+    lr: float
+    batch_size: int = 1
+    weights: dict[str, float] = field(default_factory=dict)
+    similarity: str = "ncc"
+    ncc_window: int = 8
+    mask_threshold: float | None = 0.1
+    edge_alpha: float = 25.0
+    deformation: dict[str, Any] = field(default_factory=dict)
+
+
+DEFAULT_WEIGHTS = {
+    # stage 1 of the authors' release: 1 * DDF MSE + 1 * smoothness + 0.1 * image MSE
+    "synthetic": {"ddf": 1.0, "smooth": 1.0, "image": 0.1},
+    # stage 2 (abdomen): 2 * (-NCC) + 0.5 * edge-aware smoothness (+ optional Dice)
+    "unsupervised": {"similarity": 2.0, "smooth": 0.5, "dice": 0.0},
+}
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    data: DataConfig
+    stages: list[StageConfig]
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    num_workers: int = 0
+    checkpoint_every: int = 100
+    val_every: int = 100
+    val_pairs: int = 6
+    source: str = "<dict>"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("source")
+        return out
+
+
+class _Reader:
+    """Type-checked access to one mapping of the YAML, with error paths."""
+
+    def __init__(self, source: str, data: Any, path: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise RanregError(f"{source}: {path or 'top level'}: must be a mapping")
+        self.source, self.data, self.path = source, dict(data), path
+
+    def fail(self, key: str, message: str) -> RanregError:
+        where = f"{self.path}.{key}" if self.path else key
+        return RanregError(f"{self.source}: {where}: {message}")
+
+    def get(
+        self, key: str, default: Any, kind: str, *, positive: bool = False, allow_none: bool = False
+    ) -> Any:
+        value = self.data.pop(key, default)
+        if value is None and (allow_none or default is None):
+            return None
+        if kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            if not ok or (positive and value <= 0) or value < 0:
+                need = "a positive integer" if positive else "a non-negative integer"
+                raise self.fail(key, f"must be {need}, got {value!r}")
+        elif kind == "float":
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if not ok or not math.isfinite(value) or (positive and value <= 0) or value < 0:
+                need = "a positive number" if positive else "a non-negative number"
+                raise self.fail(key, f"must be {need}, got {value!r}")
+            value = float(value)
+        elif kind == "str":
+            if not isinstance(value, str) or not value:
+                raise self.fail(key, f"must be a non-empty string, got {value!r}")
+        elif kind == "bool":
+            if not isinstance(value, bool):
+                raise self.fail(key, f"must be true or false, got {value!r}")
+        elif kind == "list":
+            if not isinstance(value, list):
+                raise self.fail(key, f"must be a list, got {value!r}")
+        elif kind == "dict":
+            if not isinstance(value, dict):
+                raise self.fail(key, f"must be a mapping, got {value!r}")
+        return value
+
+    def finish(self) -> None:
+        if self.data:
+            raise self.fail(sorted(self.data)[0], "unknown key")
+
+
+def _path(source_dir: Path, value: str | None) -> str | None:
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (source_dir / p).resolve())
+
+
+def parse_config(raw: Any, source: str = "<dict>", base_dir: Path | None = None) -> TrainConfig:
+    """Validate a loaded YAML mapping and return a :class:`TrainConfig`."""
+    base = base_dir or Path.cwd()
+    top = _Reader(source, raw, "")
+
+    m = _Reader(source, top.get("model", {}, "dict"), "model")
+    model = ModelConfig(
+        name=m.get("name", "RAN4+", "str"),
+        ndim=m.get("ndim", 3, "int", positive=True),
+        heads=m.get("heads", 6, "int", positive=True),
+    )
+    m.finish()
+    if model.name.lower() not in {n.lower() for n in MODEL_NAMES}:
+        raise m.fail("name", f"unknown model {model.name!r}; known: {', '.join(MODEL_NAMES)}")
+    if model.ndim not in (2, 3):
+        raise m.fail("ndim", f"must be 2 or 3, got {model.ndim}")
+
+    d = _Reader(source, top.get("data", None, "dict"), "data")
+    data = DataConfig(
+        root=_path(base, d.get("root", None, "str")),
+        labels=_path(base, d.get("labels", None, "str")),
+        cache=_path(base, d.get("cache", None, "str")),
+        synth_seed=d.get("synth_seed", 0, "int"),
+        shapes=d.get("shapes", None, "dict"),
+        subjects=d.get("subjects", None, "int", positive=True),
+        train=d.get("train", None, "int", positive=True),
+        val=d.get("val", 0, "int"),
+        factor=d.get("factor", 0.5, "float", positive=True, allow_none=True),
+        window=d.get("window", [-100.0, 300.0], "list", allow_none=True),
+        organs=d.get("organs", [1, 2, 3, 5, 6, 8, 9, 10, 11], "list", allow_none=True),
+        crop=d.get("crop", None, "list"),
+    )
+    d.finish()
+    sources = [k for k in ("root", "labels", "shapes") if getattr(data, k) is not None]
+    if len(sources) != 1:
+        raise RanregError(f"{source}: data: give exactly one of root, labels, shapes")
+    if data.window is not None and (
+        len(data.window) != 2
+        or not all(isinstance(v, int | float) for v in data.window)
+        or data.window[0] >= data.window[1]
+    ):
+        raise d.fail("window", f"must be [low, high] with low < high, got {data.window!r}")
+    for key in ("organs", "crop"):
+        values = getattr(data, key)
+        if values is not None and not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+        ):
+            raise d.fail(key, f"must be a list of non-negative integers, got {values!r}")
+    if data.crop is not None and len(data.crop) != model.ndim:
+        raise d.fail("crop", f"needs {model.ndim} margins for a {model.ndim}D model")
+    if data.shapes is not None:
+        size = data.shapes.get("size")
+        count = data.shapes.get("count", 8)
+        if not (
+            isinstance(size, list)
+            and len(size) == model.ndim
+            and all(isinstance(v, int) and v >= 8 for v in size)
+        ):
+            raise d.fail("shapes", f"size must be {model.ndim} integers >= 8, got {size!r}")
+        if not isinstance(count, int) or count < 2:
+            raise d.fail("shapes", f"count must be an integer >= 2, got {count!r}")
+    elif model.ndim != 3:
+        raise RanregError(f"{source}: model.ndim: NIfTI data are 3D; 2D needs data.shapes")
+
+    stages_raw = top.get("stages", None, "list")
+    if not stages_raw:
+        raise RanregError(f"{source}: stages: give at least one stage")
+    stages = []
+    for i, raw_stage in enumerate(stages_raw):
+        s = _Reader(source, raw_stage, f"stages[{i}]")
+        kind = s.get("kind", None, "str")
+        if kind not in STAGE_KINDS:
+            raise s.fail("kind", f"must be one of {', '.join(STAGE_KINDS)}, got {kind!r}")
+        weights = dict(DEFAULT_WEIGHTS[kind])
+        given = s.get("weights", {}, "dict")
+        for key, value in given.items():
+            if key not in weights:
+                raise s.fail("weights", f"unknown term {key!r}; known: {', '.join(weights)}")
+            if not isinstance(value, int | float) or value < 0:
+                raise s.fail(f"weights.{key}", f"must be a non-negative number, got {value!r}")
+            weights[key] = float(value)
+        stage = StageConfig(
+            name=s.get("name", kind, "str"),
+            kind=kind,
+            steps=s.get("steps", None, "int", positive=True),
+            lr=s.get("lr", None, "float", positive=True),
+            batch_size=s.get("batch_size", 1, "int", positive=True),
+            weights=weights,
+            similarity=s.get("similarity", "ncc", "str"),
+            ncc_window=s.get("ncc_window", 8, "int", positive=True),
+            mask_threshold=s.get("mask_threshold", 0.1, "float", allow_none=True),
+            edge_alpha=s.get("edge_alpha", 25.0, "float"),
+            deformation=s.get("deformation", {}, "dict"),
+        )
+        s.finish()
+        if stage.steps is None:
+            raise s.fail("steps", "is required")
+        if stage.lr is None:
+            raise s.fail("lr", "is required")
+        if stage.similarity not in SIMILARITIES:
+            raise s.fail("similarity", f"must be one of {', '.join(SIMILARITIES)}")
+        allowed = {
+            "max_angle",
+            "max_translation",
+            "n_points",
+            "tps_scale",
+            "bump_scale",
+            "bump_sigma",
+        }
+        for key in stage.deformation:
+            if key not in allowed:
+                raise s.fail("deformation", f"unknown option {key!r}")
+        stages.append(stage)
+
+    cfg = TrainConfig(
+        model=model,
+        data=data,
+        stages=stages,
+        seed=top.get("seed", 0, "int"),
+        device=top.get("device", "auto", "str"),
+        amp=top.get("amp", False, "bool"),
+        num_workers=top.get("num_workers", 0, "int"),
+        checkpoint_every=top.get("checkpoint_every", 100, "int", positive=True),
+        val_every=top.get("val_every", 100, "int", positive=True),
+        val_pairs=top.get("val_pairs", 6, "int"),
+        source=source,
+    )
+    top.finish()
+    return cfg
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a YAML training config."""
+    p = Path(path)
+    if not p.is_file():
+        raise RanregError(f"{p}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise RanregError(f"{p}: not valid YAML ({first})") from None
+    return parse_config(raw, str(p), p.resolve().parent)

@@ -1,0 +1,594 @@
+"""Two-stage training of registration networks, resumable and data-parallel.
+
+Stage ``synthetic`` (supplement section 3): the moving image is a real image, the fixed
+image is it warped by a random synthetic DDF (rotation U(-pi/4, pi/4) about a random
+axis + translation + TPS/gaussian deformation from 20 points, :func:`ranreg.synth.random_ddf`);
+loss = w_ddf * MSE(ddf, ddf_true) + w_smooth * |grad ddf|^2 + w_image * MSE(warped, fixed).
+
+Stage ``unsupervised``: ordered pairs of distinct training subjects; loss =
+w_similarity * (-local NCC, or MSE) + w_smooth * edge-aware smoothness (+ w_dice * Dice
+loss on warped one-hot labels when labels are given).
+
+Every sample of step t comes from ``default_rng([seed, stage, t, rank, slot])``, so a run
+resumed from a checkpoint sees exactly the batches the uninterrupted run would have seen;
+with the optimizer state restored the weights agree to float tolerance. Under ``torchrun``
+each rank draws its own samples and DistributedDataParallel averages the gradients
+(NCCL on GPUs, gloo on CPU); rank 0 writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ranreg import losses
+from ranreg.checkpoint import load_checkpoint, save_checkpoint, save_model
+from ranreg.config import StageConfig, TrainConfig
+from ranreg.data.datasets import crop_offsets, discover_splits, discover_subjects, load_subject
+from ranreg.data.preprocess import preprocess_subject
+from ranreg.data.shapes import shapes_subjects
+from ranreg.data.synth_images import synthesize_dataset
+from ranreg.errors import RanregError
+from ranreg.metrics import dice
+from ranreg.nn import build_model
+from ranreg.spatial import one_hot, warp, warp_labels
+from ranreg.synth import random_ddf
+
+CHECKPOINT_DIR = "checkpoint"
+MODEL_DIR = "model"
+TRAIN_LOG = "train_log.csv"
+VAL_LOG = "val_log.csv"
+
+
+@dataclass
+class SubjectData:
+    """A preprocessed subject: image in [0, 1] and optional label map, both (*S)."""
+
+    name: str
+    image: np.ndarray
+    label: np.ndarray | None
+
+
+# ----------------------------------------------------------------------------- data
+def load_subjects(cfg: TrainConfig, out_dir: Path) -> tuple[list[SubjectData], list[SubjectData]]:
+    """Training and validation subjects of ``cfg.data``, preprocessed, in memory."""
+    data = cfg.data
+    if data.shapes is not None:
+        count = int(data.shapes.get("count", 8))
+        subjects = [
+            SubjectData(n, i, lab.astype(np.int64))
+            for n, i, lab in shapes_subjects(data.shapes["size"], count, seed=cfg.seed)
+        ]
+        return _split(cfg, subjects, None)
+
+    root = Path(data.root) if data.root else _synthesised_root(cfg, out_dir)
+    if not root.is_dir():
+        raise RanregError(f"{root}: data folder not found")
+    splits = discover_splits(root) if any((root / s).is_dir() for s in ("train", "val")) else {}
+    if splits.get("train"):
+        train_s, val_s = splits["train"], splits.get("val", [])
+        if data.subjects:
+            train_s = train_s[: data.subjects]
+        return [_preprocess(cfg, s) for s in train_s], [_preprocess(cfg, s) for s in val_s]
+    found = discover_subjects(root)
+    if data.subjects:
+        found = found[: data.subjects]
+    return _split(cfg, [_preprocess(cfg, s) for s in found], root)
+
+
+def _split(
+    cfg: TrainConfig, subjects: list[SubjectData], root: Path | None
+) -> tuple[list[SubjectData], list[SubjectData]]:
+    n_train = cfg.data.train if cfg.data.train is not None else len(subjects) - cfg.data.val
+    if n_train < 2 or n_train + cfg.data.val > len(subjects):
+        where = root or "data.shapes"
+        raise RanregError(
+            f"{where}: {len(subjects)} subjects cannot give {n_train} training (>= 2) and "
+            f"{cfg.data.val} validation subjects"
+        )
+    return subjects[:n_train], subjects[n_train : n_train + cfg.data.val]
+
+
+def _preprocess(cfg: TrainConfig, subject: Any) -> SubjectData:
+    image, label, _ = load_subject(subject)
+    window = None if cfg.data.window is None else tuple(cfg.data.window)
+    try:
+        image, label = preprocess_subject(
+            image, label, factor=cfg.data.factor, window=window, keep=cfg.data.organs
+        )
+    except RanregError as exc:
+        raise RanregError(f"{subject.image}: {exc}") from None
+    return SubjectData(subject.name, image, None if label is None else label.astype(np.int64))
+
+
+def _synthesised_root(cfg: TrainConfig, out_dir: Path) -> Path:
+    """Images painted from ``data.labels`` (cached; built once, atomically)."""
+    labels = Path(cfg.data.labels)
+    if not labels.is_dir():
+        raise RanregError(f"{labels}: labels folder not found")
+    cache = Path(cfg.data.cache) if cfg.data.cache else out_dir / "synth-data"
+    if (cache / "images").is_dir():
+        return cache
+    files = sorted(p for p in labels.glob("*.nii.gz") if not p.name.startswith("."))
+    if cfg.data.subjects:
+        files = files[: cfg.data.subjects]
+    if not files:
+        raise RanregError(f"{labels}: no *.nii.gz label maps found")
+    with tempfile.TemporaryDirectory(
+        prefix=".labels-", dir=cache.parent if cache.parent.exists() else None
+    ) as tmp:
+        for f in files:  # only the subjects the run uses
+            os.symlink(f.resolve(), Path(tmp) / f.name)
+        synthesize_dataset(tmp, cache, seed=cfg.data.synth_seed, progress=_is_main())
+    return cache
+
+
+class StepSamples(Dataset):
+    """Item ``step * batch + slot`` of a stage: a deterministic function of its index."""
+
+    def __init__(
+        self, cfg: TrainConfig, stage_index: int, subjects: list[SubjectData], rank: int
+    ) -> None:
+        self.cfg, self.stage_index, self.rank = cfg, stage_index, rank
+        self.stage = cfg.stages[stage_index]
+        self.subjects = subjects
+
+    def __len__(self) -> int:
+        return self.stage.steps * self.stage.batch_size
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        step, slot = divmod(index, self.stage.batch_size)
+        rng = np.random.default_rng([self.cfg.seed, self.stage_index, step, self.rank, slot])
+        n = len(self.subjects)
+        if self.stage.kind == "synthetic":
+            picks = [self.subjects[int(rng.integers(n))]]
+        else:
+            i = int(rng.integers(n))
+            j = int(rng.integers(n - 1))
+            picks = [self.subjects[i], self.subjects[j + (j >= i)]]
+        shape = picks[0].image.shape
+        if self.cfg.data.crop is not None:
+            slices, _ = crop_offsets(shape, self.cfg.data.crop, rng)
+        else:
+            slices = tuple(slice(None) for _ in shape)
+        out: dict[str, torch.Tensor] = {}
+        names = ("moving", "fixed")
+        for name, s in zip(names, picks, strict=False):
+            out[name] = torch.from_numpy(np.ascontiguousarray(s.image[slices]))[None]
+            if s.label is not None:
+                out[name + "_label"] = torch.from_numpy(np.ascontiguousarray(s.label[slices]))[None]
+        if self.stage.kind == "synthetic":
+            ddf, _ = random_ddf(out["moving"].shape[1:], rng, **self.stage.deformation)
+            out["ddf_true"] = torch.from_numpy(ddf)
+        return out
+
+
+# ----------------------------------------------------------------------------- losses
+def stage_loss(
+    stage: StageConfig,
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    classes: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted loss of one batch and its terms (as floats, for the logs).
+
+    ``classes`` maps label values to Dice classes (0 = background, 1..K = the organs).
+    """
+    w = stage.weights
+    moving = batch["moving"]
+    terms: dict[str, torch.Tensor] = {}
+    if stage.kind == "synthetic":
+        ddf_true = batch["ddf_true"]
+        with torch.no_grad():  # the fixed image is the moving one under the known field
+            fixed = warp(moving, ddf_true, padding_mode="zeros")
+        ddf = model(moving, fixed)
+        terms["ddf"] = losses.mse_loss(ddf, ddf_true)
+        terms["smooth"] = losses.gradient_l2(ddf)
+        if w["image"] > 0:
+            terms["image"] = losses.mse_loss(warp(moving, ddf, padding_mode="zeros"), fixed)
+    else:
+        fixed = batch["fixed"]
+        ddf = model(moving, fixed)
+        warped = warp(moving, ddf)
+        if stage.similarity == "ncc":
+            terms["similarity"] = losses.local_ncc_loss(
+                fixed, warped, window=stage.ncc_window, mask_threshold=stage.mask_threshold
+            )
+        else:
+            mask = None if stage.mask_threshold is None else fixed > stage.mask_threshold
+            terms["similarity"] = losses.mse_loss(warped, fixed, mask)
+        terms["smooth"] = losses.edge_aware_smoothness(ddf, fixed, alpha=stage.edge_alpha)
+        if w["dice"] > 0 and "moving_label" in batch:
+            k = int(classes.max()) + 1
+            moved = warp(one_hot(classes[batch["moving_label"]], k), ddf)
+            terms["dice"] = losses.dice_loss(moved, one_hot(classes[batch["fixed_label"]], k))
+    total = sum(w[k] * v for k, v in terms.items())
+    return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+# ----------------------------------------------------------------------------- validation
+def validation_pairs(val: list[SubjectData], limit: int) -> list[tuple[int, int]]:
+    pairs = [(i, j) for i in range(len(val)) for j in range(len(val)) if i != j]
+    return pairs[:limit]
+
+
+@torch.no_grad()
+def validate(
+    model: torch.nn.Module,
+    val: list[SubjectData],
+    pairs: Sequence[tuple[int, int]],
+    organs: Sequence[int] | None,
+    device: torch.device,
+    identity: bool = False,
+) -> float:
+    """Mean Dice over organs and pairs after registration (or before, ``identity``)."""
+    scores = []
+    was_training = model.training
+    model.eval()
+    for i, j in pairs:
+        mov, fix = val[i], val[j]
+        if mov.label is None or fix.label is None:
+            continue
+        labels = organs or sorted(set(np.unique(fix.label)) - {0})
+        if identity:
+            warped = mov.label
+        else:
+            m = torch.from_numpy(mov.image)[None, None].to(device)
+            f = torch.from_numpy(fix.image)[None, None].to(device)
+            ddf = model(m, f)
+            lab = torch.from_numpy(mov.label)[None, None].to(device)
+            warped = warp_labels(lab, ddf)[0, 0].cpu().numpy()
+        values = [v for v in dice(warped, fix.label, labels).values() if not math.isnan(v)]
+        if values:
+            scores.append(float(np.mean(values)))
+    model.train(was_training)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+# ----------------------------------------------------------------------------- distributed
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device_pref == "auto":
+        device_pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_pref.startswith("cuda") and not torch.cuda.is_available():
+        raise RanregError(f"device {device_pref!r}: CUDA is not available on this machine")
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device_pref.startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if device_pref.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local if world > 1 else torch.device(device_pref).index or 0)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def _param_checksum(model: torch.nn.Module) -> float:
+    with torch.no_grad():
+        return float(sum((p.double() * (i + 1)).sum() for i, p in enumerate(model.parameters())))
+
+
+# ----------------------------------------------------------------------------- logs
+class _Logs:
+    """CSV logs (rewritten on resume to drop rows past the checkpoint) + TensorBoard."""
+
+    def __init__(self, out: Path, step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.paths = {"train": out / TRAIN_LOG, "val": out / VAL_LOG}
+        self.tb = None
+        if not enabled:
+            return
+        for path in self.paths.values():
+            if path.exists():
+                rows = list(csv.DictReader(path.open()))
+                keep = [r for r in rows if int(r["step"]) <= step]
+                with path.open("w", newline="") as fh:
+                    if keep:
+                        writer = csv.DictWriter(fh, fieldnames=list(keep[0]))
+                        writer.writeheader()
+                        writer.writerows(keep)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1)
+        except ImportError:  # tensorboard is optional; the CSV logs hold the same numbers
+            self.tb = None
+
+    def write(self, kind: str, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        path = self.paths[kind]
+        new = not path.exists() or path.stat().st_size == 0
+        fields = list(row)
+        if not new:
+            with path.open() as fh:
+                fields = next(csv.reader(fh))
+            for key in row:
+                if key not in fields:  # a later stage logs other terms: widen the file
+                    rows = list(csv.DictReader(path.open()))
+                    fields = [*fields, *(k for k in row if k not in fields)]
+                    with path.open("w", newline="") as fh:
+                        writer = csv.DictWriter(fh, fieldnames=fields)
+                        writer.writeheader()
+                        writer.writerows(rows)
+                    break
+        with path.open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields, restval="")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.tb.add_scalar(f"{kind}/{key}", value, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------- trainer
+def train(
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    max_steps: int | None = None,
+    time_limit: float | None = None,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or continue) the stages of ``cfg``; returns a summary dict.
+
+    ``max_steps``/``time_limit`` (seconds) end this invocation early with a checkpoint, so
+    long trainings run in chunks (``--resume`` continues). ``on_step(global_step)`` is
+    called after every optimizer step (tests use it to simulate a crash).
+    """
+    out = Path(out_dir)
+    rank, world, device = _setup_distributed(cfg.device)
+    main = rank == 0
+    ckpt = out / CHECKPOINT_DIR
+    if main:
+        if ckpt.exists() and not resume:
+            raise RanregError(f"{out}: holds a training checkpoint; use --resume or another --out")
+        out.mkdir(parents=True, exist_ok=True)
+    _barrier()
+
+    train_subjects, val_subjects = load_subjects(cfg, out) if main else (None, None)
+    if world > 1:  # every rank needs the arrays; rank 0 built any synthesised cache
+        _barrier()
+        if not main:
+            train_subjects, val_subjects = load_subjects(cfg, out)
+    assert train_subjects is not None and val_subjects is not None
+    shapes = {s.image.shape for s in train_subjects}
+    if len(shapes) > 1 and cfg.data.crop is None:
+        raise RanregError(
+            f"training subjects differ in shape {sorted(shapes)}; set data.crop "
+            "or resample them to one grid"
+        )
+    present = sorted(
+        {int(v) for s in train_subjects if s.label is not None for v in np.unique(s.label)} - {0}
+    )
+    organs = cfg.data.organs or present
+    # the Dice term compares one-hot maps of the organs only: label value -> class 1..K
+    classes = torch.zeros(max([0, *present, *organs]) + 1, dtype=torch.long)
+    for k, organ in enumerate(organs, start=1):
+        classes[organ] = k
+    classes = classes.to(device)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.name, ndim=cfg.model.ndim, heads=cfg.model.heads).to(device)
+    total_steps = sum(s.steps for s in cfg.stages)
+    step = 0
+    state: dict[str, Any] = {}
+    if resume and ckpt.exists():
+        state = load_checkpoint(ckpt, model)
+        step = int(state["global_step"])
+    net: torch.nn.Module = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if main:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    logs = _Logs(out, step, main)
+    vpairs = validation_pairs(val_subjects, cfg.val_pairs)
+    if main and vpairs and step == 0:
+        before = validate(model, val_subjects, vpairs, organs, device, identity=True)
+        after = validate(model, val_subjects, vpairs, organs, device)
+        logs.write("val", {"step": 0, "dice": after, "dice_identity": before})
+
+    started = time.monotonic()
+    steps_this_run = 0
+    stopped_early = False
+    last_loss = float("nan")
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc="train",
+        file=sys.stderr,
+        disable=not (progress and main),
+        dynamic_ncols=True,
+    )
+    stage_start = 0
+    for stage_index, stage in enumerate(cfg.stages):
+        stage_end = stage_start + stage.steps
+        if step >= stage_end:
+            stage_start = stage_end
+            continue
+        optimizer = torch.optim.Adam(net.parameters(), lr=stage.lr)
+        if state.get("stage_index") == stage_index and "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        samples = StepSamples(cfg, stage_index, train_subjects, rank)
+        b = stage.batch_size
+        loader = DataLoader(
+            samples,
+            batch_size=b,
+            sampler=range((step - stage_start) * b, len(samples)),
+            num_workers=cfg.num_workers,
+            drop_last=False,
+        )
+        net.train()
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with torch.autocast(
+                device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"
+            ):
+                loss, terms = stage_loss(stage, net, batch, classes)
+            if not torch.isfinite(loss):
+                raise RanregError(
+                    f"stage {stage.name!r} step {step + 1}: loss is {float(loss)}; "
+                    "lower the learning rate or check the data"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            steps_this_run += 1
+            last_loss = float(loss.detach())
+            bar.update(1)
+            bar.set_postfix(stage=stage.name, loss=f"{last_loss:.4f}")
+            logs.write(
+                "train",
+                {
+                    "step": step,
+                    "stage": stage.name,
+                    "lr": stage.lr,
+                    "loss": last_loss,
+                    **terms,
+                    "seconds": round(time.monotonic() - started, 3),
+                },
+            )
+            train_state = {
+                "global_step": step,
+                "stage_index": stage_index,
+                "optimizer": optimizer.state_dict(),
+            }
+            if main and vpairs and (step % cfg.val_every == 0 or step == total_steps):
+                val_dice = validate(model, val_subjects, vpairs, organs, device)
+                logs.write("val", {"step": step, "dice": val_dice})
+                bar.set_postfix(
+                    stage=stage.name, loss=f"{last_loss:.4f}", val_dice=f"{val_dice:.3f}"
+                )
+            out_of_budget = (max_steps is not None and steps_this_run >= max_steps) or (
+                time_limit is not None and time.monotonic() - started >= time_limit
+            )
+            if step % cfg.checkpoint_every == 0 or step == stage_end or out_of_budget:
+                if main:
+                    save_checkpoint(
+                        ckpt,
+                        model,
+                        train_state,
+                        extra={"trained_steps": step, "config_source": cfg.source},
+                    )
+                _barrier()
+            if on_step is not None:
+                on_step(step)
+            if out_of_budget and step < total_steps:
+                stopped_early = True
+                break
+        if stopped_early:
+            break
+        stage_start = stage_end
+    bar.close()
+
+    checksums = _gather_checksums(model, world)
+    if len(set(checksums)) > 1:
+        raise RuntimeError(f"data-parallel replicas diverged: checksums {checksums}")
+    summary = {
+        "global_step": step,
+        "total_steps": total_steps,
+        "finished": step >= total_steps,
+        "last_loss": last_loss,
+        "world_size": world,
+        "replica_checksums": checksums,
+        "device": str(device),
+    }
+    if main:
+        if summary["finished"]:
+            save_model(
+                model, out / MODEL_DIR, extra={"trained_steps": step, "config_source": cfg.source}
+            )
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    logs.close()
+    return summary
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _gather_checksums(model: torch.nn.Module, world: int) -> list[float]:
+    mine = _param_checksum(model)
+    if world == 1:
+        return [mine]
+    values = [0.0] * world
+    dist.all_gather_object(values, mine)
+    return values
+
+
+# ----------------------------------------------------------------------------- CLI
+def _run(args: Any) -> int:
+    from ranreg.config import load_config
+
+    cfg = load_config(args.config)
+    if args.device:
+        cfg.device = args.device
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    try:
+        summary = train(
+            cfg,
+            out,
+            resume=args.resume,
+            max_steps=args.max_steps,
+            time_limit=None if args.time_limit is None else 60 * args.time_limit,
+            progress=not args.no_progress,
+        )
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if _is_main():
+        state = "finished" if summary["finished"] else "paused (resume with --resume)"
+        print(
+            f"{state} at step {summary['global_step']}/{summary['total_steps']}, "
+            f"last loss {summary['last_loss']:.4f}; outputs in {out}"
+        )
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model from a YAML config (two stages)",
+        description="Synthetic pre-training, then unsupervised training.",
+    )
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--out", help="output folder (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (a chunk)")
+    p.add_argument("--time-limit", type=float, help="stop after this many minutes (a chunk)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the config)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)

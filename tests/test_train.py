@@ -1,0 +1,253 @@
+"""Training: configs, a loss that goes down, exact resume, data-parallel replicas, smoke."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ranreg.checkpoint import load_model
+from ranreg.cli import main
+from ranreg.config import parse_config
+from ranreg.train import load_subjects, train, validate, validation_pairs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shapes_config(steps=(3, 3), name="RAN0", size=(40, 48), **extra) -> dict:
+    cfg = {
+        "seed": 0,
+        "model": {"name": name, "ndim": 2, "heads": 4},
+        "data": {"shapes": {"size": list(size), "count": 6}, "val": 2, "organs": None},
+        "stages": [
+            {
+                "kind": "synthetic",
+                "steps": steps[0],
+                "lr": 1e-3,
+                "batch_size": 2,
+                "deformation": {"max_angle": 0.2},
+            },
+            {
+                "kind": "unsupervised",
+                "steps": steps[1],
+                "lr": 1e-3,
+                "batch_size": 2,
+                "ncc_window": 5,
+                "weights": {"dice": 0.5},
+            },
+        ],
+        "checkpoint_every": 2,
+        "val_every": 100,
+        "val_pairs": 2,
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "checkpoint" / "model.safetensors"))
+
+
+def test_tiny_2d_run_lowers_loss_and_registers_training_pairs(tmp_path: Path) -> None:
+    raw = shapes_config(steps=(1, 80), size=(48, 48), val_every=1000)
+    raw["stages"][1].update(weights={"similarity": 1.0, "smooth": 0.1, "dice": 1.0})
+    cfg = parse_config(raw)
+    summary = train(cfg, tmp_path, progress=False)
+    assert summary["finished"] and summary["global_step"] == 81
+    log = np.genfromtxt(
+        tmp_path / "train_log.csv", delimiter=",", names=True, dtype=None, encoding=None
+    )
+    stage2 = log["loss"][log["stage"] == "unsupervised"]
+    assert stage2[-15:].mean() < stage2[:15].mean() - 0.05
+    # the trained model aligns the organs of training pairs better than no registration
+    model = load_model(tmp_path / "model")
+    assert model.config["name"] == "RAN0" and model.config["trained_steps"] == 81
+    subjects, _ = load_subjects(cfg, tmp_path)
+    pairs = validation_pairs(subjects, 8)
+    before = validate(model, subjects, pairs, None, torch.device("cpu"), identity=True)
+    after = validate(model, subjects, pairs, None, torch.device("cpu"))
+    assert after > before + 0.03, (before, after)
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path: Path) -> None:
+    cfg = parse_config(shapes_config())
+    straight = train(cfg, tmp_path / "a", progress=False)
+    assert straight["finished"]
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(step: int) -> None:
+        if step == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, tmp_path / "b", progress=False, on_step=crash_at_5)
+    # the last checkpoint is step 4 (checkpoint_every 2); resuming replays step 5 and 6
+    assert (
+        json.loads((tmp_path / "b" / "checkpoint" / "model.json").read_text())["trained_steps"] == 4
+    )
+    resumed = train(cfg, tmp_path / "b", resume=True, progress=False)
+    assert resumed["finished"] and resumed["global_step"] == 6
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+    # chunks: 2 steps, then 3, then the rest
+    assert not train(cfg, tmp_path / "c", max_steps=2, progress=False)["finished"]
+    assert not train(cfg, tmp_path / "c", resume=True, max_steps=3, progress=False)["finished"]
+    assert train(cfg, tmp_path / "c", resume=True, progress=False)["finished"]
+    wc = weights(tmp_path / "c")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wc[key], rtol=1e-5, atol=1e-6)
+    # and the logs hold each step once
+    steps = np.genfromtxt(
+        tmp_path / "c" / "train_log.csv", delimiter=",", names=True, dtype=None, encoding=None
+    )["step"]
+    assert list(steps) == [1, 2, 3, 4, 5, 6]
+
+
+def test_weights_change_when_training(tmp_path: Path) -> None:
+    cfg = parse_config(shapes_config(steps=(1, 1)))
+    train(cfg, tmp_path / "a", max_steps=1, progress=False)
+    torch.manual_seed(0)
+    from ranreg import build_model
+
+    init = build_model("RAN0", ndim=2, heads=4).state_dict()
+    after = weights(tmp_path / "a")
+    assert any(not torch.equal(init[k], after[k]) for k in init)
+
+
+def test_torchrun_two_cpu_replicas_stay_identical(tmp_path: Path) -> None:
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(shapes_config(steps=(1, 1), size=(32, 32))))
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "ranreg.cli",
+        "train",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 2
+    a, b = summary["replica_checksums"]
+    assert a == b and a != 0.0
+
+
+def test_smoke_config_runs_both_stages(tmp_path: Path, shared_dir: Path) -> None:
+    out = tmp_path / "smoke"
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(REPO / "configs" / "smoke.yaml"),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    log = (out / "train_log.csv").read_text()
+    assert "synthetic" in log and "unsupervised" in log
+    model = load_model(out / "model")
+    assert model.config["name"] == "RAN4+" and model.config["ndim"] == 3
+    labels = sorted((out / "synth-data" / "labels").glob("*.nii.gz"))
+    assert len(labels) == 5
+    # a second run into the same folder refuses instead of overwriting
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(REPO / "configs" / "smoke.yaml"),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
+
+
+def _write_cfg(tmp_path: Path, raw: dict) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda c: c["stages"][0].update(lr=-1), "stages[0].lr: must be a positive number"),
+        (lambda c: c["stages"][1].update(kind="fancy"), "stages[1].kind"),
+        (lambda c: c.update(bogus=1), "bogus: unknown key"),
+        (lambda c: c["model"].update(name="RAN9"), "model.name"),
+        (lambda c: c["stages"][0].update(weights={"nope": 1}), "unknown term"),
+        (lambda c: c.update(stages=[]), "at least one stage"),
+        (lambda c: c["data"].update(root="missing-folder"), "exactly one of"),
+    ],
+)
+def test_bad_config_values_exit_2(tmp_path: Path, capsys, mutate, expected: str) -> None:
+    raw = shapes_config()
+    mutate(raw)
+    path = _write_cfg(tmp_path, raw)
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and expected in err[0], err
+    assert not (tmp_path / "o" / "checkpoint").exists()
+
+
+def _nifti(path: Path, array: np.ndarray) -> None:
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.diag([2.0, 2.0, 2.0, 1.0])), str(path))
+
+
+@pytest.mark.parametrize("problem", ["missing", "no-label", "shape"])
+def test_bad_data_folders_exit_2(tmp_path: Path, capsys, problem: str) -> None:
+    root = tmp_path / "data"
+    if problem != "missing":
+        for name in ("a", "b", "c"):
+            _nifti(root / "images" / f"{name}.nii.gz", np.zeros((16, 16, 16), np.float32))
+            if not (problem == "no-label" and name == "b"):
+                shape = (16, 16, 12) if (problem == "shape" and name == "c") else (16, 16, 16)
+                _nifti(root / "labels" / f"{name}.nii.gz", np.zeros(shape, np.int16))
+    raw = shapes_config()
+    raw["model"]["ndim"] = 3
+    raw["data"] = {"root": str(root), "factor": None}
+    path = _write_cfg(tmp_path, raw)
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    hint = {"missing": "data", "no-label": "b.nii.gz", "shape": "c.nii.gz"}[problem]
+    assert hint in err[0]
+
+
+def test_missing_config_file_exit_2(tmp_path: Path, capsys) -> None:
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
