@@ -70,6 +70,7 @@ def test_tiny_2d_run_lowers_loss_and_registers_training_pairs(tmp_path: Path) ->
     # the trained model aligns the organs of training pairs better than no registration
     model = load_model(tmp_path / "model")
     assert model.config["name"] == "RAN0" and model.config["trained_steps"] == 81
+    assert model.config["organs"] == [1, 2, 3] and model.config["window"] is None
     subjects, _ = load_subjects(cfg, tmp_path)
     pairs = validation_pairs(subjects, 8)
     before = validate(model, subjects, pairs, None, torch.device("cpu"), identity=True)
@@ -175,6 +176,9 @@ def test_smoke_config_runs_both_stages(tmp_path: Path, shared_dir: Path) -> None
     assert "synthetic" in log and "unsupervised" in log
     model = load_model(out / "model")
     assert model.config["name"] == "RAN4+" and model.config["ndim"] == 3
+    # 2 mm label maps resampled by 1/8 -> 16 mm voxels, recorded for `ranreg register`
+    assert model.config["spacing"] == [16.0, 16.0, 16.0]
+    assert model.config["window"] == [-100.0, 300.0]
     labels = sorted((out / "synth-data" / "labels").glob("*.nii.gz"))
     assert len(labels) == 5
     # a second run into the same folder refuses instead of overwriting
@@ -251,3 +255,12 @@ def test_bad_data_folders_exit_2(tmp_path: Path, capsys, problem: str) -> None:
 def test_missing_config_file_exit_2(tmp_path: Path, capsys) -> None:
     assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path: Path) -> None:
+    from ranreg.config import load_config
+
+    cfg = load_config(path)
+    assert cfg.stages and all(s.steps > 0 and s.lr > 0 for s in cfg.stages)
+    assert cfg.model.ndim == 3

@@ -62,6 +62,7 @@ class SubjectData:
     name: str
     image: np.ndarray
     label: np.ndarray | None
+    spacing: tuple[float, ...] | None = None  # voxel size (mm) after preprocessing
 
 
 # ----------------------------------------------------------------------------- data
@@ -105,15 +106,22 @@ def _split(
 
 
 def _preprocess(cfg: TrainConfig, subject: Any) -> SubjectData:
-    image, label, _ = load_subject(subject)
+    image, label, affine = load_subject(subject)
     window = None if cfg.data.window is None else tuple(cfg.data.window)
+    shape_in = image.shape
     try:
         image, label = preprocess_subject(
             image, label, factor=cfg.data.factor, window=window, keep=cfg.data.organs
         )
     except RanregError as exc:
         raise RanregError(f"{subject.image}: {exc}") from None
-    return SubjectData(subject.name, image, None if label is None else label.astype(np.int64))
+    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0) * np.divide(shape_in, image.shape)
+    return SubjectData(
+        subject.name,
+        image,
+        None if label is None else label.astype(np.int64),
+        tuple(round(float(v), 4) for v in spacing),
+    )
 
 
 def _synthesised_root(cfg: TrainConfig, out_dir: Path) -> Path:
@@ -410,6 +418,14 @@ def train(
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    # what a user of the trained model needs to bring images onto its grid (ranreg register)
+    spacings = {s.spacing for s in train_subjects if s.spacing is not None}
+    provenance = {
+        "config_source": cfg.source,
+        "window": None if cfg.data.shapes is not None else cfg.data.window,
+        "organs": list(organs),
+        **({"spacing": list(spacings.pop())} if len(spacings) == 1 else {}),
+    }
     if main:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     logs = _Logs(out, step, main)
@@ -497,10 +513,7 @@ def train(
             if step % cfg.checkpoint_every == 0 or step == stage_end or out_of_budget:
                 if main:
                     save_checkpoint(
-                        ckpt,
-                        model,
-                        train_state,
-                        extra={"trained_steps": step, "config_source": cfg.source},
+                        ckpt, model, train_state, extra={"trained_steps": step, **provenance}
                     )
                 _barrier()
             if on_step is not None:
@@ -527,9 +540,7 @@ def train(
     }
     if main:
         if summary["finished"]:
-            save_model(
-                model, out / MODEL_DIR, extra={"trained_steps": step, "config_source": cfg.source}
-            )
+            save_model(model, out / MODEL_DIR, extra={"trained_steps": step, **provenance})
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     logs.close()
     return summary
