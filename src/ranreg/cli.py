@@ -21,7 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ranreg import separability, summary, train
+    from ranreg import demo, evaluate, infer, separability, summary, train
     from ranreg.data import commands as data_commands
 
     parser = _Parser(prog="ranreg", description="Residual Aligner-based Network registration")
@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_parser(sub)
     data_commands.add_parser(sub)
     train.add_parser(sub)
+    infer.add_parser(sub)
+    demo.add_parser(sub)
+    evaluate.add_parser(sub)
     separability.add_parser(sub)
     return parser
 

@@ -1,0 +1,441 @@
+"""Evaluating models on every ordered pair of a data set: ``ranreg evaluate``.
+
+For each ordered pair (moving, fixed) of distinct subjects and each model (plus
+``identity``, the no-registration reference), the pair is registered in world space with
+:func:`ranreg.infer.register_volumes` and scored on the fixed image's original grid:
+Dice, ASD and HD95 (mm, :mod:`ranreg.metrics`) per organ, folding % and SD of log det J of
+the world map, and the runtime. Outputs (written into a temporary sibling folder and
+renamed into place):
+
+* ``results.csv``: one row per model, pair and organ;
+* ``summary.md`` (and ``summary.json``): mean ± sd over pairs per organ and model, the
+  mean over organs, regularity and runtime, and paired Wilcoxon signed-rank tests of the
+  per-pair mean Dice between the first model and each other one;
+* ``boxplots/NN_<organ>.png`` per organ and ``boxplots.png`` with all organs.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+from tqdm import tqdm
+
+from ranreg.data.datasets import Subject, discover_subjects, load_subject, ordered_pairs
+from ranreg.data.io import Volume, spacing_from_affine
+from ranreg.errors import RanregError
+from ranreg.infer import (
+    IDENTITY,
+    IdentityModel,
+    abandon_output_dir,
+    atomic_output_dir,
+    check_out_dir,
+    finish_output_dir,
+    model_label,
+    organ_name,
+    register_volumes,
+    resolve_device,
+    resolve_model,
+    score_labels,
+    write_json,
+)
+from ranreg.metrics import PAPER_ORGANS
+
+__all__ = ["FIELDS", "evaluate", "wilcoxon_table", "add_parser"]
+
+FIELDS = (
+    "model",
+    "source",
+    "moving",
+    "fixed",
+    "label",
+    "organ",
+    "dice",
+    "asd_mm",
+    "hd95_mm",
+    "folding_percent",
+    "sd_log_jacobian",
+    "runtime_s",
+    "network_s",
+)
+_SCORES = (("dice", "Dice"), ("asd_mm", "ASD (mm)"), ("hd95_mm", "HD95 (mm)"))
+
+
+def _default_split(root: Path, split: str | None) -> str | None:
+    """``None`` picks ``test`` unless the root directly holds ``images/`` (no splits)."""
+    if split is not None:
+        return split
+    return None if (root / "images").is_dir() else "test"
+
+
+def _subjects(data: Path, split: str | None) -> list[Subject]:
+    subjects = discover_subjects(data, _default_split(data, split))
+    if len(subjects) < 2:
+        raise RanregError(f"{data}: need at least 2 subjects to form pairs, found {len(subjects)}")
+    for s in subjects:
+        if s.label is None:
+            raise RanregError(f"{s.image}: no label map (evaluation needs a labels/ folder)")
+    return subjects
+
+
+def _load(subject: Subject) -> tuple[Volume, Volume]:
+    image, label, affine = load_subject(subject)  # checks shapes, names both files
+    assert label is not None and subject.label is not None
+    spacing = spacing_from_affine(affine)
+    return (
+        Volume(image, affine, spacing, subject.image),
+        Volume(label, affine, spacing, subject.label),
+    )
+
+
+def _models(specs: Sequence[str] | None) -> list[tuple[str, torch.nn.Module]]:
+    nets = [resolve_model(s) for s in (list(specs) if specs else [None])]
+    if not any(isinstance(n, IdentityModel) for n in nets):
+        nets.append(resolve_model(IDENTITY))
+    named: list[tuple[str, torch.nn.Module]] = []
+    seen: dict[str, int] = {}
+    for net in nets:
+        name = model_label(net)
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name} #{seen[name]}"
+        named.append((name, net))
+    return named
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
+    v = np.array([x for x in values if math.isfinite(x)], dtype=np.float64)
+    if not v.size:
+        return math.nan, math.nan, 0
+    sd = float(v.std(ddof=1)) if v.size > 1 else math.nan
+    return float(v.mean()), sd, int(v.size)
+
+
+def _fmt(mean: float, sd: float, digits: int) -> str:
+    if not math.isfinite(mean):
+        return "n/a"
+    if not math.isfinite(sd):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _pair_means(rows: list[dict[str, Any]], model: str, key: str) -> dict[tuple[str, str], float]:
+    """Per pair: the mean of ``key`` over organs (NaN entries skipped)."""
+    acc: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r["model"] == model:
+            acc.setdefault((r["moving"], r["fixed"]), []).append(r[key])
+    out = {}
+    for pair, vals in acc.items():
+        finite = [v for v in vals if math.isfinite(v)]
+        out[pair] = float(np.mean(finite)) if finite else math.nan
+    return out
+
+
+def wilcoxon_table(rows: list[dict[str, Any]], models: Sequence[str]) -> list[dict[str, Any]]:
+    """Paired Wilcoxon signed-rank tests of per-pair mean Dice: ``models[0]`` vs each other."""
+    if len(models) < 2:
+        return []
+    first = _pair_means(rows, models[0], "dice")
+    out = []
+    for other in models[1:]:
+        second = _pair_means(rows, other, "dice")
+        pairs = [p for p in first if p in second]
+        a = np.array([first[p] for p in pairs])
+        b = np.array([second[p] for p in pairs])
+        keep = np.isfinite(a) & np.isfinite(b)
+        a, b = a[keep], b[keep]
+        entry: dict[str, Any] = {
+            "first": models[0],
+            "second": other,
+            "n": int(a.size),
+            "median_difference": float(np.median(a - b)) if a.size else math.nan,
+            "statistic": math.nan,
+            "p_value": math.nan,
+            "note": "",
+        }
+        if a.size == 0:
+            entry["note"] = "no pairs with Dice for both"
+        elif np.all(a == b):
+            entry["note"] = "all differences are zero"
+        else:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    res = stats.wilcoxon(a, b)
+                entry["statistic"] = float(res.statistic)
+                entry["p_value"] = float(res.pvalue)
+            except ValueError as exc:
+                entry["note"] = str(exc)
+        out.append(entry)
+    return out
+
+
+def _summary(
+    rows: list[dict[str, Any]],
+    models: list[tuple[str, torch.nn.Module]],
+    labels: Sequence[int],
+    info: dict[str, Any],
+) -> tuple[str, dict[str, Any]]:
+    names = [n for n, _ in models]
+    data: dict[str, Any] = {"info": info, "models": {}, "wilcoxon": wilcoxon_table(rows, names)}
+    lines = [
+        "# Evaluation",
+        "",
+        f"- data: `{info['data']}` (split: {info['split'] or 'none'}), "
+        f"{info['subjects']} subjects: {', '.join(info['subject_names'])}",
+        f"- ordered pairs (moving, fixed): {info['pairs']}; organs: "
+        + ", ".join(f"{lab} {organ_name(lab)}" for lab in labels),
+        f"- device: {info['device']}; scores on each fixed image's original grid; "
+        "mean ± sd (sample sd) over pairs; NaN (organ absent) left out",
+        "",
+        "| model | source | network |",
+        "|---|---|---|",
+    ]
+    for name, net in models:
+        lines.append(f"| {name} | `{getattr(net, 'source', '')}` | {net.config.get('name')} |")
+    for key, title in _SCORES:
+        digits = 3 if key == "dice" else 2
+        lines += ["", f"## {title} per organ", "", "| organ | " + " | ".join(names) + " |"]
+        lines.append("|---" * (len(names) + 1) + "|")
+        for lab in labels:
+            cells = []
+            for name in names:
+                m, s, n = _mean_sd(
+                    [r[key] for r in rows if r["model"] == name and r["label"] == lab]
+                )
+                data["models"].setdefault(name, {}).setdefault(str(lab), {})[key] = {
+                    "mean": m,
+                    "sd": s,
+                    "n": n,
+                }
+                cells.append(_fmt(m, s, digits))
+            lines.append(f"| {lab} {organ_name(lab)} | " + " | ".join(cells) + " |")
+        cells = []
+        for name in names:
+            m, s, n = _mean_sd(list(_pair_means(rows, name, key).values()))
+            data["models"][name].setdefault("mean_over_organs", {})[key] = {
+                "mean": m,
+                "sd": s,
+                "n": n,
+            }
+            cells.append(_fmt(m, s, digits))
+        lines.append("| **mean over organs** | " + " | ".join(cells) + " |")
+
+    lines += [
+        "",
+        "## Regularity and runtime per pair",
+        "",
+        "| model | folding % | SD log det J | runtime (s) | network (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for name in names:
+        per_pair: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in rows:
+            if r["model"] == name:
+                per_pair.setdefault((r["moving"], r["fixed"]), r)
+        cells = []
+        for key, digits in (
+            ("folding_percent", 3),
+            ("sd_log_jacobian", 4),
+            ("runtime_s", 2),
+            ("network_s", 2),
+        ):
+            m, s, n = _mean_sd([r[key] for r in per_pair.values()])
+            data["models"][name].setdefault("per_pair", {})[key] = {"mean": m, "sd": s, "n": n}
+            cells.append(_fmt(m, s, digits))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    lines += ["", "## Paired Wilcoxon signed-rank tests (per-pair mean Dice over organs)", ""]
+    if not data["wilcoxon"]:
+        lines.append("Only one model: no test.")
+    else:
+        lines += [
+            "| comparison | pairs | median difference | W | p |",
+            "|---|---|---|---|---|",
+        ]
+        for t in data["wilcoxon"]:
+            w = "n/a" if not math.isfinite(t["statistic"]) else f"{t['statistic']:g}"
+            p = "n/a" if not math.isfinite(t["p_value"]) else f"{t['p_value']:.4g}"
+            med = (
+                "n/a"
+                if not math.isfinite(t["median_difference"])
+                else f"{t['median_difference']:+.4f}"
+            )
+            note = f" ({t['note']})" if t["note"] else ""
+            lines.append(f"| {t['first']} vs {t['second']} | {t['n']} | {med} | {w} | {p}{note} |")
+        lines += [
+            "",
+            "scipy.stats.wilcoxon, two-sided; the difference is first minus second model.",
+        ]
+    lines += [
+        "",
+        "Box plots: `boxplots.png` (all organs) and `boxplots/` (one figure per organ).",
+        "",
+    ]
+    return "\n".join(lines), data
+
+
+def evaluate(
+    data: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    models: Sequence[str] | None = None,
+    split: str | None = None,
+    labels: Sequence[int] | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``models`` (default: the packaged default) and ``identity`` on every ordered
+    pair of the subjects of ``data`` (``split`` default: ``test``, or none for a folder that
+    directly holds ``images/``); write the outputs into the new folder ``out_dir`` (see the
+    module docstring). Returns the summary dict (as ``summary.json``)."""
+    from ranreg import figures
+
+    out = Path(out_dir)
+    check_out_dir(out)
+    root = Path(data)
+    dev = resolve_device(device)
+    named = _models(models)
+    subjects = _subjects(root, split)
+    organs = [int(v) for v in (labels if labels else PAPER_ORGANS)]
+    pairs = ordered_pairs(subjects)
+    cache: dict[str, tuple[Volume, Volume]] = {}
+
+    def volumes(s: Subject) -> tuple[Volume, Volume]:
+        if s.name not in cache:
+            cache[s.name] = _load(s)
+        return cache[s.name]
+
+    for s in subjects:  # check every file before the long loop
+        volumes(s)
+
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(
+        total=len(pairs) * len(named),
+        desc="evaluate",
+        unit="reg",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    for mov_s, fix_s in pairs:
+        mov, mov_lab = volumes(mov_s)
+        fix, fix_lab = volumes(fix_s)
+        for name, net in named:
+            bar.set_postfix_str(f"{name}: {mov_s.name} -> {fix_s.name}")
+            result = register_volumes(net, mov, fix, mov_lab, fix_lab, dev)
+            assert result.warped_label is not None
+            scores = score_labels(result.warped_label, fix_lab.array, organs, fix.spacing)
+            jac = result.jacobian_stats()
+            for lab in organs:
+                rows.append(
+                    {
+                        "model": name,
+                        "source": str(getattr(net, "source", "")),
+                        "moving": mov_s.name,
+                        "fixed": fix_s.name,
+                        "label": lab,
+                        "organ": organ_name(lab),
+                        **scores[lab],
+                        **jac,
+                        "runtime_s": result.runtime_s,
+                        "network_s": result.network_s,
+                    }
+                )
+            bar.update(1)
+    bar.close()
+
+    info = {
+        "data": str(root),
+        "split": _default_split(root, split),
+        "subjects": len(subjects),
+        "subject_names": [s.name for s in subjects],
+        "pairs": len(pairs),
+        "labels": organs,
+        "device": str(dev),
+    }
+    text, summary = _summary(rows, named, organs, info)
+    tmp, created = atomic_output_dir(out)
+    try:
+        with (tmp / "results.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(FIELDS))
+            writer.writeheader()
+            for r in rows:
+                writer.writerow(
+                    {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}
+                )
+        (tmp / "summary.md").write_text(text)
+        write_json(tmp / "summary.json", summary)
+        figures.boxplot_figure(
+            rows, organs, [n for n, _ in named], tmp / "boxplots", tmp / "boxplots.png"
+        )
+        finish_output_dir(tmp, out)
+    except BaseException:
+        abandon_output_dir(tmp, created)
+        raise
+    return summary
+
+
+def _run(args: Any) -> int:
+    summary = evaluate(
+        args.data,
+        args.out,
+        models=args.model,
+        split=args.split,
+        labels=args.labels,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    info = summary["info"]
+    print(
+        f"evaluated {len(summary['models'])} models on {info['pairs']} ordered pairs of "
+        f"{info['subjects']} subjects; outputs in {args.out}/ "
+        "(results.csv, summary.md, boxplots.png, boxplots/)"
+    )
+    for name, scores in summary["models"].items():
+        d = scores["mean_over_organs"]["dice"]
+        print(f"  {name}: mean Dice over organs {_fmt(d['mean'], d['sd'], 3)}")
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="Dice/ASD/HD95, folding and runtime of models on every ordered pair of a data set",
+        description="Register every ordered pair of distinct subjects with each model and "
+        "'identity' (the reference) and write results.csv, summary.md and box plots.",
+    )
+    p.add_argument("--data", required=True, help="data set folder (DeepReg or Learn2Reg layout)")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="train, val or test (default: test, or none for a folder holding images/)",
+    )
+    p.add_argument(
+        "--model",
+        nargs="+",
+        action="extend",
+        metavar="MODEL",
+        help="model files/folders or names (default: the packaged default); identity is "
+        "always added as the reference",
+    )
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument(
+        "--labels",
+        type=int,
+        nargs="+",
+        metavar="L",
+        help="label values to score (default the paper's 9 organs)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)

@@ -1,0 +1,133 @@
+"""``ranreg evaluate``: every ordered pair, results.csv, summary.md, box plots, errors."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from ranreg import build_model
+from ranreg.checkpoint import save_model
+from ranreg.cli import main
+from ranreg.evaluate import FIELDS, wilcoxon_table
+
+SHAPE = (24, 20, 28)
+
+
+def _affine() -> np.ndarray:
+    a = np.diag([1.5, -2.0, 3.0, 1.0])
+    a[:3, 3] = (-12.0, 30.0, 4.0)
+    return a
+
+
+def _subject(shift: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    big = (SHAPE[0] + 6, *SHAPE[1:])
+    image = -700.0 + 1500.0 * ndimage.gaussian_filter(rng.normal(size=big), 2.0)
+    label = np.zeros(big, np.uint8)
+    label[8:15, 5:11, 6:14] = 1
+    label[16:23, 10:16, 12:22] = 2
+    label[10:20, 3:6, 18:25] = 3
+    image += 400.0 * (label > 0)
+    sl = slice(shift, shift + SHAPE[0])
+    return image[sl].astype(np.float32), label[sl]
+
+
+def _dataset(root: Path, shifts: tuple[int, ...] = (0, 1, 3)) -> Path:
+    for folder in ("images", "labels"):
+        (root / folder).mkdir(parents=True)
+    for i, shift in enumerate(shifts):
+        image, label = _subject(shift)
+        nib.save(nib.Nifti1Image(image, _affine()), str(root / "images" / f"s{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, _affine()), str(root / "labels" / f"s{i}.nii.gz"))
+    return root
+
+
+def test_evaluate_identity_and_ran0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _dataset(tmp_path / "data")
+    torch.manual_seed(0)
+    save_model(build_model("RAN0", ndim=3), tmp_path / "ran0", extra={"spacing": [3.0, 4.0, 6.0]})
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--data", str(data), "--model", "identity", str(tmp_path / "ran0")]
+    assert main([*argv, "--out", str(out), "--labels", "1", "2", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "evaluate" in captured.err  # the tqdm bar
+    assert "identity" in captured.out
+
+    with (out / "results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 * 6 * 3  # models x ordered pairs x organs
+    assert tuple(rows[0]) == FIELDS
+    assert {r["model"] for r in rows} == {"identity", "RAN0 (ran0)"}
+    assert {(r["moving"], r["fixed"]) for r in rows} == {
+        (a, b) for a in ("s0", "s1", "s2") for b in ("s0", "s1", "s2") if a != b
+    }
+    assert {r["organ"] for r in rows} == {"spleen", "right kidney", "left kidney"}
+    ident = [r for r in rows if r["model"] == "identity"]
+    assert all(float(r["folding_percent"]) == 0.0 for r in ident)
+    # s0 -> s1 differ by one voxel of 1.5 mm along axis 0 (identity = no registration)
+    one = [r for r in ident if (r["moving"], r["fixed"]) == ("s0", "s1") and r["label"] == "1"]
+    assert float(one[0]["dice"]) == pytest.approx(12 / 14)
+    assert float(one[0]["hd95_mm"]) == pytest.approx(1.5)
+
+    summary = (out / "summary.md").read_text()
+    for text in ("identity", "RAN0 (ran0)", "mean over organs", "Wilcoxon", "spleen"):
+        assert text in summary
+    assert "identity vs RAN0 (ran0) | 6 |" in summary
+    assert (out / "summary.json").is_file()
+    assert (out / "boxplots.png").stat().st_size > 1000
+    organ_pngs = sorted(p.name for p in (out / "boxplots").iterdir())
+    assert organ_pngs == ["01_spleen.png", "02_right-kidney.png", "03_left-kidney.png"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".eval")]
+
+
+def test_evaluate_split_layout_default_test(tmp_path: Path) -> None:
+    _dataset(tmp_path / "data" / "test", shifts=(0, 2))
+    _dataset(tmp_path / "data" / "train", shifts=(1, 2, 3))
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--data", str(tmp_path / "data"), "--model", "identity"]
+    assert main([*argv, "--out", str(out), "--no-progress", "--labels", "2"]) == 0
+    with (out / "results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2  # identity only, the 2 ordered pairs of test/, one organ
+    assert "Only one model" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("case", ["missing", "no-labels", "one-subject", "bad-image"])
+def test_bad_data_folder(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    name = "data"
+    if case == "no-labels":
+        _dataset(data, shifts=(0, 1))
+        for p in (data / "labels").iterdir():
+            p.unlink()
+        (data / "labels").rmdir()
+        name = "s0.nii.gz"
+    elif case == "one-subject":
+        _dataset(data, shifts=(0,))
+    elif case == "bad-image":
+        _dataset(data, shifts=(0, 1))
+        (data / "images" / "s1.nii.gz").write_bytes(b"not a nifti file")
+        name = "s1.nii.gz"
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--data", str(data), "--model", "identity", "--out", str(out)]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and name in err, err
+    assert not out.exists()
+
+
+def test_wilcoxon_table_handles_ties_and_differences() -> None:
+    rows = []
+    for k in range(6):
+        for model, value in (("a", 0.5 + 0.01 * k), ("b", 0.5 + 0.01 * k), ("c", 0.4)):
+            rows.append({"model": model, "moving": f"m{k}", "fixed": "f", "dice": value})
+    table = wilcoxon_table(rows, ["a", "b", "c"])
+    assert table[0]["note"] == "all differences are zero"
+    assert table[1]["n"] == 6 and table[1]["p_value"] == pytest.approx(0.03125)
+    assert table[1]["median_difference"] == pytest.approx(0.125)
