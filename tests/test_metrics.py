@@ -72,12 +72,6 @@ def test_organ_tables() -> None:
     assert set(PAPER_ORGANS) <= set(ORGAN_NAMES)
 
 
-def test_paper_organs_match_data_selection() -> None:
-    from ranreg.data.preprocess import ABDOMEN_ORGANS
-
-    assert tuple(ABDOMEN_ORGANS) == PAPER_ORGANS
-
-
 # ----------------------------------------------------------------------------- dice
 
 

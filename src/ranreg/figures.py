@@ -48,7 +48,13 @@ def _array(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+#: Soft-tissue display window for CT in HU (the paper's preprocessing window).
+CT_WINDOW = (-100.0, 300.0)
+
+
 def _display_range(image: np.ndarray) -> tuple[float, float]:
+    if float(image.min()) < -500.0:  # CT in HU: show abdominal soft tissue, not air to bone
+        return CT_WINDOW
     lo, hi = np.percentile(image, [1.0, 99.0])
     if not hi > lo:
         lo, hi = float(image.min()), float(image.max())
@@ -135,7 +141,8 @@ def overlay_figure(
     warped panel. ``ddf`` is (*S, 3) or (3, *S) with channel ``i`` along array axis ``i``
     (voxels or mm; the grid is drawn in voxel units, so pass voxels). ``spacing`` sets the
     pixel aspect ratio, ``affine`` names the planes, ``labels`` limits the contours.
-    Intensities are shown between each image's 1st and 99th percentiles; the
+    Intensities are shown between each image's 1st and 99th percentiles (CT in HU: the
+    window [-100, 300]); the
     differences are between images scaled that way to [0, 1].
     """
     fix = _array(fixed).astype(np.float32)

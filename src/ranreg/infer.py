@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ranreg.checkpoint import load_model
-from ranreg.data.io import Volume, load_label_volume, load_nifti, save_nifti
+from ranreg.data.io import Volume, check_out_dir, load_label_volume, load_nifti, save_nifti
 from ranreg.data.preprocess import DEFAULT_WINDOW
 from ranreg.errors import RanregError
 from ranreg.metrics import ORGAN_NAMES, PAPER_ORGANS, evaluate_pair
@@ -531,14 +531,6 @@ def save_ddf(path: Path, ddf_mm: np.ndarray, affine: np.ndarray) -> Path:
     img.set_sform(affine, code=1)
     nib.save(img, str(path))
     return path
-
-
-def check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise RanregError(f"{out_dir}: exists and is not a directory")
-        if any(out_dir.iterdir()):
-            raise RanregError(f"{out_dir}: output folder exists and is not empty")
 
 
 def _first_missing(path: Path) -> Path | None:

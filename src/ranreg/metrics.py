@@ -35,6 +35,7 @@ import torch
 from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 from torch import Tensor
 
+from ranreg.data.preprocess import ABDOMEN_ORGANS
 from ranreg.spatial import folding_fraction, jacobian_determinant, std_log_jacobian
 
 __all__ = [
@@ -64,7 +65,8 @@ ORGAN_NAMES: dict[int, str] = {
 }
 
 #: The nine organs the RAN paper reports on (the others are dropped there).
-PAPER_ORGANS: tuple[int, ...] = (1, 2, 3, 5, 6, 8, 9, 10, 11)
+#: The 9 organs the paper evaluates (the data module's default label selection).
+PAPER_ORGANS: tuple[int, ...] = tuple(ABDOMEN_ORGANS)
 
 ArrayLike = np.ndarray | Tensor
 

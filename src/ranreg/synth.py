@@ -30,7 +30,6 @@ from scipy.interpolate import RBFInterpolator
 from scipy.spatial.transform import Rotation
 
 __all__ = [
-    "ABDOMEN_LABELS",
     "DEFAULT_SLIDING_GROUPS",
     "affine_ddf",
     "gaussian_bumps_ddf",
@@ -44,22 +43,6 @@ __all__ = [
     "tps_ddf",
 ]
 
-#: Label values of the Learn2Reg 2020 task 3 abdomen CT label maps.
-ABDOMEN_LABELS: dict[int, str] = {
-    1: "spleen",
-    2: "right kidney",
-    3: "left kidney",
-    4: "gallbladder",
-    5: "esophagus",
-    6: "liver",
-    7: "stomach",
-    8: "aorta",
-    9: "inferior vena cava",
-    10: "portal and splenic vein",
-    11: "pancreas",
-    12: "right adrenal gland",
-    13: "left adrenal gland",
-}
 
 #: Default organ groups of :func:`random_sliding_ddf`: the right-sided upper-abdominal block
 #: (liver, right kidney, gallbladder, inferior vena cava, right adrenal) versus all the other

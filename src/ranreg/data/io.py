@@ -245,3 +245,15 @@ def save_nifti(
         tmp.unlink(missing_ok=True)
         raise
     return p
+
+
+def check_out_dir(out_dir: str | os.PathLike[str]) -> None:
+    """Refuse an output folder that exists as a file or holds anything (never overwrite)."""
+    out = Path(out_dir)
+    if out.exists():
+        if not out.is_dir():
+            raise RanregError(f"{out}: exists and is not a directory")
+        if any(out.iterdir()):
+            raise RanregError(
+                f"{out}: output folder exists and is not empty; refusing to overwrite"
+            )

@@ -40,7 +40,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from ranreg.data.io import load_label_volume, nifti_stem, save_nifti
+from ranreg.data.io import check_out_dir, load_label_volume, nifti_stem, save_nifti
 from ranreg.errors import RanregError
 
 __all__ = [
@@ -317,14 +317,6 @@ def subject_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(name.encode("utf-8"))])
 
 
-def _check_out_dir(out: Path) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise RanregError(f"{out}: exists and is not a directory")
-        if any(out.iterdir()):
-            raise RanregError(f"{out}: directory exists and is not empty; refusing to overwrite")
-
-
 def synthesize_dataset(
     labels_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -353,7 +345,7 @@ def synthesize_dataset(
     files = sorted(p for p in src.glob("*.nii.gz") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise RanregError(f"{src}: no *.nii.gz label maps found")
-    _check_out_dir(out)
+    check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -390,7 +382,7 @@ def synthesize_dataset(
             }
             written.append((out / "images" / f"{name}.nii.gz", out / "labels" / f"{name}.nii.gz"))
         (tmp / "synth.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        _check_out_dir(out)  # someone may have filled it meanwhile
+        check_out_dir(out)  # someone may have filled it meanwhile
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
