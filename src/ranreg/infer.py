@@ -59,6 +59,7 @@ from ranreg.data.io import Volume, check_out_dir, load_label_volume, load_nifti,
 from ranreg.data.preprocess import DEFAULT_WINDOW
 from ranreg.errors import RanregError
 from ranreg.metrics import ORGAN_NAMES, PAPER_ORGANS, evaluate_pair
+from ranreg.peers import PEER_NAMES, build_peer
 from ranreg.spatial import folding_fraction, identity_grid, jacobian_determinant, resize_ddf
 from ranreg.spatial import std_log_jacobian as _std_log_jacobian
 
@@ -125,14 +126,15 @@ def _pretrained() -> tuple[dict[str, str], str | None, Path | None]:
 
 
 def _known_names() -> list[str]:
-    return [IDENTITY, *_pretrained()[0]]
+    return [IDENTITY, *_pretrained()[0], *PEER_NAMES]
 
 
 def resolve_model(spec: str | os.PathLike[str] | None) -> torch.nn.Module:
     """The model named by ``spec``, in eval mode on the CPU.
 
     ``spec`` is a model file or a directory holding one (``model.safetensors``, see
-    :mod:`ranreg.checkpoint`), the name ``identity`` (zero DDF) or the name of a packaged
+    :mod:`ranreg.checkpoint`), the name ``identity`` (zero DDF), the name of a classical
+    method (:data:`ranreg.peers.PEER_NAMES`, e.g. ``ants-syn``) or the name of a packaged
     pretrained model (``ranreg.pretrained.PRETRAINED``); ``None`` means the packaged
     default (``ranreg.pretrained.DEFAULT_MODEL``). The model gets a ``source`` attribute
     (the spec as given) used in messages and reports.
@@ -149,6 +151,8 @@ def resolve_model(spec: str | os.PathLike[str] | None) -> torch.nn.Module:
     text = os.fspath(spec)
     if text == IDENTITY:
         model: torch.nn.Module = IdentityModel()
+    elif text in PEER_NAMES and not Path(text).exists():
+        model = build_peer(text)  # classical method; RanregError if its extra is missing
     elif text in table and not Path(text).exists():
         assert folder is not None
         file = folder / table[text]
@@ -170,7 +174,7 @@ def model_label(model: torch.nn.Module) -> str:
     """A short name for reports: the spec for names, ``NAME (file or folder)`` for files."""
     source = str(getattr(model, "source", "") or "")
     name = str(model.config.get("name", "model"))
-    if not source or source == IDENTITY or source in _pretrained()[0]:
+    if not source or source in _known_names():
         return source or name
     p = Path(source)
     part = p.parent.name if p.name in ("model.safetensors", "model") and p.parent.name else p.name

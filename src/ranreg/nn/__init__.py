@@ -19,6 +19,7 @@ MODEL_NAMES: tuple[str, ...] = (
     *VARIANTS,
     *(name + NO_RA_SUFFIX for name in VARIANTS),
     "VoxelMorph",
+    "VoxelMorph-pkg",  # the voxelmorph package's network, needs the optional extra "peers"
 )
 
 
@@ -26,7 +27,10 @@ def build_model(name: str, ndim: int = 3, **options: Any) -> nn.Module:
     """Build a registration network by name, in the style of torchvision builders.
 
     Names: ``RAN0``, ``RAN3``, ``RAN4``, ``RAN4+`` (the paper's variants), the same with
-    ``-noRA`` (RA modules replaced by a plain per-level DDF head) and ``VoxelMorph``.
+    ``-noRA`` (RA modules replaced by a plain per-level DDF head), ``VoxelMorph`` and
+    ``VoxelMorph-pkg`` (the ``voxelmorph`` package's network, see
+    :mod:`ranreg.nn.voxelmorph_peer`; raises :class:`ranreg.errors.RanregError` with an
+    install hint when that package is missing).
     Matching ignores case. ``options`` go to the model (``heads``, ``in_channels``;
     VoxelMorph ignores ``heads``).
 
@@ -40,6 +44,11 @@ def build_model(name: str, ndim: int = 3, **options: Any) -> nn.Module:
     if canonical == "VoxelMorph":
         options.pop("heads", None)  # no heads in a direct-regression U-Net
         return VoxelMorphUNet(ndim=ndim, **options)
+    if canonical == "VoxelMorph-pkg":
+        from ranreg.nn.voxelmorph_peer import VxmPackageNet  # imports voxelmorph lazily
+
+        options.pop("heads", None)
+        return VxmPackageNet(ndim=ndim, **options)
     if canonical.endswith(NO_RA_SUFFIX):
         return RAN(canonical[: -len(NO_RA_SUFFIX)], ndim=ndim, aligner="plain", **options)
     return RAN(canonical, ndim=ndim, **options)

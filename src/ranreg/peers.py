@@ -1,0 +1,178 @@
+"""Classical, optimisation-based registration methods wrapped as ranreg "models".
+
+They need no training and run in the same harness as the networks: ``ranreg register
+--model ants-syn`` and ``ranreg evaluate --model ants-syn`` (:func:`ranreg.infer.resolve_model`
+knows the names in :data:`PEER_NAMES`). Like a network, a peer is a ``torch.nn.Module`` with a
+``config`` dict, called as ``model(moving, fixed)`` on ``(B, 1, *S)`` images normalised to
+[0, 1] on the network grid, and returns the DDF ``(B, 3, *S)`` in voxels of that grid with
+``warped(x) = moving(x + ddf(x))``, channel ``i`` along array axis ``i``
+(:func:`ranreg.spatial.warp`). They have no parameters and run on the CPU whatever the
+device of the inputs (the DDF comes back on the inputs' device).
+
+ANTs SyN (:class:`AntsSyN`, name ``ants-syn``, optional extra ``peers``: antspyx)
+-----------------------------------------------------------------------------------
+``ants.registration(fixed, moving, type_of_transform="SyN")`` with every parameter at its
+default, i.e. the recommended setting of ANTsPy: centre-of-mass initialisation, an affine
+stage (Mattes MI, 2100x1200x1200x0 iterations, shrink 4x2x2x1) and a symmetric
+normalisation stage (Mattes MI, ``SyN[0.2, 3, 0]``, 40x20x0 iterations, shrink 4x2x1).
+
+* Grid: the harness resamples both images to 4 mm voxels (config ``spacing``), the
+  working grid of the paper's networks, and windows CT to [-100, 300] HU (config
+  ``window``), exactly as for a network. ANTs gets the two arrays with unit spacing, zero
+  origin and identity direction, so its physical coordinates are voxel indices along the
+  array axes (the array is not transposed: ``ants.from_numpy`` keeps axis ``i`` as image
+  axis ``i``). With the isotropic 4 mm grid this is the same problem up to a global scale;
+  ANTs' smoothing sigmas and SyN step are in voxels here (``smoothing_in_mm`` is off).
+* Field: the whole forward transform (affine + SyN warp) is composed into one dense
+  displacement field on the fixed grid by ``antsApplyTransforms`` (``compose``). ANTs' forward
+  transform maps a fixed point ``x`` to the moving point ``x + d(x)`` and the warped image is
+  ``moving(x + d(x))``, so ``d`` (components in physical = array-axis order) is the ranreg
+  DDF as it is. Checked by ``tests/test_peers.py`` with known shifts along axes 0 and 2.
+* Determinism: the random sampling of the affine metric uses a fixed seed (ANTs
+  ``--random-seed``, config ``random_seed``), and ITK runs single-threaded unless told
+  otherwise: before the first ANTs call in the process ranreg sets the environment variable
+  ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1`` if neither it nor ``ITK_NUMBER_OF_THREADS`` is
+  set. With several threads the result changes from run to run even with the seed (the
+  multi-threaded metric sums in a varying order). ITK reads the variable once, when the
+  process creates its first ANTs image, so to use more threads (faster, not reproducible)
+  set it in the shell, e.g. ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=8 ranreg evaluate ...``.
+  Config ``itk_threads`` records the value in force when the model was built.
+* Runtime: 11.6 s of ANTs (the ``network_s`` of the reports) for the packaged demo pair at
+  96x80x128 with one ITK thread, measured once at the lowest priority (``nice -n 19``) on a
+  busy 2-core machine, so an upper figure; about 0.5 s at 32x28x36. Peak memory of the whole
+  ``ranreg register`` run: about 0.7 GB. Images without contrast (constant) give a zero DDF.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ranreg.errors import RanregError
+
+__all__ = ["ANTS_SYN", "PEER_NAMES", "THREADS_ENV", "AntsSyN", "import_ants", "build_peer"]
+
+#: Name of the ANTs SyN peer.
+ANTS_SYN = "ants-syn"
+#: Names of the classical methods :func:`build_peer` knows.
+PEER_NAMES: tuple[str, ...] = (ANTS_SYN,)
+#: The environment variable that sets ITK's (hence ANTs') number of threads.
+THREADS_ENV = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
+_OTHER_THREADS_ENV = "ITK_NUMBER_OF_THREADS"
+INSTALL_HINT = "install the peers extra: pip install 'ranreg[peers]'"
+
+
+def _itk_threads() -> str:
+    """The ITK thread setting in force (sets 1 when the environment has none)."""
+    if THREADS_ENV not in os.environ and _OTHER_THREADS_ENV not in os.environ:
+        os.environ[THREADS_ENV] = "1"
+    return os.environ.get(THREADS_ENV) or os.environ[_OTHER_THREADS_ENV]
+
+
+def import_ants(name: str = ANTS_SYN) -> Any:
+    """The ``ants`` module (antspyx), after fixing ITK's thread count (see the module docs)."""
+    _itk_threads()
+    try:
+        import ants
+    except ImportError as exc:
+        raise RanregError(f"model {name!r} needs antspyx ({exc}); {INSTALL_HINT}") from None
+    return ants
+
+
+class AntsSyN(torch.nn.Module):
+    """ANTs SyN (affine + symmetric normalisation) at its default settings, as a model.
+
+    See the module docstring for the grid, the conventions and determinism.
+    ``random_seed``: seed of ANTs' metric sampling; ``type_of_transform``: kept at ``"SyN"``
+    for the benchmarks (any ``ants.registration`` transform type works).
+    """
+
+    def __init__(self, random_seed: int = 1, type_of_transform: str = "SyN") -> None:
+        super().__init__()
+        self._ants = import_ants()
+        self.config: dict[str, Any] = {
+            "name": ANTS_SYN,
+            "ndim": 3,
+            "spacing": [4.0, 4.0, 4.0],
+            "window": [-100.0, 300.0],
+            "type_of_transform": type_of_transform,
+            "random_seed": int(random_seed),
+            "itk_threads": _itk_threads(),
+            "antspyx": str(getattr(self._ants, "__version__", "unknown")),
+        }
+
+    def forward(self, moving: Tensor, fixed: Tensor) -> Tensor:
+        if moving.shape != fixed.shape or moving.dim() not in (4, 5) or moving.shape[1] != 1:
+            raise ValueError(
+                f"{ANTS_SYN}: need moving and fixed of the same shape (B, 1, *S) with 2 or 3 "
+                f"spatial axes, got {tuple(moving.shape)} and {tuple(fixed.shape)}"
+            )
+        out = [
+            torch.from_numpy(self.register_arrays(m[0], f[0]))
+            for m, f in zip(
+                moving.detach().float().cpu().numpy(),
+                fixed.detach().float().cpu().numpy(),
+                strict=True,
+            )
+        ]
+        return torch.stack(out).to(device=fixed.device, dtype=fixed.dtype)
+
+    def register_arrays(self, moving: np.ndarray, fixed: np.ndarray) -> np.ndarray:
+        """The DDF ``(ndim, *S)`` float32 (voxels, ranreg convention) of two arrays ``S``."""
+        return self.register_arrays_with_warped(moving, fixed)[0]
+
+    def register_arrays_with_warped(
+        self, moving: np.ndarray, fixed: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The DDF as :meth:`register_arrays` and ANTs' own warped moving image (``S``,
+        ANTs' linear resampling; the moving image itself when nothing is registered)."""
+        ants = self._ants
+        ndim = fixed.ndim
+        if np.ptp(moving) <= 0 or np.ptp(fixed) <= 0:  # nothing to align
+            return np.zeros((ndim, *fixed.shape), np.float32), moving.astype(np.float32)
+        fix_img = ants.from_numpy(np.ascontiguousarray(fixed, dtype=np.float32))
+        mov_img = ants.from_numpy(np.ascontiguousarray(moving, dtype=np.float32))
+        config = getattr(ants, "config", None)
+        with tempfile.TemporaryDirectory(prefix="ranreg-ants-") as tmp:
+            old_seed = getattr(config, "_random_seed", None)
+            if config is not None:
+                config._random_seed = self.config["random_seed"]
+            try:
+                reg = ants.registration(
+                    fix_img,
+                    mov_img,
+                    type_of_transform=self.config["type_of_transform"],
+                    outprefix=os.path.join(tmp, "reg_"),
+                )
+                field_file = ants.apply_transforms(
+                    fix_img, mov_img, reg["fwdtransforms"], compose=os.path.join(tmp, "fwd_")
+                )
+                if not field_file or not os.path.isfile(field_file):
+                    raise RuntimeError("antsApplyTransforms wrote no composite field")
+                field = np.asarray(ants.image_read(field_file).numpy(), dtype=np.float32)
+                warped = np.asarray(reg["warpedmovout"].numpy(), dtype=np.float32)
+            except (RuntimeError, ValueError) as exc:
+                raise RanregError(
+                    f"{ANTS_SYN}: ANTs failed on a grid of shape {fixed.shape}: {exc}"
+                ) from exc
+            finally:
+                if config is not None:
+                    config._random_seed = old_seed
+        if field.shape != (*fixed.shape, ndim):
+            raise RanregError(
+                f"{ANTS_SYN}: ANTs returned a field of shape {field.shape}, expected "
+                f"{(*fixed.shape, ndim)}"
+            )
+        return np.ascontiguousarray(np.moveaxis(field, -1, 0)), warped
+
+
+def build_peer(name: str) -> torch.nn.Module:
+    """The classical method called ``name`` (one of :data:`PEER_NAMES`)."""
+    if name == ANTS_SYN:
+        return AntsSyN()
+    raise RanregError(f"unknown classical method {name!r} (known: {', '.join(PEER_NAMES)})")
