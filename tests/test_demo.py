@@ -42,3 +42,23 @@ def test_demo_with_identity_writes_every_output(tmp_path: Path, capsys) -> None:
     assert "Dice before -> after" in capsys.readouterr().out
     # the output folder is never overwritten
     assert main(["demo", "--model", "identity", "--out", str(out)]) == 2
+
+
+def test_packaged_default_model_registers_the_demo_pair(tmp_path: Path) -> None:
+    from ranreg.infer import resolve_model
+    from ranreg.pretrained import DEFAULT_MODEL, PRETRAINED, path_of
+
+    assert DEFAULT_MODEL in PRETRAINED and path_of(DEFAULT_MODEL).is_file()
+    model = resolve_model(None)
+    cfg = model.config
+    assert cfg["name"] == "RAN3" and cfg["spacing"] == [8.0, 8.0, 8.0]
+    assert cfg["window"] == [-100, 300] and cfg["trained_steps"] == 650
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"]["label"] == DEFAULT_MODEL
+    # the field is a real, non-zero deformation with little folding
+    ddf = np.asarray(nib.load(str(out / "ddf.nii.gz")).dataobj)
+    assert ddf.shape == (96, 80, 128, 1, 3) and np.abs(ddf).max() > 1.0
+    assert metrics["folding_percent"] < 5.0
+    assert (out / "head_masks.png").is_file()

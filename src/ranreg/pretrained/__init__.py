@@ -1,0 +1,24 @@
+"""Pretrained models shipped inside the package, by name.
+
+Each entry is a safetensors model file in this folder (weights + config in its metadata,
+see :mod:`ranreg.checkpoint`) with a model card ``NAME.md`` beside it. ``ranreg register``,
+``ranreg evaluate`` and ``ranreg demo`` use :data:`DEFAULT_MODEL` when no ``--model`` is
+given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: name -> file in this folder
+PRETRAINED: dict[str, str] = {
+    "ran3-abdomen-cpu": "ran3-abdomen-cpu.safetensors",
+}
+
+#: the model used when none is named
+DEFAULT_MODEL = "ran3-abdomen-cpu"
+
+
+def path_of(name: str) -> Path:
+    """The file of a packaged model."""
+    return Path(__file__).resolve().parent / PRETRAINED[name]
