@@ -102,6 +102,9 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+    # every loss term also goes to TensorBoard
+    events = list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
     # chunks: 2 steps, then 3, then the rest
     assert not train(cfg, tmp_path / "c", max_steps=2, progress=False)["finished"]
     assert not train(cfg, tmp_path / "c", resume=True, max_steps=3, progress=False)["finished"]

@@ -320,7 +320,7 @@ class _Logs:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1)
-        except ImportError:  # tensorboard is optional; the CSV logs hold the same numbers
+        except ImportError:  # a trimmed install without tensorboard: the CSV logs suffice
             self.tb = None
 
     def write(self, kind: str, row: dict[str, Any]) -> None:
