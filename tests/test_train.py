@@ -162,19 +162,9 @@ def test_torchrun_two_cpu_replicas_stay_identical(tmp_path: Path) -> None:
 
 def test_smoke_config_runs_both_stages(tmp_path: Path, shared_dir: Path) -> None:
     out = tmp_path / "smoke"
-    assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(REPO / "configs" / "smoke.yaml"),
-                "--out",
-                str(out),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    config = str(REPO / "configs" / "smoke.yaml")
+    argv = ["train", "--config", config, "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
     log = (out / "train_log.csv").read_text()
     assert "synthetic" in log and "unsupervised" in log
     model = load_model(out / "model")
@@ -185,19 +175,7 @@ def test_smoke_config_runs_both_stages(tmp_path: Path, shared_dir: Path) -> None
     labels = sorted((out / "synth-data" / "labels").glob("*.nii.gz"))
     assert len(labels) == 5
     # a second run into the same folder refuses instead of overwriting
-    assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(REPO / "configs" / "smoke.yaml"),
-                "--out",
-                str(out),
-                "--no-progress",
-            ]
-        )
-        == 2
-    )
+    assert main(argv) == 2
 
 
 def _write_cfg(tmp_path: Path, raw: dict) -> Path:

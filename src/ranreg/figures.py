@@ -1,5 +1,5 @@
-"""Registration figures: overlays of one registered pair, box plots of an evaluation, and
-the RA modules' multi-head masks. Files only (matplotlib's Agg backend).
+"""Registration figures: overlays of one registered pair, box plots of an evaluation,
+the RA modules' multi-head masks and training curves. Files only (matplotlib's Agg backend).
 
 Slices are drawn from the arrays' own axes: a panel of the plane normal to array axis
 ``k`` shows the two other axes ``a < b`` with ``a`` horizontal and ``b`` vertical (origin at
@@ -8,6 +8,7 @@ the bottom left), with the aspect ratio of the voxel spacing when it is given.
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import re
@@ -46,6 +47,15 @@ def _array(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().float().numpy()
     return np.asarray(x)
+
+
+def _save(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path`` (creating its folder) and release it."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
 
 
 #: Soft-tissue display window for CT in HU (the paper's preprocessing window).
@@ -241,11 +251,7 @@ def overlay_figure(
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8)
     fig.suptitle(title or "registration overlay (mid slices)", fontsize=10)
     fig.tight_layout(rect=(0, 0.06 if colors else 0, 1, 0.97))
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def _float(value: Any) -> float:
@@ -343,10 +349,7 @@ def boxplot_figure(
             fig.suptitle(f"Results on {_organ(label)} (label {label})", fontsize=10)
             fig.legend(handles=legend, loc="lower center", ncol=min(len(models), 4), fontsize=8)
             fig.tight_layout(rect=(0, 0.07, 1, 0.96))
-            out = folder / f"{int(label):02d}_{_slug(_organ(label))}.png"
-            fig.savefig(out, dpi=110)
-            plt.close(fig)
-            written.append(out)
+            written.append(_save(fig, folder / f"{int(label):02d}_{_slug(_organ(label))}.png"))
     if combined_path is not None:
         n = len(organs)
         width = max(2.0, 0.55 * len(models) + 1.2)
@@ -364,11 +367,7 @@ def boxplot_figure(
         fig.legend(handles=legend, loc="lower center", ncol=min(len(models), 6), fontsize=9)
         fig.suptitle("Per-organ results over all ordered pairs", fontsize=11)
         fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-        out = Path(combined_path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=100)
-        plt.close(fig)
-        written.append(out)
+        written.append(_save(fig, combined_path, dpi=100))
     return written
 
 
@@ -455,8 +454,62 @@ def head_mask_figure(
             fig.colorbar(im2, ax=ax2, fraction=0.046)
     fig.suptitle("RA multi-head masks, coarse to fine", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------- training
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    if len(values) < window or window < 2:
+        return values
+    kernel = np.ones(window) / window
+    pad = np.pad(values, (window // 2, window - 1 - window // 2), mode="edge")
+    return np.convolve(pad, kernel, mode="valid")
+
+
+def plot_training(
+    run_dir: str | os.PathLike[str], out: str | os.PathLike[str], title: str | None = None
+) -> Path:
+    """Loss per stage (raw and running mean) and validation Dice of a training run."""
+    run = Path(run_dir)
+    rows = _read_csv(run / "train_log.csv")
+    val = _read_csv(run / "val_log.csv") if (run / "val_log.csv").exists() else []
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    fig, axes = plt.subplots(1, len(stages) + 1, figsize=(4.2 * (len(stages) + 1), 3.6))
+    for ax, stage in zip(axes, stages, strict=False):
+        sel = [r for r in rows if r["stage"] == stage]
+        steps = np.array([int(r["step"]) for r in sel])
+        loss = np.array([float(r["loss"]) for r in sel])
+        ax.plot(steps, loss, color="0.75", lw=0.8, label="loss per step")
+        ax.plot(
+            steps, _smooth(loss, max(5, len(loss) // 20)), color="C0", lw=1.8, label="running mean"
+        )
+        ax.set_title(f"stage '{stage}'")
+        ax.set_xlabel("step")
+        ax.set_ylabel("weighted loss")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    ax = axes[-1]
+    if val:
+        vsteps = [int(r["step"]) for r in val]
+        vdice = [float(r["dice"]) for r in val]
+        ax.plot(vsteps, vdice, "o-", color="C2", label="after registration")
+        ident = [float(r["dice_identity"]) for r in val if r.get("dice_identity")]
+        if ident:
+            ax.axhline(ident[0], color="C3", ls="--", label="no registration")
+        for s in stages[1:]:
+            first = min(int(r["step"]) for r in rows if r["stage"] == s)
+            ax.axvline(first - 0.5, color="0.5", ls=":", lw=1)
+        ax.legend(fontsize=8)
+    ax.set_title("validation: mean Dice over organs")
+    ax.set_xlabel("step")
+    ax.set_ylabel("Dice")
+    ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, out, dpi=120)
