@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ranreg.infer import print_report, register_files
+from ranreg.infer import add_precision_options, print_report, register_files
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 
@@ -25,7 +25,14 @@ def demo_files() -> dict[str, Path]:
     }
 
 
-def run_demo(out: str | Path, model: str | None = None, device: str = "cpu") -> dict[str, Any]:
+def run_demo(
+    out: str | Path,
+    model: str | None = None,
+    device: str = "cpu",
+    *,
+    precision: str = "fp32",
+    channels_last: bool | None = None,
+) -> dict[str, Any]:
     """Register the packaged pair into the new folder ``out``; returns the metrics."""
     f = demo_files()
     return register_files(
@@ -37,11 +44,19 @@ def run_demo(out: str | Path, model: str | None = None, device: str = "cpu") -> 
         fixed_labels=f["fixed_labels"],
         device=device,
         head_masks=True,
+        precision=precision,
+        channels_last=channels_last,
     )
 
 
 def _run(args: argparse.Namespace) -> int:
-    metrics = run_demo(args.out, args.model, args.device)
+    metrics = run_demo(
+        args.out,
+        args.model,
+        args.device,
+        precision=args.precision,
+        channels_last=args.channels_last,
+    )
     f = demo_files()
     print_report(metrics, Path(args.out), f["moving_image"].name, f["fixed_image"].name)
     print(f"open {Path(args.out) / 'overlay.png'} to see the result")
@@ -58,4 +73,5 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", default="ranreg-demo", help="output folder (default ranreg-demo)")
     p.add_argument("--model", default=None, help="model (default: the packaged default)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    add_precision_options(p)
     p.set_defaults(func=_run)

@@ -35,11 +35,14 @@ from ranreg.data.io import Volume, spacing_from_affine
 from ranreg.errors import RanregError
 from ranreg.infer import (
     IDENTITY,
+    PRECISIONS,
     IdentityModel,
     abandon_output_dir,
+    add_precision_options,
     atomic_output_dir,
     check_out_dir,
     finish_output_dir,
+    is_neural,
     model_label,
     organ_name,
     register_volumes,
@@ -97,18 +100,35 @@ def _load(subject: Subject) -> tuple[Volume, Volume]:
     )
 
 
-def _models(specs: Sequence[str] | None) -> list[tuple[str, torch.nn.Module]]:
-    nets = [resolve_model(s) for s in (list(specs) if specs else [None])]
-    if not any(isinstance(n, IdentityModel) for n in nets):
-        nets.append(resolve_model(IDENTITY))
-    named: list[tuple[str, torch.nn.Module]] = []
+def split_precision(spec: str | None, default: str) -> tuple[str | None, str]:
+    """``"MODEL@bf16"`` -> ``("MODEL", "bf16")``; without a suffix the ``default`` precision."""
+    if spec is not None:
+        for p in PRECISIONS:
+            if spec.endswith("@" + p):
+                return spec[: -len(p) - 1], p
+    return spec, default
+
+
+def _models(
+    specs: Sequence[str] | None, precision: str = "fp32"
+) -> list[tuple[str, torch.nn.Module, str]]:
+    """(label, model, precision) per spec, identity added; ``@bf16``/``@fp32`` suffixes set
+    one model's precision (and mark its label), so that both can share one table."""
+    parsed = [split_precision(s, precision) for s in (list(specs) if specs else [None])]
+    nets = [
+        (resolve_model(s), p, s is not None and s != spec)
+        for (s, p), spec in zip(parsed, list(specs) if specs else [None], strict=True)
+    ]
+    if not any(isinstance(n, IdentityModel) for n, _, _ in nets):
+        nets.append((resolve_model(IDENTITY), precision, False))
+    named: list[tuple[str, torch.nn.Module, str]] = []
     seen: dict[str, int] = {}
-    for net in nets:
-        name = model_label(net)
+    for net, prec, suffixed in nets:
+        name = model_label(net) + (f"@{prec}" if suffixed and is_neural(net) else "")
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:
             name = f"{name} #{seen[name]}"
-        named.append((name, net))
+        named.append((name, net, prec))
     return named
 
 
@@ -182,11 +202,11 @@ def wilcoxon_table(rows: list[dict[str, Any]], models: Sequence[str]) -> list[di
 
 def _summary(
     rows: list[dict[str, Any]],
-    models: list[tuple[str, torch.nn.Module]],
+    models: list[tuple[str, torch.nn.Module, str]],
     labels: Sequence[int],
     info: dict[str, Any],
 ) -> tuple[str, dict[str, Any]]:
-    names = [n for n, _ in models]
+    names = [n for n, _, _ in models]
     data: dict[str, Any] = {"info": info, "models": {}, "wilcoxon": wilcoxon_table(rows, names)}
     lines = [
         "# Evaluation",
@@ -198,11 +218,14 @@ def _summary(
         f"- device: {info['device']}; scores on each fixed image's original grid; "
         "mean ± sd (sample sd) over pairs; NaN (organ absent) left out",
         "",
-        "| model | source | network |",
-        "|---|---|---|",
+        "| model | source | network | precision |",
+        "|---|---|---|---|",
     ]
-    for name, net in models:
-        lines.append(f"| {name} | `{getattr(net, 'source', '')}` | {net.config.get('name')} |")
+    for name, net, prec in models:
+        lines.append(
+            f"| {name} | `{getattr(net, 'source', '')}` | {net.config.get('name')} | "
+            f"{prec if is_neural(net) else 'n/a'} |"
+        )
     for key, title in _SCORES:
         digits = 3 if key == "dice" else 2
         lines += ["", f"## {title} per organ", "", "| organ | " + " | ".join(names) + " |"]
@@ -293,18 +316,23 @@ def evaluate(
     labels: Sequence[int] | None = None,
     device: str = "cpu",
     progress: bool = True,
+    *,
+    precision: str = "fp32",
+    channels_last: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``models`` (default: the packaged default) and ``identity`` on every ordered
     pair of the subjects of ``data`` (``split`` default: ``test``, or none for a folder that
     directly holds ``images/``); write the outputs into the new folder ``out_dir`` (see the
-    module docstring). Returns the summary dict (as ``summary.json``)."""
+    module docstring). ``precision``/``channels_last`` choose how networks run
+    (:func:`ranreg.infer.run_network`); a ``MODEL@bf16`` spec overrides the precision for
+    one model. Returns the summary dict (as ``summary.json``)."""
     from ranreg import figures
 
     out = Path(out_dir)
     check_out_dir(out)
     root = Path(data)
     dev = resolve_device(device)
-    named = _models(models)
+    named = _models(models, precision)
     subjects = _subjects(root, split)
     organs = [int(v) for v in (labels if labels else PAPER_ORGANS)]
     pairs = ordered_pairs(subjects)
@@ -330,9 +358,18 @@ def evaluate(
     for mov_s, fix_s in pairs:
         mov, mov_lab = volumes(mov_s)
         fix, fix_lab = volumes(fix_s)
-        for name, net in named:
+        for name, net, prec in named:
             bar.set_postfix_str(f"{name}: {mov_s.name} -> {fix_s.name}")
-            result = register_volumes(net, mov, fix, mov_lab, fix_lab, dev)
+            result = register_volumes(
+                net,
+                mov,
+                fix,
+                mov_lab,
+                fix_lab,
+                dev,
+                precision=prec,
+                channels_last=channels_last,
+            )
             assert result.warped_label is not None
             scores = score_labels(result.warped_label, fix_lab.array, organs, fix.spacing)
             jac = result.jacobian_stats()
@@ -376,7 +413,7 @@ def evaluate(
         (tmp / "summary.md").write_text(text)
         write_json(tmp / "summary.json", summary)
         figures.boxplot_figure(
-            rows, organs, [n for n, _ in named], tmp / "boxplots", tmp / "boxplots.png"
+            rows, organs, [n for n, _, _ in named], tmp / "boxplots", tmp / "boxplots.png"
         )
         finish_output_dir(tmp, out)
     except BaseException:
@@ -394,6 +431,8 @@ def _run(args: Any) -> int:
         labels=args.labels,
         device=args.device,
         progress=not args.no_progress,
+        precision=args.precision,
+        channels_last=args.channels_last,
     )
     info = summary["info"]
     print(
@@ -426,7 +465,7 @@ def add_parser(sub: Any) -> None:
         action="extend",
         metavar="MODEL",
         help="model files/folders or names (default: the packaged default); identity is "
-        "always added as the reference",
+        "always added as the reference; a suffix @bf16 or @fp32 sets one model's precision",
     )
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument(
@@ -437,5 +476,6 @@ def add_parser(sub: Any) -> None:
         help="label values to score (default the paper's 9 organs)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    add_precision_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
