@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from abdomen_4mm import SHARED_LABELS, subject_4mm
+from abdomen_4mm import subject_4mm
+from common import SHARED_LABELS
 
 from ranreg.data.io import save_nifti
 
