@@ -14,7 +14,7 @@ from ranreg.cli import main
 from ranreg.data.io import load_label_volume, load_nifti
 from ranreg.demo import demo_files
 from ranreg.errors import RanregError
-from ranreg.evaluate import _models, split_precision
+from ranreg.evaluate import _models, split_label, split_precision
 from ranreg.infer import IdentityModel, is_neural, register_volumes, resolve_model, run_network
 
 
@@ -88,10 +88,15 @@ def test_precision_suffix_in_evaluate() -> None:
     assert split_precision("ran3-abdomen-cpu@bf16", "fp32") == ("ran3-abdomen-cpu", "bf16")
     assert split_precision("a@b/model.safetensors", "bf16") == ("a@b/model.safetensors", "bf16")
     assert split_precision(None, "fp32") == (None, "fp32")
-    named = _models(["ran3-abdomen-cpu", "ran3-abdomen-cpu@bf16", "identity@bf16"])
+    assert split_label("fast=ran3-abdomen-cpu@bf16") == ("fast", "ran3-abdomen-cpu@bf16")
+    assert split_label("runs/a=b/model") == (None, "runs/a=b/model")
+    named = _models(
+        ["ran3-abdomen-cpu", "ran3-abdomen-cpu@bf16", "fast=ran3-abdomen-cpu@bf16", "identity@bf16"]
+    )
     assert [(n, p) for n, _, p in named] == [
         ("ran3-abdomen-cpu", "fp32"),
         ("ran3-abdomen-cpu@bf16", "bf16"),
+        ("fast@bf16", "bf16"),
         ("identity", "bf16"),
     ]
 

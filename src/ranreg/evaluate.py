@@ -109,22 +109,36 @@ def split_precision(spec: str | None, default: str) -> tuple[str | None, str]:
     return spec, default
 
 
+def split_label(spec: str | None) -> tuple[str | None, str | None]:
+    """``"LABEL=MODEL"`` -> ``("LABEL", "MODEL")``: a name for the tables; else no label."""
+    if spec is None or "=" not in spec:
+        return None, spec
+    label, _, rest = spec.partition("=")
+    if not label or os.sep in label or not rest:
+        return None, spec
+    return label, rest
+
+
 def _models(
     specs: Sequence[str] | None, precision: str = "fp32"
 ) -> list[tuple[str, torch.nn.Module, str]]:
-    """(label, model, precision) per spec, identity added; ``@bf16``/``@fp32`` suffixes set
-    one model's precision (and mark its label), so that both can share one table."""
-    parsed = [split_precision(s, precision) for s in (list(specs) if specs else [None])]
-    nets = [
-        (resolve_model(s), p, s is not None and s != spec)
-        for (s, p), spec in zip(parsed, list(specs) if specs else [None], strict=True)
-    ]
-    if not any(isinstance(n, IdentityModel) for n, _, _ in nets):
-        nets.append((resolve_model(IDENTITY), precision, False))
+    """(label, model, precision) per spec, identity added. A spec is ``[LABEL=]MODEL[@P]``:
+    ``LABEL`` names the model in the tables; a ``@bf16``/``@fp32`` suffix sets one model's
+    precision (and marks its label), so that both precisions can share one table."""
+    nets = []
+    for spec in list(specs) if specs else [None]:
+        label, rest = split_label(spec)
+        model_spec, prec = split_precision(rest, precision)
+        net = resolve_model(model_spec)
+        name = label or model_label(net)
+        if model_spec != rest and is_neural(net):
+            name += f"@{prec}"
+        nets.append((name, net, prec))
+    if not any(isinstance(n, IdentityModel) for _, n, _ in nets):
+        nets.append((IDENTITY, resolve_model(IDENTITY), precision))
     named: list[tuple[str, torch.nn.Module, str]] = []
     seen: dict[str, int] = {}
-    for net, prec, suffixed in nets:
-        name = model_label(net) + (f"@{prec}" if suffixed and is_neural(net) else "")
+    for name, net, prec in nets:
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:
             name = f"{name} #{seen[name]}"
@@ -465,7 +479,8 @@ def add_parser(sub: Any) -> None:
         action="extend",
         metavar="MODEL",
         help="model files/folders or names (default: the packaged default); identity is "
-        "always added as the reference; a suffix @bf16 or @fp32 sets one model's precision",
+        "always added as the reference; LABEL=MODEL names a model in the tables, a suffix "
+        "@bf16 or @fp32 sets one model's precision",
     )
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument(

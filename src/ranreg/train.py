@@ -407,6 +407,12 @@ def train(
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model.name, ndim=cfg.model.ndim, heads=cfg.model.heads).to(device)
+    # channels-last: oneDNN's fast layout on the CPU (1.5-1.8x faster training steps of RAN3
+    # and RAN4+ at 48x32x64 on 2 cores); safetensors files stay contiguous (save_model)
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cpu"
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}
+    if channels_last:
+        model.to(memory_format=layout[cfg.model.ndim + 2])
     total_steps = sum(s.steps for s in cfg.stages)
     step = 0
     state: dict[str, Any] = {}
@@ -468,6 +474,11 @@ def train(
         net.train()
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if channels_last:
+                batch = {
+                    k: v.to(memory_format=layout[v.dim()]) if v.dim() in layout else v
+                    for k, v in batch.items()
+                }
             with torch.autocast(
                 device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"
             ):
