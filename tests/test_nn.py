@@ -254,3 +254,15 @@ def test_instance_norm_block_matches_torch_instance_norm(ndim: int) -> None:
     flat = out.flatten(2)
     torch.testing.assert_close(flat.mean(-1), torch.zeros(2, 5), atol=1e-5, rtol=0)
     torch.testing.assert_close(flat.var(-1, unbiased=False), torch.ones(2, 5), atol=1e-3, rtol=0)
+
+
+def test_instance_norm_keeps_bf16_under_autocast() -> None:
+    from ranreg.nn.blocks import instance_norm
+
+    g = torch.Generator().manual_seed(1)
+    x = 1.0 + 3.0 * torch.randn(2, 4, 6, 5, 7, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = instance_norm(3, 4)(x.bfloat16())
+    assert y.dtype == torch.bfloat16  # no round trip through float32
+    ref = torch.nn.functional.instance_norm(x, eps=1e-5)
+    assert (y.float() - ref).abs().max() < 0.05  # bf16 keeps ~3 significant digits

@@ -245,3 +245,32 @@ def test_shipped_configs_are_valid(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.stages and all(s.steps > 0 and s.lr > 0 for s in cfg.stages)
     assert cfg.model.ndim == 3
+
+
+def test_init_fine_tunes_from_trained_weights(tmp_path: Path) -> None:
+    """`init:` starts from a trained model's weights (fine-tuning); a wrong architecture is
+    one clear error; a packaged name stays a name and a path is relative to the config."""
+    first = train(parse_config(shapes_config(steps=(2, 2))), tmp_path / "a", progress=False)
+    assert first["finished"]
+    src = load_model(tmp_path / "a" / "model")
+    raw = shapes_config(steps=(1, 1), init=str(tmp_path / "a" / "model"))
+    raw["stages"] = [dict(s, lr=1e-7) for s in raw["stages"]]  # barely moves the weights
+    train(parse_config(raw), tmp_path / "b", progress=False)
+    tuned = load_model(tmp_path / "b" / "model")
+    torch.manual_seed(0)
+    from ranreg import build_model
+
+    fresh = build_model("RAN0", ndim=2, heads=4).state_dict()
+    for k, v in src.state_dict().items():
+        assert torch.allclose(tuned.state_dict()[k], v, atol=1e-5), k  # started from src
+    assert any(not torch.allclose(fresh[k], v, atol=1e-3) for k, v in src.state_dict().items())
+    assert tuned.config["init"] == str(tmp_path / "a" / "model")
+    # architecture mismatch: one error line, exit code 2
+    bad = shapes_config(steps=(1, 1), name="RAN3", init=str(tmp_path / "a" / "model"))
+    cfg_path = tmp_path / "bad.yaml"
+    cfg_path.write_text(yaml.safe_dump(bad))
+    assert main(["train", "--config", str(cfg_path), "--out", str(tmp_path / "c")]) == 2
+    # how specs are read
+    assert parse_config(shapes_config(init="ran3-abdomen-cpu")).init == "ran3-abdomen-cpu"
+    rel = parse_config(shapes_config(init="runs/x/model"), "cfg", tmp_path)
+    assert rel.init == str((tmp_path / "runs" / "x" / "model").resolve())

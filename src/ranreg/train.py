@@ -187,6 +187,19 @@ class StepSamples(Dataset):
 
 
 # ----------------------------------------------------------------------------- losses
+def init_weights(model: torch.nn.Module, spec: str) -> None:
+    """Copy the weights of a trained model (file, folder or packaged name) into ``model``:
+    fine-tuning. The architecture must match (name, ndim, heads)."""
+    from ranreg.infer import resolve_model
+
+    source = resolve_model(spec)
+    want = {k: model.config.get(k) for k in ("name", "ndim", "heads")}
+    got = {k: source.config.get(k) for k in want}
+    if got != want:
+        raise RanregError(f"init {spec}: a {got} model, the config builds {want}")
+    model.load_state_dict(source.state_dict(), strict=True)
+
+
 def stage_loss(
     stage: StageConfig,
     model: torch.nn.Module,
@@ -419,6 +432,8 @@ def train(
     if resume and ckpt.exists():
         state = load_checkpoint(ckpt, model)
         step = int(state["global_step"])
+    elif cfg.init is not None:
+        init_weights(model, cfg.init)
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -431,6 +446,7 @@ def train(
         "window": None if cfg.data.shapes is not None else cfg.data.window,
         "organs": list(organs),
         **({"spacing": list(spacings.pop())} if len(spacings) == 1 else {}),
+        **({"init": cfg.init} if cfg.init is not None else {}),
     }
     if main:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

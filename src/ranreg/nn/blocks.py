@@ -15,16 +15,29 @@ def conv(ndim: int, cin: int, cout: int, kernel: int = 3, dilation: int = 1) -> 
     return cls(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation)
 
 
-def instance_norm(ndim: int, channels: int) -> nn.Module:
-    """Instance normalisation without learnt affine parameters.
+class InstanceNorm(nn.GroupNorm):
+    """Instance normalisation without learnt affine parameters, for any d.
 
-    Built as ``GroupNorm`` with one group per channel: the same statistics (per sample and
-    channel, biased variance, eps 1e-5) and no parameters or buffers, so checkpoints are
-    unchanged; unlike ``InstanceNorm*d`` it keeps the channels-last layout on the CPU
-    instead of copying every activation (20 % of RAN3's bf16 inference time).
+    A ``GroupNorm`` with one group per channel: the same statistics as ``InstanceNorm*d``
+    (per sample and channel, biased variance, eps 1e-5) and no parameters or buffers, so
+    checkpoints are unchanged; unlike ``InstanceNorm*d`` it keeps the channels-last layout
+    on the CPU instead of copying every activation. It also runs in its input's dtype
+    under autocast (the kernels accumulate in float32), so a bf16 network does not
+    convert every activation to float32 and back around each norm.
     """
-    del ndim  # GroupNorm handles any number of spatial dimensions
-    return nn.GroupNorm(channels, channels, affine=False)
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return nn.functional.group_norm(x, self.num_groups, None, None, self.eps)
+
+
+def instance_norm(ndim: int, channels: int) -> nn.Module:
+    """Instance normalisation without learnt affine parameters (:class:`InstanceNorm`)."""
+    del ndim  # one module for any number of spatial dimensions
+    return InstanceNorm(channels)
 
 
 def act() -> nn.Module:
