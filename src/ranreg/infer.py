@@ -60,6 +60,7 @@ from ranreg.data.io import Volume, check_out_dir, load_label_volume, load_nifti,
 from ranreg.data.preprocess import DEFAULT_WINDOW
 from ranreg.errors import RanregError
 from ranreg.metrics import ORGAN_NAMES, PAPER_ORGANS, evaluate_pair
+from ranreg.nn.blocks import channels_last_format
 from ranreg.peers import PEER_NAMES, build_peer
 from ranreg.spatial import folding_fraction, identity_grid, jacobian_determinant, resize_ddf
 from ranreg.spatial import std_log_jacobian as _std_log_jacobian
@@ -541,7 +542,7 @@ def run_network(
     if channels_last is None:
         channels_last = default_channels_last(fixed.device, precision)
     if neural and channels_last:
-        fmt = torch.channels_last_3d if fixed.dim() == 5 else torch.channels_last
+        fmt = channels_last_format(fixed.dim())
         model.to(memory_format=fmt)
         moving, fixed = moving.to(memory_format=fmt), fixed.to(memory_format=fmt)
     autocast = torch.autocast(

@@ -40,6 +40,12 @@ def instance_norm(ndim: int, channels: int) -> nn.Module:
     return InstanceNorm(channels)
 
 
+def channels_last_format(dim: int) -> torch.memory_format | None:
+    """The channels-last memory format of a ``dim``-dimensional tensor (4: 2D images,
+    5: 3D volumes), or ``None`` where there is none (other tensors keep their layout)."""
+    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(dim)
+
+
 def act() -> nn.Module:
     return nn.LeakyReLU(NEGATIVE_SLOPE)
 
