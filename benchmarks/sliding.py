@@ -146,7 +146,7 @@ def main() -> int:
     pairs = sliding_pairs(args.motions, args.subjects)
     rows = []
     for pair in pairs:
-        for label, net, prec in named:
+        for label, net, prec, refine in named:
             res = register_volumes(
                 net,
                 pair["moving"],
@@ -154,6 +154,7 @@ def main() -> int:
                 pair["moving_labels"],
                 pair["fixed_labels"],
                 precision=prec,
+                refine=refine,
             )
             row = {
                 "model": label,

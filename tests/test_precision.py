@@ -93,7 +93,7 @@ def test_precision_suffix_in_evaluate() -> None:
     named = _models(
         ["ran3-abdomen-cpu", "ran3-abdomen-cpu@bf16", "fast=ran3-abdomen-cpu@bf16", "identity@bf16"]
     )
-    assert [(n, p) for n, _, p in named] == [
+    assert [(n, p) for n, _, p, _ in named] == [
         ("ran3-abdomen-cpu", "fp32"),
         ("ran3-abdomen-cpu@bf16", "bf16"),
         ("fast@bf16", "bf16"),

@@ -274,3 +274,28 @@ def test_init_fine_tunes_from_trained_weights(tmp_path: Path) -> None:
     assert parse_config(shapes_config(init="ran3-abdomen-cpu")).init == "ran3-abdomen-cpu"
     rel = parse_config(shapes_config(init="runs/x/model"), "cfg", tmp_path)
     assert rel.init == str((tmp_path / "runs" / "x" / "model").resolve())
+
+
+def test_model_best_is_the_best_validated_model_across_chunks(tmp_path: Path) -> None:
+    cfg = parse_config(shapes_config(steps=(1, 2), val_every=1))
+    train(cfg, tmp_path / "a", progress=False)
+    assert not train(cfg, tmp_path / "b", max_steps=2, progress=False)["finished"]
+    assert train(cfg, tmp_path / "b", resume=True, progress=False)["finished"]
+    for run in ("a", "b"):
+        rows = np.genfromtxt(
+            tmp_path / run / "val_log.csv", delimiter=",", names=True, dtype=None, encoding=None
+        )
+        assert list(rows["step"]) == list(range(4))  # the start and every step
+        best = load_model(tmp_path / run / "model-best")
+        i = int(np.argmax(rows["dice"]))  # the first of equal values is kept
+        assert best.config["trained_steps"] == rows["step"][i]
+        assert best.config["val_dice"] == pytest.approx(rows["dice"][i], abs=1e-9)
+        # the stored weights are the ones that scored it
+        subjects = load_subjects(cfg, tmp_path / run)[1]
+        pairs = validation_pairs(subjects, cfg.val_pairs)
+        again = validate(best, subjects, pairs, cfg.data.organs, torch.device("cpu"))
+        assert again == pytest.approx(rows["dice"][i], abs=1e-6)
+    wa = load_file(str(tmp_path / "a" / "model-best" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "model-best" / "model.safetensors"))
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)

@@ -11,7 +11,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ranreg.infer import add_precision_options, print_report, register_files
+from ranreg.infer import add_precision_options, add_refine_options, print_report, register_files
+from ranreg.refine import DEFAULT_WEIGHT
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 
@@ -32,6 +33,8 @@ def run_demo(
     *,
     precision: str = "fp32",
     channels_last: bool | None = None,
+    refine: int = 0,
+    refine_weight: float = DEFAULT_WEIGHT,
 ) -> dict[str, Any]:
     """Register the packaged pair into the new folder ``out``; returns the metrics."""
     f = demo_files()
@@ -46,6 +49,8 @@ def run_demo(
         head_masks=True,
         precision=precision,
         channels_last=channels_last,
+        refine=refine,
+        refine_weight=refine_weight,
     )
 
 
@@ -56,6 +61,8 @@ def _run(args: argparse.Namespace) -> int:
         args.device,
         precision=args.precision,
         channels_last=args.channels_last,
+        refine=args.refine,
+        refine_weight=args.refine_weight,
     )
     f = demo_files()
     print_report(metrics, Path(args.out), f["moving_image"].name, f["fixed_image"].name)
@@ -74,4 +81,5 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--model", default=None, help="model (default: the packaged default)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     add_precision_options(p)
+    add_refine_options(p)
     p.set_defaults(func=_run)

@@ -23,7 +23,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -52,6 +52,7 @@ from ranreg.infer import (
     write_json,
 )
 from ranreg.metrics import PAPER_ORGANS
+from ranreg.refine import DEFAULT_STEPS
 
 __all__ = ["FIELDS", "evaluate", "wilcoxon_table", "add_parser"]
 
@@ -119,30 +120,52 @@ def split_label(spec: str | None) -> tuple[str | None, str | None]:
     return label, rest
 
 
-def _models(
-    specs: Sequence[str] | None, precision: str = "fp32"
-) -> list[tuple[str, torch.nn.Module, str]]:
-    """(label, model, precision) per spec, identity added. A spec is ``[LABEL=]MODEL[@P]``:
-    ``LABEL`` names the model in the tables; a ``@bf16``/``@fp32`` suffix sets one model's
-    precision (and marks its label), so that both precisions can share one table."""
-    nets = []
+def split_refine(spec: str | None) -> tuple[str | None, int]:
+    """``"MODEL+refine"`` -> ``("MODEL", DEFAULT_STEPS)``, ``"MODEL+refine50"`` ->
+    ``("MODEL", 50)``: instance optimisation after the model; without a suffix 0 steps."""
+    if spec is not None and "+refine" in spec:
+        head, _, count = spec.rpartition("+refine")
+        if head and (count == "" or count.isdigit()):
+            return head, int(count) if count else DEFAULT_STEPS
+        raise RanregError(f"model {spec!r}: the suffix must be +refine or +refineN (N steps)")
+    return spec, 0
+
+
+class ModelRun(NamedTuple):
+    """One row of the comparison: a model and how it runs."""
+
+    name: str
+    net: torch.nn.Module
+    precision: str
+    refine: int = 0
+
+
+def _models(specs: Sequence[str] | None, precision: str = "fp32") -> list[ModelRun]:
+    """One :class:`ModelRun` per spec, identity added. A spec is
+    ``[LABEL=]MODEL[@P][+refine[N]]``: ``LABEL`` names the model in the tables; a
+    ``@bf16``/``@fp32`` suffix sets one model's precision (and marks its label), so that
+    both precisions can share one table; ``+refine`` adds instance optimisation."""
+    runs = []
     for spec in list(specs) if specs else [None]:
         label, rest = split_label(spec)
+        rest, refine = split_refine(rest)
         model_spec, prec = split_precision(rest, precision)
         net = resolve_model(model_spec)
         name = label or model_label(net)
         if model_spec != rest and is_neural(net):
             name += f"@{prec}"
-        nets.append((name, net, prec))
-    if not any(isinstance(n, IdentityModel) for _, n, _ in nets):
-        nets.append((IDENTITY, resolve_model(IDENTITY), precision))
-    named: list[tuple[str, torch.nn.Module, str]] = []
+        if refine:
+            name += f"+refine{refine}"
+        runs.append(ModelRun(name, net, prec, refine))
+    if not any(isinstance(r.net, IdentityModel) and not r.refine for r in runs):
+        runs.append(ModelRun(IDENTITY, resolve_model(IDENTITY), precision))
+    named: list[ModelRun] = []
     seen: dict[str, int] = {}
-    for name, net, prec in nets:
-        seen[name] = seen.get(name, 0) + 1
-        if seen[name] > 1:
-            name = f"{name} #{seen[name]}"
-        named.append((name, net, prec))
+    for run in runs:
+        seen[run.name] = seen.get(run.name, 0) + 1
+        if seen[run.name] > 1:
+            run = run._replace(name=f"{run.name} #{seen[run.name]}")
+        named.append(run)
     return named
 
 
@@ -216,7 +239,7 @@ def wilcoxon_table(rows: list[dict[str, Any]], models: Sequence[str]) -> list[di
 
 def _summary(
     rows: list[dict[str, Any]],
-    models: list[tuple[str, torch.nn.Module, str]],
+    models: list[ModelRun],
     labels: Sequence[int],
     info: dict[str, Any],
 ) -> tuple[str, dict[str, Any]]:
@@ -232,13 +255,13 @@ def _summary(
         f"- device: {info['device']}; scores on each fixed image's original grid; "
         "mean ± sd (sample sd) over pairs; NaN (organ absent) left out",
         "",
-        "| model | source | network | precision |",
-        "|---|---|---|---|",
+        "| model | source | network | precision | refinement steps |",
+        "|---|---|---|---|---:|",
     ]
-    for name, net, prec in models:
+    for name, net, prec, refine in models:
         lines.append(
             f"| {name} | `{getattr(net, 'source', '')}` | {net.config.get('name')} | "
-            f"{prec if is_neural(net) else 'n/a'} |"
+            f"{prec if is_neural(net) else 'n/a'} | {refine} |"
         )
     for key, title in _SCORES:
         digits = 3 if key == "dice" else 2
@@ -372,7 +395,7 @@ def evaluate(
     for mov_s, fix_s in pairs:
         mov, mov_lab = volumes(mov_s)
         fix, fix_lab = volumes(fix_s)
-        for name, net, prec in named:
+        for name, net, prec, refine in named:
             bar.set_postfix_str(f"{name}: {mov_s.name} -> {fix_s.name}")
             result = register_volumes(
                 net,
@@ -383,6 +406,7 @@ def evaluate(
                 dev,
                 precision=prec,
                 channels_last=channels_last,
+                refine=refine,
             )
             assert result.warped_label is not None
             scores = score_labels(result.warped_label, fix_lab.array, organs, fix.spacing)
@@ -480,7 +504,8 @@ def add_parser(sub: Any) -> None:
         metavar="MODEL",
         help="model files/folders or names (default: the packaged default); identity is "
         "always added as the reference; LABEL=MODEL names a model in the tables, a suffix "
-        "@bf16 or @fp32 sets one model's precision",
+        "@bf16 or @fp32 sets one model's precision, +refine or +refineN adds N (default "
+        f"{DEFAULT_STEPS}) instance-optimisation steps after the model",
     )
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument(

@@ -52,6 +52,8 @@ from ranreg.synth import random_ddf
 
 CHECKPOINT_DIR = "checkpoint"
 MODEL_DIR = "model"
+#: the model with the highest validation Dice so far (the start counts), for model selection
+BEST_DIR = "model-best"
 TRAIN_LOG = "train_log.csv"
 VAL_LOG = "val_log.csv"
 
@@ -434,6 +436,7 @@ def train(
         step = int(state["global_step"])
     elif cfg.init is not None:
         init_weights(model, cfg.init)
+    best_val = float(state.get("best_val", -math.inf))
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -456,6 +459,8 @@ def train(
         before = validate(model, val_subjects, vpairs, organs, device, identity=True)
         after = validate(model, val_subjects, vpairs, organs, device)
         logs.write("val", {"step": 0, "dice": after, "dice_identity": before})
+        best_val = after
+        _save_best(model, out, 0, after, provenance)
 
     started = time.monotonic()
     steps_this_run = 0
@@ -527,10 +532,15 @@ def train(
                 "global_step": step,
                 "stage_index": stage_index,
                 "optimizer": optimizer.state_dict(),
+                "best_val": best_val,
             }
             if main and vpairs and (step % cfg.val_every == 0 or step == total_steps):
                 val_dice = validate(model, val_subjects, vpairs, organs, device)
                 logs.write("val", {"step": step, "dice": val_dice})
+                if val_dice > best_val:
+                    best_val = val_dice
+                    _save_best(model, out, step, val_dice, provenance)
+                train_state["best_val"] = best_val
                 bar.set_postfix(
                     stage=stage.name, loss=f"{last_loss:.4f}", val_dice=f"{val_dice:.3f}"
                 )
@@ -571,6 +581,14 @@ def train(
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     logs.close()
     return summary
+
+
+def _save_best(
+    model: torch.nn.Module, out: Path, step: int, val_dice: float, provenance: dict[str, Any]
+) -> None:
+    """Keep the model of the best validation Dice so far in ``out/model-best``."""
+    extra = {"trained_steps": step, "val_dice": val_dice, **provenance}
+    save_model(model, out / BEST_DIR, extra=extra)
 
 
 def _barrier() -> None:
