@@ -170,7 +170,7 @@ def main() -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    models = [n for n, _, _ in named]
+    models = [r.name for r in named]
     keys = ["epe_mm", "epe_boundary_mm", "epe_interior_mm", "dice", "folding_percent"]
     lines = [
         "# Sliding motion on real anatomy",

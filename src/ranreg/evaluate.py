@@ -243,7 +243,7 @@ def _summary(
     labels: Sequence[int],
     info: dict[str, Any],
 ) -> tuple[str, dict[str, Any]]:
-    names = [n for n, _, _ in models]
+    names = [r.name for r in models]
     data: dict[str, Any] = {"info": info, "models": {}, "wilcoxon": wilcoxon_table(rows, names)}
     lines = [
         "# Evaluation",
@@ -451,7 +451,7 @@ def evaluate(
         (tmp / "summary.md").write_text(text)
         write_json(tmp / "summary.json", summary)
         figures.boxplot_figure(
-            rows, organs, [n for n, _, _ in named], tmp / "boxplots", tmp / "boxplots.png"
+            rows, organs, [r.name for r in named], tmp / "boxplots", tmp / "boxplots.png"
         )
         finish_output_dir(tmp, out)
     except BaseException:

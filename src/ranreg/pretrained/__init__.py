@@ -13,10 +13,11 @@ from pathlib import Path
 #: name -> file in this folder
 PRETRAINED: dict[str, str] = {
     "ran3-abdomen-cpu": "ran3-abdomen-cpu.safetensors",
+    "ran3-abdomen-weak": "ran3-abdomen-weak.safetensors",
 }
 
 #: the model used when none is named
-DEFAULT_MODEL = "ran3-abdomen-cpu"
+DEFAULT_MODEL = "ran3-abdomen-weak"
 
 
 def path_of(name: str) -> Path:
