@@ -857,7 +857,8 @@ def register_files(
             spacing=fix.spacing,
             affine=fix.affine,
             labels=labels,
-            title=f"{Path(str(mov.path)).name} -> {Path(str(fix.path)).name} ({model_label(net)})",
+            title=f"{Path(str(mov.path)).name} -> {Path(str(fix.path)).name} ({model_label(net)}"
+            + (f" + {refine} refinement steps)" if refine else ")"),
         )
         if head_masks:
             if result.levels is not None and any(
