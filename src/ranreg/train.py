@@ -528,19 +528,12 @@ def train(
                     "seconds": round(time.monotonic() - started, 3),
                 },
             )
-            train_state = {
-                "global_step": step,
-                "stage_index": stage_index,
-                "optimizer": optimizer.state_dict(),
-                "best_val": best_val,
-            }
             if main and vpairs and (step % cfg.val_every == 0 or step == total_steps):
                 val_dice = validate(model, val_subjects, vpairs, organs, device)
                 logs.write("val", {"step": step, "dice": val_dice})
                 if val_dice > best_val:
                     best_val = val_dice
                     _save_best(model, out, step, val_dice, provenance)
-                train_state["best_val"] = best_val
                 bar.set_postfix(
                     stage=stage.name, loss=f"{last_loss:.4f}", val_dice=f"{val_dice:.3f}"
                 )
@@ -549,6 +542,12 @@ def train(
             )
             if step % cfg.checkpoint_every == 0 or step == stage_end or out_of_budget:
                 if main:
+                    train_state = {
+                        "global_step": step,
+                        "stage_index": stage_index,
+                        "optimizer": optimizer.state_dict(),
+                        "best_val": best_val,
+                    }
                     save_checkpoint(
                         ckpt, model, train_state, extra={"trained_steps": step, **provenance}
                     )
