@@ -11,8 +11,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ranreg.infer import add_precision_options, add_refine_options, print_report, register_files
-from ranreg.refine import DEFAULT_WEIGHT
+from ranreg.infer import (
+    add_registration_options,
+    options_from_args,
+    print_report,
+    register_files,
+)
+from ranreg.options import RegistrationOptions
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 
@@ -31,12 +36,11 @@ def run_demo(
     model: str | None = None,
     device: str = "cpu",
     *,
-    precision: str = "fp32",
-    channels_last: bool | None = None,
-    refine: int = 0,
-    refine_weight: float = DEFAULT_WEIGHT,
+    options: RegistrationOptions | None = None,
+    **changes: Any,
 ) -> dict[str, Any]:
-    """Register the packaged pair into the new folder ``out``; returns the metrics."""
+    """Register the packaged pair into the new folder ``out`` with the default pipeline
+    (or ``options``, updated by ``changes``); returns the metrics."""
     f = demo_files()
     return register_files(
         f["fixed_image"],
@@ -47,10 +51,8 @@ def run_demo(
         fixed_labels=f["fixed_labels"],
         device=device,
         head_masks=True,
-        precision=precision,
-        channels_last=channels_last,
-        refine=refine,
-        refine_weight=refine_weight,
+        options=options,
+        **changes,
     )
 
 
@@ -59,10 +61,7 @@ def _run(args: argparse.Namespace) -> int:
         args.out,
         args.model,
         args.device,
-        precision=args.precision,
-        channels_last=args.channels_last,
-        refine=args.refine,
-        refine_weight=args.refine_weight,
+        options=options_from_args(args),
     )
     f = demo_files()
     print_report(metrics, Path(args.out), f["moving_image"].name, f["fixed_image"].name)
@@ -80,6 +79,5 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", default="ranreg-demo", help="output folder (default ranreg-demo)")
     p.add_argument("--model", default=None, help="model (default: the packaged default)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    add_precision_options(p)
-    add_refine_options(p)
+    add_registration_options(p)
     p.set_defaults(func=_run)

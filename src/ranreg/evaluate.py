@@ -38,12 +38,13 @@ from ranreg.infer import (
     PRECISIONS,
     IdentityModel,
     abandon_output_dir,
-    add_precision_options,
+    add_registration_options,
     atomic_output_dir,
     check_out_dir,
     finish_output_dir,
     is_neural,
     model_label,
+    options_from_args,
     organ_name,
     register_volumes,
     resolve_device,
@@ -52,6 +53,7 @@ from ranreg.infer import (
     write_json,
 )
 from ranreg.metrics import PAPER_ORGANS
+from ranreg.options import RegistrationOptions
 from ranreg.refine import DEFAULT_STEPS
 
 __all__ = ["FIELDS", "evaluate", "wilcoxon_table", "add_parser"]
@@ -120,15 +122,36 @@ def split_label(spec: str | None) -> tuple[str | None, str | None]:
     return label, rest
 
 
-def split_refine(spec: str | None) -> tuple[str | None, int]:
-    """``"MODEL+refine"`` -> ``("MODEL", DEFAULT_STEPS)``, ``"MODEL+refine50"`` ->
-    ``("MODEL", 50)``: instance optimisation after the model; without a suffix 0 steps."""
-    if spec is not None and "+refine" in spec:
-        head, _, count = spec.rpartition("+refine")
-        if head and (count == "" or count.isdigit()):
-            return head, int(count) if count else DEFAULT_STEPS
-        raise RanregError(f"model {spec!r}: the suffix must be +refine or +refineN (N steps)")
-    return spec, 0
+#: ``+SUFFIX`` of a model spec -> the pipeline settings it changes
+SUFFIXES: dict[str, dict[str, Any]] = {
+    "fast": {"fast": True},
+    "noaffine": {"affine": "none"},
+    "rigid": {"affine": "rigid"},
+    "affine": {"affine": "affine"},
+    "diffeo": {"diffeomorphic": True},
+}
+
+
+def split_pipeline(spec: str | None) -> tuple[str | None, dict[str, Any]]:
+    """``"MODEL+fast"`` -> ``("MODEL", {"fast": True})``; ``+refineN`` sets N optimisation
+    steps per level (``+refine``: the default number), ``+rigid``/``+noaffine``/``+affine``
+    the affine stage, ``+diffeo`` the diffeomorphic mode (see :data:`SUFFIXES`)."""
+    if spec is None or "+" not in spec:
+        return spec, {}
+    head, *tokens = spec.split("+")
+    changes: dict[str, Any] = {}
+    for tok in tokens:
+        count = tok.removeprefix("refine")
+        if tok in SUFFIXES:
+            changes.update(SUFFIXES[tok])
+        elif tok.startswith("refine") and (count == "" or count.isdigit()):
+            changes["refine"] = int(count) if count else DEFAULT_STEPS
+        else:
+            known = ", ".join(f"+{k}" for k in [*SUFFIXES, "refine[N]"])
+            raise RanregError(f"model {spec!r}: unknown suffix +{tok} (known: {known})")
+    if not head:
+        raise RanregError(f"model {spec!r}: a suffix needs a model before it")
+    return head, changes
 
 
 class ModelRun(NamedTuple):
@@ -136,29 +159,31 @@ class ModelRun(NamedTuple):
 
     name: str
     net: torch.nn.Module
-    precision: str
-    refine: int = 0
+    options: RegistrationOptions
 
 
-def _models(specs: Sequence[str] | None, precision: str = "fp32") -> list[ModelRun]:
+def _models(specs: Sequence[str] | None, base: RegistrationOptions | None = None) -> list[ModelRun]:
     """One :class:`ModelRun` per spec, identity added. A spec is
-    ``[LABEL=]MODEL[@P][+refine[N]]``: ``LABEL`` names the model in the tables; a
+    ``[LABEL=]MODEL[@P][+SUFFIX...]``: ``LABEL`` names the model in the tables; a
     ``@bf16``/``@fp32`` suffix sets one model's precision (and marks its label), so that
-    both precisions can share one table; ``+refine`` adds instance optimisation."""
+    both precisions can share one table; ``+fast``, ``+refineN``, ... change the pipeline
+    (:func:`split_pipeline`). Without a spec: the packaged default with the default
+    pipeline (affine + network + instance optimisation)."""
+    base = base or RegistrationOptions()
     runs = []
     for spec in list(specs) if specs else [None]:
         label, rest = split_label(spec)
-        rest, refine = split_refine(rest)
-        model_spec, prec = split_precision(rest, precision)
+        rest, changes = split_pipeline(rest)
+        model_spec, prec = split_precision(rest, base.precision)
         net = resolve_model(model_spec)
         name = label or model_label(net)
         if model_spec != rest and is_neural(net):
             name += f"@{prec}"
-        if refine:
-            name += f"+refine{refine}"
-        runs.append(ModelRun(name, net, prec, refine))
-    if not any(isinstance(r.net, IdentityModel) and not r.refine for r in runs):
-        runs.append(ModelRun(IDENTITY, resolve_model(IDENTITY), precision))
+        if changes:
+            name += spec[spec.index("+") :] if spec and "+" in spec else ""
+        runs.append(ModelRun(name, net, base.with_(precision=prec, **changes)))
+    if not any(isinstance(r.net, IdentityModel) and r.options == base for r in runs):
+        runs.append(ModelRun(IDENTITY, resolve_model(IDENTITY), base))
     named: list[ModelRun] = []
     seen: dict[str, int] = {}
     for run in runs:
@@ -255,13 +280,14 @@ def _summary(
         f"- device: {info['device']}; scores on each fixed image's original grid; "
         "mean ± sd (sample sd) over pairs; NaN (organ absent) left out",
         "",
-        "| model | source | network | precision | refinement steps |",
-        "|---|---|---|---|---:|",
+        "| model | source | network | precision | pipeline |",
+        "|---|---|---|---|---|",
     ]
-    for name, net, prec, refine in models:
+    for name, net, opts in models:
+        neural = is_neural(net)
         lines.append(
             f"| {name} | `{getattr(net, 'source', '')}` | {net.config.get('name')} | "
-            f"{prec if is_neural(net) else 'n/a'} | {refine} |"
+            f"{opts.precision if neural else 'n/a'} | {opts.describe(neural)} |"
         )
     for key, title in _SCORES:
         digits = 3 if key == "dice" else 2
@@ -354,22 +380,21 @@ def evaluate(
     device: str = "cpu",
     progress: bool = True,
     *,
-    precision: str = "fp32",
-    channels_last: bool | None = None,
+    options: RegistrationOptions | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``models`` (default: the packaged default) and ``identity`` on every ordered
     pair of the subjects of ``data`` (``split`` default: ``test``, or none for a folder that
     directly holds ``images/``); write the outputs into the new folder ``out_dir`` (see the
-    module docstring). ``precision``/``channels_last`` choose how networks run
-    (:func:`ranreg.infer.run_network`); a ``MODEL@bf16`` spec overrides the precision for
-    one model. Returns the summary dict (as ``summary.json``)."""
+    module docstring). ``options`` is the pipeline every model runs with (a ``MODEL@bf16`` or
+    ``MODEL+fast`` spec changes it for one model). Returns the summary dict (as
+    ``summary.json``)."""
     from ranreg import figures
 
     out = Path(out_dir)
     check_out_dir(out)
     root = Path(data)
     dev = resolve_device(device)
-    named = _models(models, precision)
+    named = _models(models, options)
     subjects = _subjects(root, split)
     organs = [int(v) for v in (labels if labels else PAPER_ORGANS)]
     pairs = ordered_pairs(subjects)
@@ -395,19 +420,9 @@ def evaluate(
     for mov_s, fix_s in pairs:
         mov, mov_lab = volumes(mov_s)
         fix, fix_lab = volumes(fix_s)
-        for name, net, prec, refine in named:
+        for name, net, opts in named:
             bar.set_postfix_str(f"{name}: {mov_s.name} -> {fix_s.name}")
-            result = register_volumes(
-                net,
-                mov,
-                fix,
-                mov_lab,
-                fix_lab,
-                dev,
-                precision=prec,
-                channels_last=channels_last,
-                refine=refine,
-            )
+            result = register_volumes(net, mov, fix, mov_lab, fix_lab, dev, options=opts)
             assert result.warped_label is not None
             scores = score_labels(result.warped_label, fix_lab.array, organs, fix.spacing)
             jac = result.jacobian_stats()
@@ -469,8 +484,7 @@ def _run(args: Any) -> int:
         labels=args.labels,
         device=args.device,
         progress=not args.no_progress,
-        precision=args.precision,
-        channels_last=args.channels_last,
+        options=options_from_args(args),
     )
     info = summary["info"]
     print(
@@ -504,8 +518,9 @@ def add_parser(sub: Any) -> None:
         metavar="MODEL",
         help="model files/folders or names (default: the packaged default); identity is "
         "always added as the reference; LABEL=MODEL names a model in the tables, a suffix "
-        "@bf16 or @fp32 sets one model's precision, +refine or +refineN adds N (default "
-        f"{DEFAULT_STEPS}) instance-optimisation steps after the model",
+        "@bf16 or @fp32 sets one model's precision; +fast (no instance optimisation), "
+        f"+refineN (N optimisation steps per level, +refine: {DEFAULT_STEPS}), +rigid, "
+        "+noaffine, +affine and +diffeo change one model's pipeline",
     )
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument(
@@ -516,6 +531,6 @@ def add_parser(sub: Any) -> None:
         help="label values to score (default the paper's 9 organs)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    add_precision_options(p)
+    add_registration_options(p, progress_flag=False)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)

@@ -1,0 +1,339 @@
+"""Affine pre-alignment in world space: the first step of ``ranreg register``.
+
+The transform maps a fixed world point ``p`` (RAS+ mm) to the moving world point
+``q = M (p - c) + c + t``, with ``c`` the fixed image's centre of mass. It starts from the
+centres of mass (``M = I``, ``t = c_moving - c``), then optimises a rigid stage (rotation
+vector and translation) and, for ``mode="affine"``, an affine stage (a free 3x3 matrix),
+each coarse to fine on cell grids of the fixed image's field of view (8 mm, then 4 mm or
+the fixed spacing if coarser). At the coarsest level the rigid stage also tries a few
+rotated starts and keeps the best, so that large rotations are not a local minimum.
+The similarity is local NCC for images of one modality and mutual information for a CT
+registered to anything else (``similarity="auto"``).
+
+The result is a 4x4 matrix in world (RAS+) coordinates; :func:`write_itk_affine` writes it
+as an ITK transform file (LPS), the format ANTs, SimpleITK and 3D Slicer read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ranreg.data.io import Volume
+from ranreg.errors import RanregError
+from ranreg.geometry import area_downsample, cell_centres, cell_grid, sample
+from ranreg.similarity import build_similarity, is_ct, robust_normalise
+
+__all__ = [
+    "AFFINE_MODES",
+    "SIMILARITIES",
+    "AffineSettings",
+    "register_affine",
+    "rotation_matrix",
+    "write_itk_affine",
+    "read_itk_affine",
+]
+
+AFFINE_MODES = ("none", "rigid", "affine")
+SIMILARITIES = ("auto", "lncc", "mi")
+#: RAS <-> LPS: ITK's world frame has x and y negated.
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: the most cells a level may have (finer levels are coarsened to fit: time per step)
+MAX_CELLS = 160_000
+
+
+@dataclass(frozen=True)
+class AffineSettings:
+    """How the affine stage runs (chosen on the validation cases, docs/registration.md).
+
+    ``levels``: cell sizes in mm, coarse to fine (a level finer than the fixed image's
+    spacing runs at that spacing). ``iterations``: Adam steps per level and stage.
+    ``starts_deg``: rotations about each axis tried at the coarsest level.
+    """
+
+    mode: str = "affine"
+    similarity: str = "auto"
+    levels: tuple[float, ...] = (16.0, 8.0, 4.0)
+    iterations: tuple[int, ...] = (40, 40, 20)
+    starts_deg: float = 20.0
+    window: int = 5
+
+    def check(self) -> None:
+        if self.mode not in AFFINE_MODES:
+            raise RanregError(f"affine must be one of {', '.join(AFFINE_MODES)}, got {self.mode!r}")
+        if self.similarity not in SIMILARITIES:
+            raise RanregError(
+                f"similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}"
+            )
+        if len(self.levels) != len(self.iterations) or not self.levels:
+            raise RanregError("affine levels and iterations must be non-empty and of equal length")
+        if not all(s > 0 and math.isfinite(s) for s in self.levels):
+            raise RanregError(f"affine levels must be positive mm, got {self.levels}")
+        if not all(isinstance(n, int) and n >= 0 for n in self.iterations):
+            raise RanregError(f"affine iterations must be integers >= 0, got {self.iterations}")
+
+
+def rotation_matrix(rotvec: Tensor) -> Tensor:
+    """The rotation ``exp([r]_x)`` of a rotation vector ``r`` (3,), differentiable."""
+    zero = rotvec.new_zeros(())
+    x, y, z = rotvec.unbind()
+    skew = torch.stack(
+        [torch.stack([zero, -z, y]), torch.stack([z, zero, -x]), torch.stack([-y, x, zero])]
+    )
+    return torch.linalg.matrix_exp(skew)
+
+
+@dataclass
+class _Level:
+    """One resolution: fixed cell centres (world mm, relative to the centre ``c``), the
+    fixed image on them, the moving image and its world-to-voxel map, the similarity."""
+
+    points: Tensor  # (3, N) world - c
+    shape: tuple[int, int, int]
+    moving: Tensor  # (1, 1, *S_m)
+    world_to_moving: Tensor  # (4, 4) float32, relative to c
+    similarity: Callable[[Tensor], Tensor]
+    spacing: float
+
+    def warp(self, matrix: Tensor, shift: Tensor) -> Tensor:
+        """The moving image at ``M p + t`` (relative to ``c``) for every cell, (1, 1, *S)."""
+        q = matrix @ self.points + shift[:, None]
+        vox = self.world_to_moving[:3, :3] @ q + self.world_to_moving[:3, 3:]
+        n = torch.tensor(self.moving.shape[2:], dtype=vox.dtype)[:, None]
+        grid = (vox * (2.0 / (n - 1).clamp_min(1)) - 1.0).flip(0).T
+        grid = grid.reshape(1, *self.shape, 3)
+        return F.grid_sample(
+            self.moving, grid, mode="bilinear", padding_mode="zeros", align_corners=True
+        )
+
+    def loss(self, matrix: Tensor, shift: Tensor) -> Tensor:
+        return self.similarity(self.warp(matrix, shift))
+
+
+def _centre_of_mass(image: Tensor, affine: np.ndarray) -> np.ndarray:
+    """Intensity-weighted centre (world mm) of a normalised image ``(1, 1, *S)``."""
+    w = image[0, 0].double()
+    total = float(w.sum())
+    if total <= 0:
+        idx = (np.asarray(image.shape[2:], dtype=np.float64) - 1) / 2
+    else:
+        idx = np.array(
+            [
+                float((w.sum(dim=[b for b in range(3) if b != a]) * torch.arange(n)).sum()) / total
+                for a, n in enumerate(w.shape)
+            ]
+        )
+    return (np.asarray(affine) @ np.append(idx, 1.0))[:3]
+
+
+def _make_level(
+    fixed: Tensor,
+    fixed_vol: Volume,
+    moving: Tensor,
+    moving_affine: np.ndarray,
+    spacing: float,
+    centre: np.ndarray,
+    similarity: str,
+    window: int,
+) -> _Level:
+    """Both images at about ``spacing`` mm: the fixed image averaged over blocks and sampled
+    at the cell centres, the moving image averaged over blocks (sampled while optimising)."""
+    space = spacing
+    shape, step = cell_grid(fixed_vol, (space, space, space))
+    fixed_small, fixed_small_affine = area_downsample(fixed, fixed_vol.affine, space)
+    centres = cell_centres(shape, step, "cpu").reshape(3, -1)
+    world = torch.as_tensor(fixed_vol.affine, dtype=torch.float64)
+    points = world[:3, :3] @ centres + world[:3, 3:]
+    to_small = torch.as_tensor(np.linalg.inv(fixed_small_affine), dtype=torch.float64)
+    vox = (to_small[:3, :3] @ points + to_small[:3, 3:]).reshape(3, *shape)
+    fixed_level = sample(fixed_small, vox, "bilinear", 0.0)[None, None].float()
+    moving_small, moving_small_affine = area_downsample(moving, moving_affine, space)
+    shift = np.eye(4)
+    shift[:3, 3] = centre
+    w2m = np.linalg.inv(moving_small_affine) @ shift
+    return _Level(
+        points=(points - torch.as_tensor(centre)[:, None]).float(),
+        shape=shape,
+        moving=moving_small.float(),
+        world_to_moving=torch.as_tensor(w2m, dtype=torch.float32),
+        similarity=build_similarity(similarity, fixed_level, window),
+        spacing=space,
+    )
+
+
+def _fit(
+    level: _Level,
+    rotvec: Tensor,
+    shift: Tensor,
+    extra: Tensor | None,
+    steps: int,
+) -> float:
+    """Adam on the rigid (and, with ``extra``, affine) parameters at one level; the step
+    size decays linearly to zero so the result settles instead of jittering."""
+    # step sizes shrink with the level: about a tenth of a cell at the body's edge (~100 mm)
+    params = [
+        {"params": [rotvec], "lr": level.spacing / 800.0},
+        {"params": [shift], "lr": 0.1 * level.spacing},
+    ]
+    if extra is not None:
+        params.append({"params": [extra], "lr": level.spacing / 3200.0})
+    opt = torch.optim.Adam(params)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / max(steps, 1))
+    for _ in range(steps):
+        matrix = rotation_matrix(rotvec) + (0 if extra is None else extra)
+        loss = level.loss(matrix, shift)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():
+        matrix = rotation_matrix(rotvec) + (0 if extra is None else extra)
+        return float(level.loss(matrix, shift))
+
+
+def _starts(degrees: float) -> list[np.ndarray]:
+    """The identity and rotations by +-``degrees`` about each axis (rotation vectors)."""
+    out = [np.zeros(3)]
+    if degrees > 0:
+        for axis in range(3):
+            for sign in (1.0, -1.0):
+                r = np.zeros(3)
+                r[axis] = sign * math.radians(degrees)
+                out.append(r)
+    return out
+
+
+def choose_similarity(fixed: Volume, moving: Volume, similarity: str) -> str:
+    """``auto``: mutual information when exactly one image is CT (HU), else local NCC."""
+    if similarity != "auto":
+        return similarity
+    return "mi" if is_ct(fixed.array) != is_ct(moving.array) else "lncc"
+
+
+def _world_matrix(rotvec: Tensor, shift: Tensor, extra: Tensor | None, centre: np.ndarray):
+    m = (rotation_matrix(rotvec) + (0 if extra is None else extra)).detach().double().numpy()
+    out = np.eye(4)
+    out[:3, :3] = m
+    out[:3, 3] = centre + shift.detach().double().numpy() - m @ centre
+    return out
+
+
+def register_affine(
+    fixed: Volume, moving: Volume, settings: AffineSettings | None = None
+) -> np.ndarray:
+    """The 4x4 world (RAS+) map from fixed to moving points (see the module docstring).
+
+    ``mode="none"`` returns the identity. Images are compared after
+    :func:`~ranreg.similarity.robust_normalise`.
+    """
+    s = settings or AffineSettings()
+    s.check()
+    if s.mode == "none":
+        return np.eye(4)
+    with torch.inference_mode(False), torch.enable_grad():
+        return _register(fixed, moving, s)
+
+
+def _register(fixed: Volume, moving: Volume, s: AffineSettings) -> np.ndarray:
+    sim = choose_similarity(fixed, moving, s.similarity)
+    fix = robust_normalise(torch.from_numpy(np.asarray(fixed.array, dtype=np.float32)))[None, None]
+    mov = robust_normalise(torch.from_numpy(np.asarray(moving.array, dtype=np.float32)))[None, None]
+    centre = _centre_of_mass(fix, fixed.affine)
+    shift0 = _centre_of_mass(mov, moving.affine) - centre
+    rotvec = torch.zeros(3, requires_grad=True)
+    shift = torch.tensor(shift0, dtype=torch.float32, requires_grad=True)
+    extra = torch.zeros(3, 3, requires_grad=True) if s.mode == "affine" else None
+    for i, (spacing, steps) in enumerate(plan_levels(fixed, s.levels, s.iterations)):
+        level = _make_level(fix, fixed, mov, moving.affine, spacing, centre, sim, s.window)
+        if i == 0:
+            _best_start(level, rotvec, shift, steps, s.starts_deg)
+            _fit(level, rotvec, shift, None, steps)  # rigid first: an affine fit from a poor
+        _fit(level, rotvec, shift, extra, steps)  # start can shear instead of rotating
+    return _world_matrix(rotvec, shift, extra, centre)
+
+
+def plan_levels(
+    fixed: Volume, levels: Sequence[float], iterations: Sequence[int], max_cells: int = MAX_CELLS
+) -> list[tuple[float, int]]:
+    """The levels that run, coarse to fine: none finer than the fixed image's voxels, and
+    a level with more than ``max_cells`` cells over the fixed field of view is left out
+    (its cost), unless it is the coarsest."""
+    fov = float(np.prod(np.asarray(fixed.shape) * np.asarray(fixed.spacing)))
+    out: list[tuple[float, int]] = []
+    for spacing, steps in sorted(zip(levels, iterations, strict=True), key=lambda x: -x[0]):
+        space = max(float(spacing), float(min(fixed.spacing)))
+        if out and (fov / space**3 > max_cells or space >= out[-1][0]):
+            continue
+        out.append((space, int(steps)))
+    return out
+
+
+def _best_start(level: _Level, rotvec: Tensor, shift: Tensor, steps: int, deg: float) -> None:
+    """Try the rotated starts for a third of ``steps`` each; keep the best in place."""
+    trials = _starts(deg)
+    if len(trials) == 1:
+        return
+    best: tuple[float, Tensor, Tensor] | None = None
+    for r0 in trials:
+        r = torch.tensor(r0, dtype=torch.float32, requires_grad=True)
+        t = shift.detach().clone().requires_grad_(True)
+        loss = _fit(level, r, t, None, max(steps // 3, 1))
+        if best is None or loss < best[0]:
+            best = (loss, r.detach(), t.detach())
+    assert best is not None
+    with torch.no_grad():
+        rotvec.copy_(best[1])
+        shift.copy_(best[2])
+
+
+def write_itk_affine(path: str | Path, matrix_ras: np.ndarray) -> Path:
+    """Write a fixed-to-moving world (RAS+) map as an ITK transform file (LPS).
+
+    ITK's ``AffineTransform_double_3_3`` maps a fixed physical point ``x`` (LPS) to
+    ``A (x - c) + c + t``; with centre ``c = 0`` the parameters are the 9 matrix entries
+    (row by row) and the translation. ANTs (``-t affine.txt``), SimpleITK
+    (``ReadTransform``) and 3D Slicer read it as the fixed-to-moving transform, the same
+    direction ``ddf.nii.gz`` uses.
+    """
+    lps = RAS_TO_LPS @ np.asarray(matrix_ras, dtype=np.float64) @ RAS_TO_LPS
+    values = [*lps[:3, :3].ravel(), *lps[:3, 3]]
+    text = (
+        "#Insight Transform File V1.0\n#Transform 0\n"
+        "Transform: AffineTransform_double_3_3\n"
+        f"Parameters: {' '.join(repr(float(v)) for v in values)}\n"
+        "FixedParameters: 0 0 0\n"
+    )
+    p = Path(path)
+    p.write_text(text)
+    return p
+
+
+def read_itk_affine(path: str | Path) -> np.ndarray:
+    """Read an ITK affine transform file back as a world (RAS+) 4x4 matrix."""
+    fields: dict[str, list[float]] = {}
+    for line in Path(path).read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("Parameters", "FixedParameters"):
+            fields[key] = [float(v) for v in rest.split()]
+    try:
+        params, centre = fields["Parameters"], np.asarray(fields["FixedParameters"])
+        m = np.asarray(params[:9]).reshape(3, 3)
+        t = np.asarray(params[9:12])
+    except (KeyError, ValueError) as exc:
+        raise RanregError(f"{path}: not an ITK affine transform file") from exc
+    lps = np.eye(4)
+    lps[:3, :3] = m
+    lps[:3, 3] = t + centre - m @ centre
+    return RAS_TO_LPS @ lps @ RAS_TO_LPS
+
+
+def compose_note(levels: Sequence[float]) -> str:
+    """Human-readable description of the levels (for reports)."""
+    return " -> ".join(f"{s:g} mm" for s in levels)

@@ -1,0 +1,104 @@
+"""Settings of one registration run, validated once and passed through every entry point.
+
+``ranreg register``, ``demo``, ``evaluate`` and the Python API
+(:func:`ranreg.infer.register_volumes`) all take a :class:`RegistrationOptions`. The
+default pipeline for a network is: affine pre-alignment, the network, instance
+optimisation (:mod:`ranreg.affine`, :mod:`ranreg.refine`); ``fast`` keeps the affine and
+the network only. For ``identity`` and classical peers (``ants-syn``) nothing is added
+unless asked for explicitly (``affine``/``refine`` set), so they stay what they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ranreg.affine import AFFINE_MODES, SIMILARITIES, AffineSettings
+from ranreg.errors import RanregError
+from ranreg.refine import DEFAULT_STEPS, DEFAULT_WEIGHT, RefineSettings
+
+__all__ = ["PRECISIONS", "RegistrationOptions"]
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class RegistrationOptions:
+    """How to register a pair.
+
+    ``affine``: ``none | rigid | affine``; None: ``affine`` for networks, ``none`` for
+    identity and classical peers. ``similarity``: of the affine stage (``auto``: mutual
+    information when exactly one image is CT). ``refine``: instance-optimisation steps per
+    level; None: :data:`~ranreg.refine.DEFAULT_STEPS` for networks (0 with ``fast``), 0 for
+    identity and peers. ``refine_weight``, ``refine_levels`` (mm, coarse to fine),
+    ``diffeomorphic``: see :class:`~ranreg.refine.RefineSettings`. ``precision``
+    (``fp32 | bf16``) and ``channels_last`` choose how the network runs. ``progress``
+    shows a progress bar while optimising.
+    """
+
+    affine: str | None = None
+    similarity: str = "auto"
+    refine: int | None = None
+    refine_weight: float = DEFAULT_WEIGHT
+    refine_levels: tuple[float, ...] = RefineSettings().levels
+    diffeomorphic: bool = False
+    fast: bool = False
+    precision: str = "fp32"
+    channels_last: bool | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """One-line errors (naming the setting) for anything that cannot work."""
+        if self.affine is not None and self.affine not in AFFINE_MODES:
+            raise RanregError(
+                f"affine must be one of {', '.join(AFFINE_MODES)}, got {self.affine!r}"
+            )
+        if self.similarity not in SIMILARITIES:
+            raise RanregError(
+                f"similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}"
+            )
+        if self.precision not in PRECISIONS:
+            raise RanregError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+        if self.fast and self.refine:
+            raise RanregError("fast means no instance optimisation; do not also set refine")
+        self._refine_settings(self.refine or 0).check()
+
+    def with_(self, **changes: Any) -> RegistrationOptions:
+        """A copy with some settings changed (checked again)."""
+        return replace(self, **changes)
+
+    def affine_settings(self, neural: bool) -> AffineSettings:
+        mode = self.affine if self.affine is not None else ("affine" if neural else "none")
+        return AffineSettings(mode=mode, similarity=self.similarity)
+
+    def refine_steps(self, neural: bool) -> int:
+        if self.refine is not None:
+            return self.refine
+        return DEFAULT_STEPS if neural and not self.fast else 0
+
+    def refine_settings(self, neural: bool) -> RefineSettings:
+        return self._refine_settings(self.refine_steps(neural))
+
+    def describe(self, neural: bool) -> str:
+        """The steps this pipeline runs, e.g. ``affine + network + optimisation 50 x 2``."""
+        aff = self.affine_settings(neural).mode
+        steps = [] if aff == "none" else [aff]
+        steps.append("network" if neural else "model")
+        rs = self.refine_settings(neural)
+        if rs.steps:
+            kind = "diffeomorphic optimisation" if rs.diffeomorphic else "optimisation"
+            steps.append(f"{kind} {rs.steps} x {len(rs.levels)}")
+        return " + ".join(steps)
+
+    def _refine_settings(self, steps: int) -> RefineSettings:
+        return RefineSettings(
+            steps=steps,
+            weight=self.refine_weight,
+            levels=tuple(float(s) for s in self.refine_levels),
+            diffeomorphic=self.diffeomorphic,
+        )

@@ -1,0 +1,93 @@
+"""Where and how a network runs: device, precision (bf16 autocast), memory layout.
+
+Everything outside the network (resampling, warping, Jacobians, optimisation) stays in
+float32/64; these settings only change the forward pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ranreg.errors import RanregError
+from ranreg.nn.blocks import channels_last_format
+from ranreg.options import PRECISIONS
+
+__all__ = ["resolve_device", "synchronize", "is_neural", "default_channels_last", "run_network"]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available) as a torch device."""
+    text = "auto" if device is None else str(device)
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise RanregError(
+            f"--device {text!r}: not a device (use cpu, cuda, cuda:N or auto)"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RanregError(f"--device {text}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise RanregError(f"--device {text}: only cpu and cuda are supported")
+    return dev
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def is_neural(model: torch.nn.Module) -> bool:
+    """True for a network with weights (not the identity or a classical peer)."""
+    return any(True for _ in model.parameters())
+
+
+def default_channels_last(device: torch.device, precision: str) -> bool:
+    """Channels-last by default on the CPU (oneDNN's fast layout, fp32 and bf16 alike) and
+    for bf16 on GPUs; plain layout for fp32 on GPUs, where cuDNN prefers it for 3D."""
+    return device.type == "cpu" or precision == "bf16"
+
+
+def run_network(
+    model: torch.nn.Module,
+    moving: Tensor,
+    fixed: Tensor,
+    *,
+    precision: str = "fp32",
+    channels_last: bool | None = None,
+    return_levels: bool = False,
+) -> tuple[Tensor, Any]:
+    """One forward pass: ``(float32 contiguous DDF, per-level output or None)``.
+
+    ``precision="bf16"`` runs the network under ``torch.autocast`` with bfloat16
+    (convolutions in bf16, reductions and resampling as autocast keeps them); it is fast
+    where the hardware has bf16 units (CPUs with AVX512-BF16 or AMX, recent GPUs). With
+    ``channels_last`` (default :func:`default_channels_last`) the weights and inputs use the
+    channels-last memory layout; the model is converted in place. Models without weights
+    (identity, classical peers) always run as they are.
+    """
+    if precision not in PRECISIONS:
+        raise RanregError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    neural = is_neural(model)
+    if channels_last is None:
+        channels_last = default_channels_last(fixed.device, precision)
+    if neural and channels_last:
+        fmt = channels_last_format(fixed.dim())
+        model.to(memory_format=fmt)
+        moving, fixed = moving.to(memory_format=fmt), fixed.to(memory_format=fmt)
+    autocast = torch.autocast(
+        fixed.device.type, dtype=torch.bfloat16, enabled=neural and precision == "bf16"
+    )
+    levels = None
+    with torch.no_grad(), autocast:
+        if return_levels and "return_levels" in inspect.signature(model.forward).parameters:
+            out = model(moving, fixed, return_levels=True)
+            ddf, levels = (out.ddf, out) if hasattr(out, "ddf") else (out, None)
+        else:
+            ddf = model(moving, fixed)
+    return ddf.float().contiguous(), levels
