@@ -4,9 +4,8 @@ The transform maps a fixed world point ``p`` (RAS+ mm) to the moving world point
 ``q = M (p - c) + c + t``, with ``c`` the fixed image's centre of mass. It starts from the
 centres of mass (``M = I``, ``t = c_moving - c``), then optimises a rigid stage (rotation
 vector and translation) and, for ``mode="affine"``, an affine stage (a free 3x3 matrix),
-each coarse to fine on cell grids of the fixed image's field of view (8 mm, then 4 mm or
-the fixed spacing if coarser). At the coarsest level the rigid stage also tries a few
-rotated starts and keeps the best, so that large rotations are not a local minimum.
+each coarse to fine on cell grids of the fixed image's field of view (16, 8, then 4 mm or
+the fixed spacing if coarser; a level with too many cells is left out).
 The similarity is local NCC for images of one modality and mutual information for a CT
 registered to anything else (``similarity="auto"``).
 
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ranreg.adam import DecayingAdam
 from ranreg.data.io import Volume
 from ranreg.errors import RanregError
 from ranreg.geometry import area_downsample, cell_centres, cell_grid, sample
@@ -55,14 +55,16 @@ class AffineSettings:
 
     ``levels``: cell sizes in mm, coarse to fine (a level finer than the fixed image's
     spacing runs at that spacing). ``iterations``: Adam steps per level and stage.
-    ``starts_deg``: rotations about each axis tried at the coarsest level.
+    ``starts_deg``: if > 0, rotations by that angle about each axis are also tried at the
+    coarsest level (0 by default: rotations up to 45 degrees converge from the identity on
+    the validation scans).
     """
 
     mode: str = "affine"
     similarity: str = "auto"
     levels: tuple[float, ...] = (16.0, 8.0, 4.0)
     iterations: tuple[int, ...] = (40, 40, 20)
-    starts_deg: float = 20.0
+    starts_deg: float = 0.0
     window: int = 5
 
     def check(self) -> None:
@@ -175,24 +177,17 @@ def _fit(
     extra: Tensor | None,
     steps: int,
 ) -> float:
-    """Adam on the rigid (and, with ``extra``, affine) parameters at one level; the step
-    size decays linearly to zero so the result settles instead of jittering."""
+    """Adam on the rigid (and, with ``extra``, affine) parameters at one level; returns
+    the final loss."""
     # step sizes shrink with the level: about a tenth of a cell at the body's edge (~100 mm)
-    params = [
-        {"params": [rotvec], "lr": level.spacing / 800.0},
-        {"params": [shift], "lr": 0.1 * level.spacing},
-    ]
+    groups = [(rotvec, level.spacing / 800.0), (shift, 0.1 * level.spacing)]
     if extra is not None:
-        params.append({"params": [extra], "lr": level.spacing / 3200.0})
-    opt = torch.optim.Adam(params)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / max(steps, 1))
+        groups.append((extra, level.spacing / 3200.0))
+    opt = DecayingAdam(groups, steps)
     for _ in range(steps):
         matrix = rotation_matrix(rotvec) + (0 if extra is None else extra)
-        loss = level.loss(matrix, shift)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        level.loss(matrix, shift).backward()
         opt.step()
-        sched.step()
     with torch.no_grad():
         matrix = rotation_matrix(rotvec) + (0 if extra is None else extra)
         return float(level.loss(matrix, shift))

@@ -21,26 +21,41 @@ class _Parser(argparse.ArgumentParser):
         raise RanregError(f"{self.prog}: {message}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ranreg import demo, evaluate, infer, separability, summary, train
-    from ranreg.data import commands as data_commands
+#: command -> module that defines it (``add_parser``); imported only when needed, so that
+#: one command does not pay for importing every other one
+COMMANDS = {
+    "summary": "ranreg.summary",
+    "data": "ranreg.data.commands",
+    "train": "ranreg.train",
+    "register": "ranreg.infer",
+    "demo": "ranreg.demo",
+    "evaluate": "ranreg.evaluate",
+    "separability": "ranreg.separability",
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of the command ``only`` alone."""
+    import importlib
 
     parser = _Parser(prog="ranreg", description="Residual Aligner-based Network registration")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    summary.add_parser(sub)
-    data_commands.add_parser(sub)
-    train.add_parser(sub)
-    infer.add_parser(sub)
-    demo.add_parser(sub)
-    evaluate.add_parser(sub)
-    separability.add_parser(sub)
+    for name, module in COMMANDS.items():
+        if only is None or name == only:
+            importlib.import_module(module).add_parser(sub)
     return parser
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    """The command named by ``argv`` (its first word), if it is one."""
+    return argv[0] if argv and argv[0] in COMMANDS else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
+        words = list(sys.argv[1:] if argv is None else argv)
+        parser = build_parser(_command(words))
+        args = parser.parse_args(words)
         return int(args.func(args) or 0)
     except RanregError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -55,6 +55,7 @@ from ranreg.infer import (
 from ranreg.metrics import PAPER_ORGANS
 from ranreg.options import RegistrationOptions
 from ranreg.refine import DEFAULT_STEPS
+from ranreg.runtime import resolve_precision
 
 __all__ = ["FIELDS", "evaluate", "wilcoxon_table", "add_parser"]
 
@@ -285,9 +286,11 @@ def _summary(
     ]
     for name, net, opts in models:
         neural = is_neural(net)
+        prec = resolve_precision(opts.precision, torch.device(info["device"]))
         lines.append(
             f"| {name} | `{getattr(net, 'source', '')}` | {net.config.get('name')} | "
-            f"{opts.precision if neural else 'n/a'} | {opts.describe(neural)} |"
+            f"{prec if neural else 'n/a'} | "
+            f"{opts.describe(neural)} |"
         )
     for key, title in _SCORES:
         digits = 3 if key == "dice" else 2

@@ -47,6 +47,7 @@ from ranreg.runtime import (
     default_channels_last,
     is_neural,
     resolve_device,
+    resolve_precision,
     run_network,
 )
 
@@ -258,10 +259,10 @@ def add_precision_options(p: Any) -> None:
     """``--precision`` and ``--channels-last`` for the commands that run a network."""
     p.add_argument(
         "--precision",
-        default="fp32",
+        default="auto",
         choices=PRECISIONS,
-        help="network arithmetic: fp32 (default) or bf16 (autocast; fast on CPUs with "
-        "AVX512-BF16/AMX and on recent GPUs)",
+        help="network arithmetic: auto (default: bf16 autocast where the CPU has "
+        "AVX512-BF16/AMX or the GPU has bf16, else fp32), fp32 or bf16",
     )
     p.add_argument(
         "--channels-last",
@@ -450,7 +451,7 @@ def _metrics(
             "config": dict(net.config),
         },
         "device": str(resolve_device(device)),
-        "precision": opts.precision if neural else "n/a",
+        "precision": resolve_precision(opts.precision, resolve_device(device)) if neural else "n/a",
         "runtime_s": result.runtime_s,
         "network_s": result.network_s,
         "affine": {

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
 
 __all__ = [
     "ddf_gradient",
@@ -235,4 +234,6 @@ def dice_loss(pred_onehot: torch.Tensor, target_onehot: torch.Tensor) -> torch.T
         )
     if pred_onehot.shape[1] < 2:
         raise ValueError("dice_loss needs a background channel plus at least one foreground class")
+    from monai.losses import DiceLoss  # imported here: MONAI is slow to import
+
     return DiceLoss(include_background=False, reduction="mean")(pred_onehot, target_onehot)

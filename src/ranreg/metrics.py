@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 from torch import Tensor
 
 from ranreg.data.preprocess import ABDOMEN_ORGANS
@@ -208,6 +207,10 @@ def surface_distances(
         ``{label: {"asd": ..., "hd95": ...}}``. Both are NaN (never ``inf``) when the label is
         missing from either map; 0 for identical masks.
     """
+    # imported here: MONAI takes about a second to import, which `ranreg --help` and
+    # registrations without labels should not pay
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
     fn = "surface_distances"
     a, b = _label_pair(pred_labels, ref_labels, fn, ("pred_labels", "ref_labels"))
     steps = _spacing_list(spacing, a.ndim, fn)

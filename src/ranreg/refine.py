@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ranreg.adam import DecayingAdam
 from ranreg.data.io import Volume
 from ranreg.errors import RanregError
 from ranreg.geometry import apply_affine, area_downsample, cell_centres, cell_grid, sample
@@ -76,7 +77,9 @@ class RefineSettings:
 
     ``steps``: Adam steps per level (0: no optimisation). ``weight``: diffusion weight.
     ``levels``: cell sizes in mm, coarse to fine. ``control``: parameter grid coarsening.
-    ``lr``: Adam step in parameter-grid voxels. ``max_cells``: cost bound of a level.
+    ``lr``: Adam step in parameter-grid voxels. ``max_cells``: size bound of a level.
+    ``max_work``: cells x steps bound of each level after the first (a level with more
+    cells gets fewer steps, at least 10: the time a step takes grows with the cells).
     """
 
     steps: int = DEFAULT_STEPS
@@ -87,6 +90,7 @@ class RefineSettings:
     control: int = 2
     diffeomorphic: bool = False
     max_cells: int = 1_100_000
+    max_work: int | None = 12_000_000
 
     def check(self) -> None:
         check_refine(self.steps, self.weight)
@@ -117,7 +121,8 @@ def _fit_level(
     s: RefineSettings,
     progress: Callable[[float], None] | None = None,
 ) -> Tensor:
-    """Fit ``base`` (1, 3, *S) plus a coarse correction to one level; returns the field."""
+    """Fit ``base`` (1, 3, *S) plus a coarse correction to one level for ``s.steps`` steps;
+    returns the field."""
     shape = tuple(base.shape[2:])
     ctrl_shape = tuple(max(2, math.ceil(n / s.control)) for n in shape)
     sim = LocalNCC(fixed, s.window)
@@ -132,16 +137,13 @@ def _fit_level(
             return base + resize_ddf(c, shape)
 
     c = torch.zeros(1, 3, *ctrl_shape, requires_grad=True)
-    opt = torch.optim.Adam([c], lr=s.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / max(s.steps, 1))
+    opt = DecayingAdam([(c, s.lr)], s.steps)
     for _ in range(s.steps):
         u = field(c)
         similarity = sim(warp(moving, u))
         loss = similarity + s.weight * gradient_l2(u)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
         if progress is not None:
             progress(-float(similarity.detach()))
     with torch.no_grad():
@@ -202,6 +204,13 @@ class RefineReport:
     ncc_start: float
     ncc_zero: float
     ncc_final: float
+
+
+def level_steps(s: RefineSettings, shape: tuple[int, ...], first: bool) -> int:
+    """Steps of one level: ``steps``, fewer on a big level after the first (``max_work``)."""
+    if first or s.max_work is None:
+        return s.steps
+    return min(s.steps, max(10, s.max_work // int(np.prod(shape))))
 
 
 def plan_levels(fixed: Volume, s: RefineSettings) -> list[tuple[float, tuple[int, int, int]]]:
@@ -274,7 +283,8 @@ def _refine_pair(
 
     fix, mov = _normalised(fixed), _normalised(moving)
     levels = plan_levels(fixed, s)
-    bar = tqdm(total=s.steps * len(levels), desc="optimising", disable=not progress, leave=False)
+    plan = [level_steps(s, shape, i == 0) for i, (_, shape) in enumerate(levels)]
+    bar = tqdm(total=sum(plan), desc="optimising", disable=not progress, leave=False)
 
     def tick(ncc: float) -> None:
         bar.update(1)
@@ -290,8 +300,8 @@ def _refine_pair(
                 field = _choose_start(f, m, start, s.window, report)
             else:
                 field = resize_ddf(field, shape)
-            field = _fit_level(f, m, field, s, tick)
-            report.levels.append((space, shape, s.steps))
+            field = _fit_level(f, m, field, s.with_steps(plan[i]), tick)
+            report.levels.append((space, shape, plan[i]))
         with torch.no_grad():
             report.ncc_final = -float(LocalNCC(f, s.window)(warp(m, field)))
     shape_f = tuple(int(n) for n in fixed.shape)

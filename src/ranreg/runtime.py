@@ -16,7 +16,15 @@ from ranreg.errors import RanregError
 from ranreg.nn.blocks import channels_last_format
 from ranreg.options import PRECISIONS
 
-__all__ = ["resolve_device", "synchronize", "is_neural", "default_channels_last", "run_network"]
+__all__ = [
+    "fast_bf16",
+    "resolve_precision",
+    "resolve_device",
+    "synchronize",
+    "is_neural",
+    "default_channels_last",
+    "run_network",
+]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -47,6 +55,24 @@ def is_neural(model: torch.nn.Module) -> bool:
     return any(True for _ in model.parameters())
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 arithmetic is native here: CPUs with AVX512-BF16 or AMX (oneDNN's
+    check), CUDA GPUs with bf16 support (Ampere and later)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where :func:`fast_bf16`, else ``fp32``; others unchanged."""
+    if precision == "auto":
+        return "bf16" if fast_bf16(device) else "fp32"
+    return precision
+
+
 def default_channels_last(device: torch.device, precision: str) -> bool:
     """Channels-last by default on the CPU (oneDNN's fast layout, fp32 and bf16 alike) and
     for bf16 on GPUs; plain layout for fp32 on GPUs, where cuDNN prefers it for 3D."""
@@ -73,6 +99,7 @@ def run_network(
     """
     if precision not in PRECISIONS:
         raise RanregError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    precision = resolve_precision(precision, fixed.device)
     neural = is_neural(model)
     if channels_last is None:
         channels_last = default_channels_last(fixed.device, precision)
