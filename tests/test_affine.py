@@ -142,3 +142,15 @@ def test_bad_settings_raise_one_line() -> None:
         AffineSettings(similarity="ssd").check()
     with pytest.raises(RanregError, match="levels"):
         AffineSettings(levels=(8.0, -1.0), iterations=(10, 10)).check()
+
+
+def test_mutual_information_aligns_images_of_different_contrast() -> None:
+    """A moving image with inverted, non-linearly mapped intensities (another 'modality')."""
+    truth = rigid((0.2, 0.3, 1.0), 15.0, (8.0, -6.0, 10.0))
+    fixed = volume(FIXED_AFFINE, FIXED_SHAPE, truth)
+    moving = volume(MOVING_AFFINE, MOVING_SHAPE, np.eye(4))
+    moving.array = (1.5 - moving.array) ** 2
+    est = register_affine(fixed, moving, AffineSettings(mode="rigid", similarity="mi"))
+    pts = np.array([c for c, _, _ in BLOBS])
+    err = np.linalg.norm(pts @ (est - truth)[:3, :3].T + (est - truth)[:3, 3], axis=1)
+    assert err.mean() < 1.5, err.mean()

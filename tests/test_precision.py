@@ -16,6 +16,7 @@ from ranreg.demo import demo_files
 from ranreg.errors import RanregError
 from ranreg.evaluate import _models, split_label, split_precision
 from ranreg.infer import IdentityModel, is_neural, register_volumes, resolve_model, run_network
+from ranreg.options import RegistrationOptions
 
 
 def _pair(ndim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +59,7 @@ def test_precision_does_not_touch_models_without_weights() -> None:
     assert not is_neural(ident) and is_neural(build_model("RAN0", ndim=3))
     ddf, levels = run_network(ident, moving, fixed, precision="bf16", channels_last=True)
     assert ddf.dtype == torch.float32 and not ddf.any() and levels is None
-    with pytest.raises(RanregError, match="precision must be one of fp32, bf16"):
+    with pytest.raises(RanregError, match="precision must be one of auto, fp32, bf16"):
         run_network(ident, moving, fixed, precision="fp16")
 
 
@@ -91,9 +92,15 @@ def test_precision_suffix_in_evaluate() -> None:
     assert split_label("fast=ran3-abdomen-cpu@bf16") == ("fast", "ran3-abdomen-cpu@bf16")
     assert split_label("runs/a=b/model") == (None, "runs/a=b/model")
     named = _models(
-        ["ran3-abdomen-cpu", "ran3-abdomen-cpu@bf16", "fast=ran3-abdomen-cpu@bf16", "identity@bf16"]
+        [
+            "ran3-abdomen-cpu",
+            "ran3-abdomen-cpu@bf16",
+            "fast=ran3-abdomen-cpu@bf16",
+            "identity@bf16",
+        ],
+        RegistrationOptions(precision="fp32"),
     )
-    assert [(n, p) for n, _, p, _ in named] == [
+    assert [(n, opts.precision) for n, _, opts in named] == [
         ("ran3-abdomen-cpu", "fp32"),
         ("ran3-abdomen-cpu@bf16", "bf16"),
         ("fast@bf16", "bf16"),

@@ -13,8 +13,8 @@ from scipy import ndimage
 from ranreg.cli import main
 from ranreg.data.io import Volume, save_nifti
 from ranreg.errors import RanregError
-from ranreg.evaluate import _models, split_refine
-from ranreg.infer import register_volumes, resolve_model
+from ranreg.evaluate import _models, split_pipeline
+from ranreg.infer import is_neural, register_volumes, resolve_model
 from ranreg.losses import local_ncc_loss
 from ranreg.refine import DEFAULT_STEPS, check_refine, refine_ddf
 from ranreg.spatial import warp
@@ -48,7 +48,7 @@ def test_recovers_a_known_shift_from_zero(axis: int) -> None:
     shift[axis] = 2
     fixed, moving = as_tensor(texture()), as_tensor(texture(tuple(shift)))
     zero = torch.zeros(1, 3, *SHAPE)
-    u = refine_ddf(zero, moving, fixed, DEFAULT_STEPS, mask_threshold=None)
+    u = refine_ddf(zero, moving, fixed, 100, mask_threshold=None)
     assert u.shape == zero.shape and u.dtype == torch.float32 and not u.requires_grad
     core = torch.ones(SHAPE, dtype=torch.bool)
     core[tuple(slice(MARGIN, -MARGIN) for _ in SHAPE)] = False
@@ -100,19 +100,25 @@ def test_register_volumes_refines_in_world_space(spacing: float) -> None:
     assert err_after < 0.3 * err_before
 
 
-def test_refine_suffix_in_evaluate_specs() -> None:
-    assert split_refine("ran3-abdomen-cpu") == ("ran3-abdomen-cpu", 0)
-    assert split_refine("ran3-abdomen-cpu+refine") == ("ran3-abdomen-cpu", DEFAULT_STEPS)
-    assert split_refine("m@bf16+refine25") == ("m@bf16", 25)
-    assert split_refine(None) == (None, 0)
-    for bad in ("m+refine-3", "m+refinex", "+refine5"):
-        with pytest.raises(RanregError, match=r"\+refine"):
-            split_refine(bad)
-    runs = _models(["ran3-abdomen-cpu+refine10", "opt=identity+refine5"])
-    assert [(r.name, r.refine) for r in runs] == [
+def test_pipeline_suffixes_in_evaluate_specs() -> None:
+    assert split_pipeline("ran3-abdomen-cpu") == ("ran3-abdomen-cpu", {})
+    assert split_pipeline("ran3-abdomen-cpu+refine") == (
+        "ran3-abdomen-cpu",
+        {"refine": DEFAULT_STEPS},
+    )
+    assert split_pipeline("m@bf16+refine25") == ("m@bf16", {"refine": 25})
+    assert split_pipeline("m+fast+noaffine") == ("m", {"fast": True, "affine": "none"})
+    assert split_pipeline(None) == (None, {})
+    for bad in ("m+refine-3", "m+refinex", "+refine5", "m+slow"):
+        with pytest.raises(RanregError, match=r"suffix"):
+            split_pipeline(bad)
+    runs = _models(["ran3-abdomen-cpu+refine10", "opt=identity+refine5", "ran3-abdomen-cpu+fast"])
+    steps = [(r.name, r.options.refine_steps(is_neural(r.net))) for r in runs]
+    assert steps == [
         ("ran3-abdomen-cpu+refine10", 10),
         ("opt+refine5", 5),
-        ("identity", 0),  # the unrefined reference is still added
+        ("ran3-abdomen-cpu+fast", 0),
+        ("identity", 0),  # the plain reference is still added
     ]
 
 
@@ -127,7 +133,7 @@ def test_cli_register_records_refinement_and_refuses_bad_steps(tmp_path: Path, c
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["refine"]["steps"] == 20 and metrics["refine"]["weight"] == 1.0
     assert metrics["refine"]["seconds"] > 0
-    assert "20 refinement steps" in capsys.readouterr().out
+    assert "optimisation 20 steps" in capsys.readouterr().out
     assert main([*common, "--out", str(tmp_path / "bad"), "--refine", "-2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "refine" in err[0]

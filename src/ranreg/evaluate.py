@@ -183,7 +183,9 @@ def _models(specs: Sequence[str] | None, base: RegistrationOptions | None = None
         if changes:
             name += spec[spec.index("+") :] if spec and "+" in spec else ""
         runs.append(ModelRun(name, net, base.with_(precision=prec, **changes)))
-    if not any(isinstance(r.net, IdentityModel) and r.options == base for r in runs):
+    # an identity row with the base pipeline is the reference (precision means nothing there)
+    plain = [r.options.with_(precision=base.precision) == base for r in runs]
+    if not any(isinstance(r.net, IdentityModel) and p for r, p in zip(runs, plain, strict=True)):
         runs.append(ModelRun(IDENTITY, resolve_model(IDENTITY), base))
     named: list[ModelRun] = []
     seen: dict[str, int] = {}
