@@ -827,7 +827,7 @@ def report(
         + ".",
         "",
         "Methods (each one `ranreg register --fixed F --moving M --out D "
-        "[--moving-labels ML --fixed-labels FL]` plus):",
+        "[--moving-labels ML]` plus; Dice is computed here from `warped_labels.nii.gz`):",
         *method_lines,
         "",
         "Known-motion cases of real scans (fixed = scan under a known map T, moving = the "

@@ -29,7 +29,7 @@ from ranreg.adam import DecayingAdam
 from ranreg.data.io import Volume
 from ranreg.errors import RanregError
 from ranreg.geometry import area_downsample, cell_centres, cell_grid, sample
-from ranreg.similarity import build_similarity, is_ct, robust_normalise
+from ranreg.similarity import build_similarity, is_ct, normalised_volumes
 
 __all__ = [
     "AFFINE_MODES",
@@ -221,25 +221,30 @@ def _world_matrix(rotvec: Tensor, shift: Tensor, extra: Tensor | None, centre: n
 
 
 def register_affine(
-    fixed: Volume, moving: Volume, settings: AffineSettings | None = None
+    fixed: Volume,
+    moving: Volume,
+    settings: AffineSettings | None = None,
+    images: tuple[Tensor, Tensor] | None = None,
 ) -> np.ndarray:
     """The 4x4 world (RAS+) map from fixed to moving points (see the module docstring).
 
     ``mode="none"`` returns the identity. Images are compared after
-    :func:`~ranreg.similarity.robust_normalise`.
+    :func:`~ranreg.similarity.robust_normalise` (``images``: the two already normalised,
+    from :func:`~ranreg.similarity.normalised_volumes`).
     """
     s = settings or AffineSettings()
     s.check()
     if s.mode == "none":
         return np.eye(4)
     with torch.inference_mode(False), torch.enable_grad():
-        return _register(fixed, moving, s)
+        return _register(fixed, moving, s, images or normalised_volumes(fixed, moving))
 
 
-def _register(fixed: Volume, moving: Volume, s: AffineSettings) -> np.ndarray:
+def _register(
+    fixed: Volume, moving: Volume, s: AffineSettings, images: tuple[Tensor, ...]
+) -> np.ndarray:
     sim = choose_similarity(fixed, moving, s.similarity)
-    fix = robust_normalise(torch.from_numpy(np.asarray(fixed.array, dtype=np.float32)))[None, None]
-    mov = robust_normalise(torch.from_numpy(np.asarray(moving.array, dtype=np.float32)))[None, None]
+    fix, mov = images
     centre = _centre_of_mass(fix, fixed.affine)
     shift0 = _centre_of_mass(mov, moving.affine) - centre
     rotvec = torch.zeros(3, requires_grad=True)

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,8 @@ OUTPUT_FILES = (
 )
 DDF_CONVENTION = (
     "ddf.nii.gz holds u(p) in mm along the world (RAS+) axes on the fixed grid, shape "
-    "(X, Y, Z, 1, 3), intent VECTOR: the fixed voxel x at world point p = A_fixed x "
+    "(X, Y, Z, 1, 3), NIfTI intent DISPVECT (1006, which ITK, ANTs, SimpleITK and 3D Slicer "
+    "convert to their LPS frame on reading): the fixed voxel x at world point p = A_fixed x "
     "corresponds to the moving point p + u(p), i.e. to the moving voxel "
     "A_moving^-1 (p + u(p)); warped(x) = moving(A_moving^-1 (A_fixed x + u(A_fixed x)))."
 )
@@ -305,10 +307,15 @@ def organ_name(label: int) -> str:
 
 # --------------------------------------------------------------------------------- files
 def save_ddf(path: Path, ddf_mm: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a world-mm DDF (X, Y, Z, 3) as a 5D NIfTI (X, Y, Z, 1, 3), intent VECTOR."""
+    """Write a world-mm DDF (X, Y, Z, 3) as a 5D NIfTI (X, Y, Z, 1, 3), intent DISPVECT.
+
+    NIfTI vectors are RAS; ITK (hence ANTs, SimpleITK, Slicer) negates the first two
+    components of a DISPVECT image on reading, so these tools apply the field as ranreg
+    does (tests/test_itk_interop.py). With intent VECTOR they would not.
+    """
     data = np.ascontiguousarray(ddf_mm, dtype=np.float32)[:, :, :, None, :]
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
-    img.header.set_intent("vector", (), name="ddf_mm_world")
+    img.header.set_intent("displacement vector", (), name="ddf_mm_world")
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
@@ -516,15 +523,37 @@ def _write_outputs(
     labels: list[int],
     head_masks: bool,
 ) -> None:
+    # the volumes are written on worker threads while the figures are drawn (gzip releases
+    # the GIL): on 2 cores this hides most of the writing time
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = [
+            pool.submit(save_nifti, tmp / "warped.nii.gz", result.warped, result.fixed_affine),
+            pool.submit(save_ddf, tmp / "ddf.nii.gz", result.ddf_mm, result.fixed_affine),
+            pool.submit(save_nifti, tmp / "jacobian.nii.gz", result.jacobian, result.fixed_affine),
+        ]
+        if result.warped_label is not None:
+            path = tmp / "warped_labels.nii.gz"
+            jobs.append(pool.submit(save_nifti, path, result.warped_label, result.fixed_affine))
+        if result.world_map is not None and metrics["affine"]["mode"] != "none":
+            write_itk_affine(tmp / "affine.txt", result.world_map)
+        _draw_figures(tmp, result, metrics, net, fix, mov, fix_lab, labels, head_masks)
+        for job in jobs:
+            job.result()  # re-raises a failed write
+
+
+def _draw_figures(
+    tmp: Path,
+    result: RegistrationResult,
+    metrics: dict[str, Any],
+    net: torch.nn.Module,
+    fix: Volume,
+    mov: Volume,
+    fix_lab: Volume | None,
+    labels: list[int],
+    head_masks: bool,
+) -> None:
     from ranreg import figures
 
-    save_nifti(tmp / "warped.nii.gz", result.warped, result.fixed_affine)
-    save_ddf(tmp / "ddf.nii.gz", result.ddf_mm, result.fixed_affine)
-    save_nifti(tmp / "jacobian.nii.gz", result.jacobian, result.fixed_affine)
-    if result.world_map is not None and metrics["affine"]["mode"] != "none":
-        write_itk_affine(tmp / "affine.txt", result.world_map)
-    if result.warped_label is not None:
-        save_nifti(tmp / "warped_labels.nii.gz", result.warped_label, result.fixed_affine)
     assert result.moving_on_fixed is not None and result.ddf_vox is not None
     figures.overlay_figure(
         fix.array,

@@ -44,6 +44,7 @@ from ranreg.geometry import apply_affine, cell_centres, cell_grid, sample
 from ranreg.options import RegistrationOptions
 from ranreg.refine import RefineReport, refine_pair
 from ranreg.runtime import is_neural, resolve_device, run_network, synchronize
+from ranreg.similarity import normalised_volumes
 from ranreg.spatial import folding_fraction, identity_grid, jacobian_determinant, resize_ddf
 from ranreg.spatial import std_log_jacobian as _std_log_jacobian
 
@@ -312,7 +313,10 @@ def register_volumes(
 
     # step 1: affine pre-alignment in world space
     t_affine = time.perf_counter()
-    world_map = register_affine(fixed, moving, opts.affine_settings(neural))
+    affine_settings = opts.affine_settings(neural)
+    optimised = affine_settings.mode != "none" or refine_settings.steps > 0
+    images = normalised_volumes(fixed, moving) if optimised else None
+    world_map = register_affine(fixed, moving, affine_settings, images)
     affine_s = time.perf_counter() - t_affine
     inputs = _load_inputs(fixed, moving, world_map, dev)
 
@@ -340,7 +344,13 @@ def register_volumes(
     if refine_settings.steps > 0:
         start_field = ddf_g if bool(ddf_g.any()) else None
         v, report = refine_pair(
-            fixed, moving, inputs.fixed_to_moving, start_field, refine_settings, opts.progress
+            fixed,
+            moving,
+            inputs.fixed_to_moving,
+            start_field,
+            refine_settings,
+            opts.progress,
+            images,
         )
         v = v.to(dev)
     else:

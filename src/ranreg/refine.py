@@ -41,7 +41,7 @@ from ranreg.data.io import Volume
 from ranreg.errors import RanregError
 from ranreg.geometry import apply_affine, area_downsample, cell_centres, cell_grid, sample
 from ranreg.losses import gradient_l2
-from ranreg.similarity import LocalNCC, robust_normalise
+from ranreg.similarity import LocalNCC, normalised_volumes
 from ranreg.spatial import resize_ddf, warp
 
 __all__ = [
@@ -256,19 +256,17 @@ def refine_pair(
     start: Tensor | None,
     settings: RefineSettings,
     progress: bool = False,
+    images: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, RefineReport]:
     """Multi-level instance optimisation of one pair; returns ``v`` ``(1, 3, *fixed)`` in
     fixed voxels along the fixed axes (moving voxel ``fixed_to_moving (x + v(x))``) and a
-    report. ``start``: the network's field on any cell grid of the fixed image, or None."""
+    report. ``start``: the network's field on any cell grid of the fixed image, or None.
+    ``images``: both images already normalised
+    (:func:`~ranreg.similarity.normalised_volumes`)."""
     settings.check()
+    images = images or normalised_volumes(fixed, moving)
     with torch.inference_mode(False), torch.enable_grad():
-        return _refine_pair(fixed, moving, fixed_to_moving, start, settings, progress)
-
-
-def _normalised(volume: Volume) -> Tensor:
-    return robust_normalise(torch.from_numpy(np.asarray(volume.array, dtype=np.float32)))[
-        None, None
-    ]
+        return _refine_pair(fixed, moving, fixed_to_moving, start, settings, progress, images)
 
 
 def _refine_pair(
@@ -278,10 +276,11 @@ def _refine_pair(
     start: Tensor | None,
     s: RefineSettings,
     progress: bool,
+    images: tuple[Tensor, ...],
 ) -> tuple[Tensor, RefineReport]:
     from tqdm import tqdm
 
-    fix, mov = _normalised(fixed), _normalised(moving)
+    fix, mov = images
     levels = plan_levels(fixed, s)
     plan = [level_steps(s, shape, i == 0) for i, (_, shape) in enumerate(levels)]
     bar = tqdm(total=sum(plan), desc="optimising", disable=not progress, leave=False)

@@ -1,0 +1,122 @@
+"""Outputs that ITK-based tools read correctly: ``ddf.nii.gz`` applied by SimpleITK and by
+ANTsPy reproduces ranreg's own ``warped.nii.gz``, and ``affine.txt`` maps points as the
+RAS matrix in ``metrics.json`` does, on oblique, anisotropic grids with flipped axes."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from scipy.spatial.transform import Rotation
+
+from ranreg.infer import register_files
+
+sitk = pytest.importorskip("SimpleITK")
+
+
+def oblique(spacing, rotvec, origin, flip=(1.0, 1.0, 1.0)) -> np.ndarray:
+    a = np.eye(4)
+    a[:3, :3] = Rotation.from_rotvec(rotvec).as_matrix() @ np.diag(np.multiply(spacing, flip))
+    a[:3, 3] = origin
+    return a
+
+
+class SmoothField(torch.nn.Module):
+    """A 'network' with one weight that returns a smooth field of up to 2 voxels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.config = {"name": "smooth", "ndim": 3, "window": None}
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        shape = fixed.shape[2:]
+        g = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
+        u = torch.stack(
+            [2.0 * torch.sin(g[1] / 6.0), 1.5 * torch.cos(g[2] / 5.0), torch.sin(g[0] / 7.0)]
+        )
+        return self.w * u[None]
+
+
+def body(shape, seed: int) -> np.ndarray:
+    """A CT-like volume: smooth texture (HU) inside an ellipsoid, air outside."""
+    rng = np.random.default_rng(seed)
+    texture = ndimage.gaussian_filter(rng.normal(size=shape), 2.0)
+    texture = 40.0 + 2000.0 * texture
+    idx = np.indices(shape).astype(np.float64)
+    r = sum(((i - (n - 1) / 2) / (0.42 * n)) ** 2 for i, n in zip(idx, shape, strict=True))
+    return np.where(r < 1.0, texture, -1000.0).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("interop")
+    a_f = oblique((2.0, 2.5, 3.0), (0.15, -0.1, 0.2), (80.0, 60.0, -40.0), flip=(-1, -1, 1))
+    a_m = oblique((2.5, 2.0, 2.5), (-0.1, 0.2, 0.1), (75.0, 70.0, -45.0), flip=(-1, -1, 1))
+    nib.save(nib.Nifti1Image(body((40, 36, 30), 0), a_f), tmp / "fixed.nii.gz")
+    nib.save(nib.Nifti1Image(body((40, 44, 36), 1), a_m), tmp / "moving.nii.gz")
+    out = tmp / "out"
+    register_files(
+        tmp / "fixed.nii.gz", tmp / "moving.nii.gz", out, SmoothField(), affine="rigid", fast=True
+    )
+    return {"dir": tmp, "out": out}
+
+
+def _ranreg_warped(result: dict) -> tuple[np.ndarray, np.ndarray]:
+    warped = nib.load(result["out"] / "warped.nii.gz").get_fdata()
+    fixed = nib.load(result["dir"] / "fixed.nii.gz").get_fdata()
+    return warped, fixed > -500
+
+
+def _agreement(theirs: np.ndarray, ours: np.ndarray, inside: np.ndarray) -> float:
+    """Mean absolute difference inside the body, as a fraction of the intensity range."""
+    core = ndimage.binary_erosion(inside, iterations=2)
+    return float(np.abs(theirs - ours)[core].mean() / (ours.max() - ours.min()))
+
+
+def test_simpleitk_reads_the_field_as_ranreg_applies_it(result) -> None:
+    fixed = sitk.ReadImage(str(result["dir"] / "fixed.nii.gz"))
+    moving = sitk.ReadImage(str(result["dir"] / "moving.nii.gz"))
+    field = sitk.ReadImage(str(result["out"] / "ddf.nii.gz"), sitk.sitkVectorFloat64)
+    transform = sitk.DisplacementFieldTransform(field)
+    warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, -1000.0)
+    theirs = sitk.GetArrayFromImage(warped).transpose(2, 1, 0)
+    ours, inside = _ranreg_warped(result)
+    assert _agreement(theirs, ours, inside) < 0.01
+
+
+def test_ants_reads_the_field_as_ranreg_applies_it(result) -> None:
+    ants = pytest.importorskip("ants")
+    fixed = ants.image_read(str(result["dir"] / "fixed.nii.gz"))
+    moving = ants.image_read(str(result["dir"] / "moving.nii.gz"))
+    warped = ants.apply_transforms(
+        fixed, moving, transformlist=[str(result["out"] / "ddf.nii.gz")], defaultvalue=-1000.0
+    )
+    ours, inside = _ranreg_warped(result)
+    assert _agreement(warped.numpy(), ours, inside) < 0.01
+
+
+def test_simpleitk_reads_the_affine_file_as_the_metrics_matrix(result) -> None:
+    transform = sitk.ReadTransform(str(result["out"] / "affine.txt"))
+    matrix = np.asarray(
+        json.loads((result["out"] / "metrics.json").read_text())["affine"]["world_matrix_ras"]
+    )
+    assert not np.allclose(matrix, np.eye(4))  # the rigid stage moved something
+    p_ras = np.array([10.0, -20.0, 30.0])
+    q_lps = np.asarray(transform.TransformPoint((-p_ras[0], -p_ras[1], p_ras[2])))
+    q_ras = matrix[:3, :3] @ p_ras + matrix[:3, 3]
+    np.testing.assert_allclose(q_lps, [-q_ras[0], -q_ras[1], q_ras[2]], atol=1e-6)
+
+
+def test_the_field_file_says_what_it_is(result) -> None:
+    header = nib.load(result["out"] / "ddf.nii.gz").header
+    assert header.get_intent()[0] == "displacement vector"
+    assert header.get_data_shape()[3:] == (1, 3)
+    # world map of the field = the fixed image's, so tools place it on the fixed grid
+    np.testing.assert_allclose(
+        header.get_best_affine(), nib.load(result["dir"] / "fixed.nii.gz").affine, atol=1e-5
+    )
