@@ -33,6 +33,7 @@ from ranreg.affine import AFFINE_MODES, SIMILARITIES, write_itk_affine
 from ranreg.checkpoint import load_model
 from ranreg.data.io import Volume, check_out_dir, load_label_volume, load_nifti, save_nifti
 from ranreg.errors import RanregError
+from ranreg.labelnames import DEFAULT_TABLE, label_name, load_label_names
 from ranreg.metrics import ORGAN_NAMES, PAPER_ORGANS, evaluate_pair
 from ranreg.options import PRECISIONS, RegistrationOptions
 from ranreg.peers import PEER_NAMES, build_peer
@@ -382,9 +383,10 @@ def register_files(
     moving_labels: str | os.PathLike[str] | None = None,
     fixed_labels: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
-    labels_to_score: Sequence[int] = PAPER_ORGANS,
+    labels_to_score: Sequence[int] | None = None,
     *,
     head_masks: bool = False,
+    label_names: str | os.PathLike[str] | dict[int, str] | None = None,
     options: RegistrationOptions | None = None,
     **changes: Any,
 ) -> dict[str, Any]:
@@ -412,14 +414,15 @@ def register_files(
     fix_lab = None if fixed_labels is None else load_label_volume(fixed_labels)
     _check_inputs(net, mov, fix, mov_lab, fix_lab)
     model_settings(net.config)
-    labels = [int(v) for v in labels_to_score]
+    names = label_names if isinstance(label_names, dict) else load_label_names(label_names)
+    labels = _labels_to_score(labels_to_score, label_names, fix_lab)
 
     result = register_volumes(
         net, mov, fix, mov_lab, fix_lab, device, options=opts, return_levels=head_masks
     )
     metrics = _metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device)
     if mov_lab is not None and fix_lab is not None:
-        metrics.update(_label_scores(result, fix_lab, labels, fix.spacing))
+        metrics.update(_label_scores(result, fix_lab, labels, fix.spacing, names))
     tmp, created = atomic_output_dir(out)
     try:
         _write_outputs(tmp, result, metrics, net, opts, fix, mov, fix_lab, labels, head_masks)
@@ -479,21 +482,39 @@ def _metrics(
         **result.jacobian_stats(),
         "fixed_shape": list(fix.shape),
         "fixed_spacing_mm": list(fix.spacing),
+        "fixed_grid": {"shape": list(fix.shape), "affine": np.asarray(fix.affine).tolist()},
+        "moving_grid": {"shape": list(mov.shape), "affine": np.asarray(mov.affine).tolist()},
         "network_shape": list(result.network_shape),
         "network_spacing_mm": list(result.network_spacing),
         "ddf_convention": DDF_CONVENTION,
     }
 
 
+def _labels_to_score(
+    labels: Sequence[int] | None, names: object, fix_lab: Volume | None
+) -> list[int]:
+    """The labels given; by default the paper's 9 organs with the abdomen names, else every
+    label of the fixed label map."""
+    if labels:
+        return [int(v) for v in labels]
+    if names is None or names == DEFAULT_TABLE or fix_lab is None:
+        return list(PAPER_ORGANS)
+    return [int(v) for v in np.unique(fix_lab.array) if v != 0]
+
+
 def _label_scores(
-    result: RegistrationResult, fix_lab: Volume, labels: list[int], spacing: Sequence[float]
+    result: RegistrationResult,
+    fix_lab: Volume,
+    labels: list[int],
+    spacing: Sequence[float],
+    names: dict[int, str],
 ) -> dict[str, Any]:
     assert result.moving_label_on_fixed is not None and result.warped_label is not None
     before = score_labels(result.moving_label_on_fixed, fix_lab.array, labels, spacing)
     after = score_labels(result.warped_label, fix_lab.array, labels, spacing)
     return {
         "labels": {
-            str(lab): {"organ": organ_name(lab), "before": before[lab], "after": after[lab]}
+            str(lab): {"organ": label_name(names, lab), "before": before[lab], "after": after[lab]}
             for lab in labels
         },
         "mean_before": _mean_scores(before),
@@ -585,7 +606,10 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 
 def _run(args: Any) -> int:
-    labels = args.labels if args.labels else PAPER_ORGANS
+    if args.pairs:
+        return _run_pairs(args)
+    if not args.fixed or not args.moving:
+        raise RanregError("register: give --fixed and --moving, or --pairs CSV")
     metrics = register_files(
         args.fixed,
         args.moving,
@@ -594,11 +618,49 @@ def _run(args: Any) -> int:
         moving_labels=args.moving_labels,
         fixed_labels=args.fixed_labels,
         device=args.device,
-        labels_to_score=labels,
+        labels_to_score=args.labels,
         head_masks=args.head_masks,
         options=options_from_args(args),
+        label_names=args.label_names,
     )
     print_report(metrics, Path(args.out), args.moving, args.fixed)
+    return 0
+
+
+def _run_pairs(args: Any) -> int:
+    """``--pairs``: the model loaded once, one folder per pair, a summary (ranreg.batch)."""
+    from ranreg.batch import read_pairs, run_batch
+
+    if args.fixed or args.moving or args.moving_labels or args.fixed_labels:
+        raise RanregError("register: --pairs takes the images from the CSV, not --fixed etc.")
+    pairs = read_pairs(args.pairs)
+    opts = options_from_args(args).with_(progress=False)
+    net = resolve_model(args.model)
+    resolve_device(args.device)
+    names = load_label_names(args.label_names)
+
+    def one(pair: Any, folder: Path) -> dict[str, Any]:
+        return register_files(
+            pair.fixed,
+            pair.moving,
+            folder,
+            net,
+            moving_labels=pair.moving_labels,
+            fixed_labels=pair.fixed_labels,
+            device=args.device,
+            labels_to_score=args.labels,
+            options=opts,
+            label_names=names if args.label_names else None,
+        )
+
+    rows = run_batch(pairs, args.out, one, progress=sys.stderr.isatty())
+    failed = [r for r in rows if r["status"] != "done"]
+    print(f"{len(rows) - len(failed)} of {len(rows)} pairs registered; {args.out}/summary.csv")
+    if failed:
+        raise RanregError(
+            f"{len(failed)} of {len(rows)} pairs failed (first: {failed[0]['name']}: "
+            f"{failed[0]['error']}); see {args.out}/summary.csv"
+        )
     return 0
 
 
@@ -651,8 +713,22 @@ def add_parser(sub: Any) -> None:
         "the DDF of the whole mapping (mm, world axes), affine.txt (ITK), the Jacobian, an "
         "overlay figure and metrics into a new folder. " + DDF_CONVENTION,
     )
-    p.add_argument("--fixed", required=True, help="fixed image (.nii/.nii.gz)")
-    p.add_argument("--moving", required=True, help="moving image (.nii/.nii.gz)")
+    p.add_argument("--fixed", help="fixed image (NIfTI, NRRD, MHA/MHD or a DICOM folder)")
+    p.add_argument("--moving", help="moving image (same formats)")
+    p.add_argument(
+        "--pairs",
+        metavar="CSV",
+        help="register a cohort instead: a CSV with columns fixed, moving [, moving_labels, "
+        "fixed_labels, name]; one folder per pair in --out and a summary.csv; finished "
+        "pairs are skipped when run again",
+    )
+    p.add_argument(
+        "--label-names",
+        metavar="NAME|FILE",
+        help="names of label values in reports: abdomen (default), totalseg, totalseg-mr, "
+        "or a JSON/CSV file of id,name; with a table other than abdomen, every label of the "
+        "fixed map is scored unless --labels says otherwise",
+    )
     p.add_argument(
         "--model",
         default=None,

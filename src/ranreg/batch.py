@@ -1,0 +1,180 @@
+"""Registering a cohort: ``ranreg register --pairs pairs.csv --out DIR``.
+
+``pairs.csv`` has a header with the columns ``fixed`` and ``moving`` and optionally
+``moving_labels``, ``fixed_labels`` and ``name`` (relative paths are taken from the CSV's
+folder). The model is loaded once; every pair gets its own folder ``DIR/NAME`` (default
+name ``pair-0001``, ...) with the files of a single ``ranreg register``, written atomically,
+so a folder that exists is a finished pair. Run again after a kill (or with new rows), the
+finished pairs are skipped, stale temporary folders of the killed run are removed, and
+``DIR/summary.csv`` (one row per pair, rewritten atomically after each pair) is complete
+again. A pair that fails is recorded in the summary with its error and the others go on;
+the command then ends with one ``error:`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ranreg.errors import RanregError
+
+__all__ = ["Pair", "read_pairs", "run_batch", "SUMMARY_FIELDS"]
+
+SUMMARY_FIELDS = (
+    "name",
+    "fixed",
+    "moving",
+    "status",
+    "runtime_s",
+    "folding_percent",
+    "sd_log_jacobian",
+    "mean_dice_before",
+    "mean_dice_after",
+    "error",
+)
+_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One row of the pairs file, paths resolved."""
+
+    name: str
+    fixed: Path
+    moving: Path
+    moving_labels: Path | None = None
+    fixed_labels: Path | None = None
+
+
+def _resolve(base: Path, text: str | None) -> Path | None:
+    if text is None or not text.strip():
+        return None
+    p = Path(text.strip())
+    return p if p.is_absolute() else base / p
+
+
+def read_pairs(path: str | os.PathLike[str]) -> list[Pair]:
+    """The pairs of a CSV file, checked: columns, unique safe names, files that exist."""
+    p = Path(path)
+    try:
+        with p.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise RanregError(f"{p}: cannot read the pairs file ({exc})") from None
+    if not rows or not {"fixed", "moving"} <= set(rows[0]):
+        raise RanregError(f"{p}: need a header with the columns fixed and moving (and rows)")
+    pairs = [_pair(p, i, row) for i, row in enumerate(rows, start=1)]
+    names = [x.name for x in pairs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise RanregError(f"{p}: pair names must be unique, repeated: {', '.join(dupes)}")
+    return pairs
+
+
+def _pair(path: Path, index: int, row: dict[str, str]) -> Pair:
+    base = path.parent
+    name = (row.get("name") or "").strip() or f"pair-{index:04d}"
+    if not _NAME.match(name) or name.startswith("."):
+        raise RanregError(f"{path}: line {index + 1}: name {name!r} is not a safe folder name")
+    files = {k: _resolve(base, row.get(k)) for k in ("fixed", "moving", "moving_labels")}
+    files["fixed_labels"] = _resolve(base, row.get("fixed_labels"))
+    for key in ("fixed", "moving"):
+        if files[key] is None:
+            raise RanregError(f"{path}: line {index + 1}: no {key} image")
+    for key, file in files.items():
+        if file is not None and not file.exists():
+            raise RanregError(f"{path}: line {index + 1}: {key} {file} not found")
+    return Pair(
+        name, files["fixed"], files["moving"], files["moving_labels"], files["fixed_labels"]
+    )  # type: ignore[arg-type]
+
+
+def _summary_row(pair: Pair, metrics: dict[str, Any] | None, error: str | None) -> dict:
+    row: dict[str, Any] = {"name": pair.name, "fixed": pair.fixed, "moving": pair.moving}
+    if metrics is None:
+        return {**row, "status": "failed", "error": error or ""}
+    dice = (metrics.get("mean_before") or {}), (metrics.get("mean_after") or {})
+    return {
+        **row,
+        "status": "done",
+        "runtime_s": metrics.get("runtime_s"),
+        "folding_percent": metrics.get("folding_percent"),
+        "sd_log_jacobian": metrics.get("sd_log_jacobian"),
+        "mean_dice_before": dice[0].get("dice"),
+        "mean_dice_after": dice[1].get("dice"),
+        "error": "",
+    }
+
+
+def _write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
+    """``summary.csv`` rewritten whole through a temporary file (never half-written)."""
+    tmp = out / f".summary.{os.getpid()}.tmp"
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(SUMMARY_FIELDS))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    os.replace(tmp, out / "summary.csv")
+
+
+def _remove_stale(out: Path, pairs: list[Pair]) -> None:
+    """Temporary folders (``.NAME.*.tmp``) and files a killed run left behind."""
+    names = {p.name for p in pairs}
+    for path in out.glob(".*.tmp"):
+        stem = path.name[1:].split(".")[0]
+        if stem in names or stem == "summary":
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+
+
+def run_batch(
+    pairs: list[Pair],
+    out_dir: str | os.PathLike[str],
+    register_one: Callable[[Pair, Path], dict[str, Any]],
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Register every pair not yet done into ``out_dir/NAME`` with ``register_one(pair,
+    folder) -> metrics`` and keep ``out_dir/summary.csv`` up to date; returns its rows."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RanregError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out, pairs)
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(pairs, desc="pairs", unit="pair", disable=not progress, dynamic_ncols=True)
+    for pair in bar:
+        folder = out / pair.name
+        metrics, error = _done_metrics(folder), None
+        if metrics is None:
+            bar.set_postfix_str(pair.name)
+            try:
+                metrics = register_one(pair, folder)
+            except RanregError as exc:
+                error = str(exc)
+        rows.append(_summary_row(pair, metrics, error))
+        _write_summary(out, rows)
+    return rows
+
+
+def _done_metrics(folder: Path) -> dict[str, Any] | None:
+    """The metrics of a finished pair folder, or None when it still has to run."""
+    path = folder / "metrics.json"
+    if not path.is_file():
+        if folder.exists() and not any(folder.iterdir()):
+            folder.rmdir()  # an empty folder (e.g. made by hand): register into it
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise RanregError(
+            f"{folder}: a finished pair folder with an unreadable metrics.json; remove it "
+            "to register the pair again"
+        ) from None

@@ -1,0 +1,133 @@
+"""Cohorts (``register --pairs``: model loaded once, resumable after a kill, failures
+recorded), label names from the data, and a ``--help`` that imports nothing heavy."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ranreg.cli import main
+from ranreg.errors import RanregError
+from ranreg.labelnames import label_name, load_label_names
+
+
+def _volume(path: Path, seed: int, labels: bool = False) -> Path:
+    rng = np.random.default_rng(seed)
+    image = ndimage.gaussian_filter(rng.normal(size=(20, 18, 16)), 2.0) * 800.0
+    if labels:
+        lab = np.zeros(image.shape, np.uint8)
+        lab[4:10, 4:10, 4:10] = 5
+        lab[11:16, 9:15, 6:12] = 63
+        nib.save(nib.Nifti1Image(lab, np.diag([3.0, 3.0, 3.0, 1.0])), path)
+    else:
+        nib.save(nib.Nifti1Image(image.astype(np.float32), np.diag([3.0, 3.0, 3.0, 1.0])), path)
+    return path
+
+
+def _pairs_csv(tmp: Path, rows: list[tuple[str, str, str]]) -> Path:
+    path = tmp / "pairs.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["name", "fixed", "moving"])
+        w.writerows(rows)
+    return path
+
+
+def test_pairs_run_resume_after_a_kill_and_record_failures(tmp_path: Path, capsys) -> None:
+    for i in range(3):
+        _volume(tmp_path / f"img{i}.nii.gz", i)
+    pairs = _pairs_csv(
+        tmp_path, [("a", "img0.nii.gz", "img1.nii.gz"), ("b", "img1.nii.gz", "img2.nii.gz")]
+    )
+    out = tmp_path / "cohort"
+    argv = ["register", "--pairs", str(pairs), "--out", str(out), "--model", "identity"]
+    assert main(argv) == 0
+    first = (out / "a" / "metrics.json").stat().st_mtime_ns
+    with (out / "summary.csv").open() as fh:
+        assert [r["status"] for r in csv.DictReader(fh)] == ["done", "done"]
+    # a kill in the middle of pair b: its folder never appeared, a temporary one is left
+    import shutil
+
+    shutil.rmtree(out / "b")
+    (out / ".b.12345.tmp").mkdir()
+    (out / ".b.12345.tmp" / "warped.nii.gz").write_bytes(b"partial")
+    (out / "summary.csv").unlink()
+    assert main(argv) == 0
+    assert (out / "a" / "metrics.json").stat().st_mtime_ns == first  # a was not redone
+    assert (out / "b" / "metrics.json").is_file() and not (out / ".b.12345.tmp").exists()
+    with (out / "summary.csv").open() as fh:
+        assert [r["name"] for r in csv.DictReader(fh)] == ["a", "b"]
+    # a pair whose image is corrupt fails alone, recorded; the command ends with exit 2
+    (tmp_path / "bad.nii.gz").write_bytes(b"not a nifti")
+    pairs = _pairs_csv(
+        tmp_path, [("a", "img0.nii.gz", "img1.nii.gz"), ("c", "img0.nii.gz", "bad.nii.gz")]
+    )
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: 1 of 2 pairs failed")
+    with (out / "summary.csv").open() as fh:
+        rows = {r["name"]: r for r in csv.DictReader(fh)}
+    assert rows["a"]["status"] == "done" and rows["c"]["status"] == "failed"
+    assert "bad.nii.gz" in rows["c"]["error"] and not (out / "c").exists()
+
+
+def test_pairs_file_is_checked_before_anything_runs(tmp_path: Path, capsys) -> None:
+    _volume(tmp_path / "img0.nii.gz", 0)
+    pairs = _pairs_csv(tmp_path, [("a", "img0.nii.gz", "missing.nii.gz")])
+    out = tmp_path / "cohort"
+    assert main(["register", "--pairs", str(pairs), "--out", str(out), "--model", "identity"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.nii.gz not found" in err[0] and not out.exists()
+    assert main(["register", "--out", str(out)]) == 2
+    assert "--fixed and --moving, or --pairs" in capsys.readouterr().err
+
+
+def test_builtin_and_file_label_names(tmp_path: Path) -> None:
+    assert label_name(load_label_names("totalseg"), 5) == "liver"
+    assert label_name(load_label_names("totalseg"), 117) == "costal_cartilages"
+    assert label_name(load_label_names("totalseg-mr"), 23) == "aorta"
+    assert label_name(load_label_names(None), 6) == "liver"  # the abdomen default
+    assert label_name(load_label_names("totalseg"), 500) == "label 500"
+    (tmp_path / "n.json").write_text(json.dumps({"5": "my liver", "7": "pancreas"}))
+    (tmp_path / "n.csv").write_text("id,name\n5,my liver\n7,pancreas\n")
+    assert load_label_names(tmp_path / "n.json") == {5: "my liver", 7: "pancreas"}
+    assert load_label_names(tmp_path / "n.csv") == {5: "my liver", 7: "pancreas"}
+    (tmp_path / "bad.csv").write_text("5,liver\nx,spleen\n")
+    with pytest.raises(RanregError, match="not an integer"):
+        load_label_names(tmp_path / "bad.csv")
+    with pytest.raises(RanregError, match="built-in table"):
+        load_label_names("no-such-table")
+
+
+def test_register_reports_names_from_the_chosen_table(tmp_path: Path, capsys) -> None:
+    f, m = _volume(tmp_path / "f.nii.gz", 0), _volume(tmp_path / "m.nii.gz", 1)
+    fl = _volume(tmp_path / "fl.nii.gz", 0, labels=True)
+    ml = _volume(tmp_path / "ml.nii.gz", 1, labels=True)
+    out = tmp_path / "out"
+    argv = ["register", "--fixed", str(f), "--moving", str(m), "--fixed-labels", str(fl)]
+    argv += ["--moving-labels", str(ml), "--model", "identity", "--label-names", "totalseg"]
+    assert main([*argv, "--out", str(out)]) == 0
+    labels = json.loads((out / "metrics.json").read_text())["labels"]
+    assert {k: v["organ"] for k, v in labels.items()} == {"5": "liver", "63": "inferior_vena_cava"}
+    text = capsys.readouterr().out
+    assert "liver" in text and "esophagus" not in text
+
+
+def test_top_level_help_imports_no_torch() -> None:
+    code = (
+        "import sys\nfrom ranreg.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, 'matplotlib' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False False"
+    assert "register" in out.stdout and "apply" in out.stdout
