@@ -146,7 +146,7 @@ def test_oracle_shift_through_files(pair: dict[str, Path], tmp_path: Path) -> No
     ddf = nib.load(str(out / "ddf.nii.gz"))
     assert ddf.shape == (*SHAPE, 1, 3)
     assert ddf.get_data_dtype() == np.float32
-    assert int(ddf.header["intent_code"]) == 1007  # NIFTI_INTENT_VECTOR
+    assert int(ddf.header["intent_code"]) == 1006  # NIFTI_INTENT_DISPVECT (ITK reads it as LPS)
     np.testing.assert_allclose(ddf.affine, a)
     data = np.asarray(ddf.dataobj)
     # 2 voxels along array axis 0 = 3 mm along world +y
