@@ -477,7 +477,9 @@ def _metrics(
             "seconds": result.refine_s,
             "levels_mm": None if rep is None else [lv[0] for lv in rep.levels],
             "network_start": None if rep is None else ("kept" if rep.start_kept else "rejected"),
-            "local_ncc": None if rep is None else {"start": rep.ncc_zero, "end": rep.ncc_final},
+            "local_ncc": None
+            if rep is None
+            else {"start": rep.ncc_affine, "end": rep.ncc_final, "level_mm": rep.levels[-1][0]},
         },
         **result.jacobian_stats(),
         "fixed_shape": list(fix.shape),

@@ -196,14 +196,17 @@ def refine_ddf(
 
 @dataclass
 class RefineReport:
-    """What :func:`refine_pair` did: levels (mm, cells, steps), whether the network's
-    start was kept, the similarity (local NCC, 0..1) before and after."""
+    """What :func:`refine_pair` did: levels (mm, cells, steps); on the first level the
+    similarity (local NCC, 0..1) of the network's field (``ncc_start``) and of none
+    (``ncc_zero``), hence whether the start was kept; on the finest level the similarity
+    after the affine stage alone (``ncc_affine``) and at the end (``ncc_final``)."""
 
     levels: list[tuple[float, tuple[int, ...], int]]
     start_kept: bool
     ncc_start: float
     ncc_zero: float
     ncc_final: float
+    ncc_affine: float = float("nan")
 
 
 def level_steps(s: RefineSettings, shape: tuple[int, ...], first: bool) -> int:
@@ -302,7 +305,9 @@ def _refine_pair(
             field = _fit_level(f, m, field, s.with_steps(plan[i]), tick)
             report.levels.append((space, shape, plan[i]))
         with torch.no_grad():
-            report.ncc_final = -float(LocalNCC(f, s.window)(warp(m, field)))
+            sim = LocalNCC(f, s.window)
+            report.ncc_affine = -float(sim(m))  # on the finest level, like the final value
+            report.ncc_final = -float(sim(warp(m, field)))
     shape_f = tuple(int(n) for n in fixed.shape)
     v = field if tuple(field.shape[2:]) == shape_f else resize_ddf(field, shape_f)
     return v, report
