@@ -131,3 +131,23 @@ def test_top_level_help_imports_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False False"
     assert "register" in out.stdout and "apply" in out.stdout
+
+
+def test_outputs_follow_the_input_format_or_format(tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    from ranreg.data.io import load_nifti
+
+    f = _volume(tmp_path / "f.nii.gz", 0)
+    m = _volume(tmp_path / "m.nii.gz", 1)
+    sitk.WriteImage(sitk.ReadImage(str(f)), str(tmp_path / "f.nrrd"))
+    base = ["register", "--moving", str(m), "--model", "identity"]
+    assert main([*base, "--fixed", str(tmp_path / "f.nrrd"), "--out", str(tmp_path / "a")]) == 0
+    names = {p.name for p in (tmp_path / "a").iterdir()}
+    assert {"warped.nrrd", "jacobian.nrrd", "ddf.nii.gz"} <= names
+    assert "warped.nii.gz" not in names
+    warped = load_nifti(tmp_path / "a" / "warped.nrrd")
+    np.testing.assert_allclose(warped.affine, load_nifti(f).affine, atol=1e-5)
+    argv = [*base, "--fixed", str(f), "--out", str(tmp_path / "b"), "--format", "mha"]
+    assert main(argv) == 0
+    assert (tmp_path / "b" / "warped.mha").is_file() and (tmp_path / "b" / "ddf.nii.gz").is_file()

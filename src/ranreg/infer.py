@@ -31,7 +31,9 @@ from torch import Tensor
 
 from ranreg.affine import AFFINE_MODES, SIMILARITIES, write_itk_affine
 from ranreg.checkpoint import load_model
-from ranreg.data.io import Volume, check_out_dir, load_label_volume, load_nifti, save_nifti
+from ranreg.data.formats import OUTPUT_FORMATS
+from ranreg.data.formats import output_format as _output_format
+from ranreg.data.io import Volume, check_out_dir, load_label_volume, load_nifti, save_image
 from ranreg.errors import RanregError
 from ranreg.labelnames import DEFAULT_TABLE, label_name, load_label_names
 from ranreg.metrics import ORGAN_NAMES, PAPER_ORGANS, evaluate_pair
@@ -387,12 +389,15 @@ def register_files(
     *,
     head_masks: bool = False,
     label_names: str | os.PathLike[str] | dict[int, str] | None = None,
+    output_format: str | None = None,
     options: RegistrationOptions | None = None,
     **changes: Any,
 ) -> dict[str, Any]:
     """Register two NIfTI files and write the results into the new folder ``out_dir``.
 
-    Files: ``warped.nii.gz``, ``ddf.nii.gz`` (:data:`DDF_CONVENTION`, the whole mapping),
+    Files (volumes in the fixed image's format, or ``output_format``: ``nii.gz``, ``nii``,
+    ``nrrd``, ``mha``): ``warped.nii.gz``, ``ddf.nii.gz`` (:data:`DDF_CONVENTION`, the
+    whole mapping, always NIfTI),
     ``affine.txt`` (the affine stage as an ITK transform, LPS; when it ran),
     ``jacobian.nii.gz``, ``warped_labels.nii.gz`` (with moving labels), ``overlay.png``,
     ``metrics.json`` (and ``head_masks.png`` with ``head_masks`` for RAN models).
@@ -425,7 +430,9 @@ def register_files(
         metrics.update(_label_scores(result, fix_lab, labels, fix.spacing, names))
     tmp, created = atomic_output_dir(out)
     try:
-        _write_outputs(tmp, result, metrics, net, opts, fix, mov, fix_lab, labels, head_masks)
+        fmt = _output_format(fixed, output_format).lstrip(".")
+        args = (tmp, result, metrics, net, opts, fix, mov, fix_lab, labels, head_masks)
+        _write_outputs(*args, fmt=fmt)
         metrics["total_s"] = time.perf_counter() - t0
         write_json(tmp / "metrics.json", metrics)
         finish_output_dir(tmp, out)
@@ -545,18 +552,21 @@ def _write_outputs(
     fix_lab: Volume | None,
     labels: list[int],
     head_masks: bool,
+    *,
+    fmt: str = "nii.gz",
 ) -> None:
+    """Every output file into ``tmp``; volumes in the format ``fmt`` (the field is always
+    ``ddf.nii.gz``: NIfTI DISPVECT is what ITK-based tools read as a displacement field)."""
+    aff = result.fixed_affine
+    volumes = {"warped": result.warped, "jacobian": result.jacobian}
+    if result.warped_label is not None:
+        volumes["warped_labels"] = result.warped_label
     # the volumes are written on worker threads while the figures are drawn (gzip releases
     # the GIL): on 2 cores this hides most of the writing time
     with ThreadPoolExecutor(max_workers=2) as pool:
-        jobs = [
-            pool.submit(save_nifti, tmp / "warped.nii.gz", result.warped, result.fixed_affine),
-            pool.submit(save_ddf, tmp / "ddf.nii.gz", result.ddf_mm, result.fixed_affine),
-            pool.submit(save_nifti, tmp / "jacobian.nii.gz", result.jacobian, result.fixed_affine),
-        ]
-        if result.warped_label is not None:
-            path = tmp / "warped_labels.nii.gz"
-            jobs.append(pool.submit(save_nifti, path, result.warped_label, result.fixed_affine))
+        jobs = [pool.submit(save_ddf, tmp / "ddf.nii.gz", result.ddf_mm, aff)]
+        for stem, array in volumes.items():
+            jobs.append(pool.submit(save_image, tmp / f"{stem}.{fmt}", array, aff))
         if result.world_map is not None and metrics["affine"]["mode"] != "none":
             write_itk_affine(tmp / "affine.txt", result.world_map)
         _draw_figures(tmp, result, metrics, net, fix, mov, fix_lab, labels, head_masks)
@@ -624,6 +634,7 @@ def _run(args: Any) -> int:
         head_masks=args.head_masks,
         options=options_from_args(args),
         label_names=args.label_names,
+        output_format=args.format,
     )
     print_report(metrics, Path(args.out), args.moving, args.fixed)
     return 0
@@ -653,6 +664,7 @@ def _run_pairs(args: Any) -> int:
             labels_to_score=args.labels,
             options=opts,
             label_names=names if args.label_names else None,
+            output_format=args.format,
         )
 
     rows = run_batch(pairs, args.out, one, progress=sys.stderr.isatty())
@@ -738,6 +750,13 @@ def add_parser(sub: Any) -> None:
         "packaged default)",
     )
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument(
+        "--format",
+        choices=OUTPUT_FORMATS,
+        default=None,
+        help="format of the output volumes (default: the fixed image's; NIfTI for DICOM); "
+        "the field is always ddf.nii.gz",
+    )
     p.add_argument("--moving-labels", help="moving label map (warped with nearest neighbour)")
     p.add_argument("--fixed-labels", help="fixed label map (Dice/ASD/HD95 before and after)")
     p.add_argument(

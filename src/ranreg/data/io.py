@@ -1,10 +1,16 @@
-"""Reading and writing NIfTI volumes with checks that name the offending file.
+"""Reading and writing volumes with checks that name the offending file.
 
-Every problem with a user's file (missing, truncated, not NIfTI, wrong number of
-dimensions, NaN/inf voxels, non-integer labels) raises :class:`RanregError` whose
-message starts with the path, so the CLI can report it as one ``error:`` line.
-Writes are atomic: the volume goes to a hidden temporary file in the target
-directory first and is moved into place with :func:`os.replace`.
+NIfTI (``.nii``, ``.nii.gz``) is read and written with nibabel; NRRD (``.nrrd``, ``.nhdr``),
+MetaImage (``.mha``, ``.mhd``) and DICOM series (a folder) go through SimpleITK
+(:mod:`ranreg.data.formats`, which also holds the output-format helpers). Every reader
+returns a :class:`Volume`: the array indexed ``[i, j, k]`` and the RAS+ voxel-to-world
+affine, whatever the format.
+
+Every problem with a user's file (missing, truncated, unreadable, wrong number of
+dimensions, vector or complex pixels, NaN/inf voxels, non-integer labels) raises
+:class:`RanregError` whose message starts with the path, so the CLI can report it as one
+``error:`` line. Writes are atomic: the volume goes to a hidden temporary file in the
+target directory first and is moved into place with :func:`os.replace`.
 """
 
 from __future__ import annotations
@@ -17,19 +23,36 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ranreg.data.formats import (
+    IMAGE_SUFFIXES,
+    NIFTI_SUFFIXES,
+    image_stem,
+    image_suffix,
+    output_format,
+    output_name,
+    read_itk_image,
+    uses_simpleitk,
+    write_itk_image,
+)
 from ranreg.errors import RanregError
 
 __all__ = [
+    "IMAGE_SUFFIXES",
     "Volume",
     "load_nifti",
+    "load_image",
     "load_label",
     "load_label_volume",
     "save_nifti",
+    "save_image",
     "nifti_stem",
+    "image_stem",
+    "output_format",
+    "output_name",
     "spacing_from_affine",
 ]
 
-_NIFTI_EXTS = (".nii.gz", ".nii")
+_NIFTI_EXTS = NIFTI_SUFFIXES
 
 
 @dataclass
@@ -75,10 +98,21 @@ def _open(path: str | os.PathLike[str]) -> tuple[Path, nib.Nifti1Image]:
     try:
         img = nib.load(str(p))
     except Exception as exc:  # nibabel raises many types for bad files
-        raise RanregError(f"{p}: cannot read as NIfTI ({_describe(exc)})") from exc
+        hint = _formats_hint(p)
+        raise RanregError(f"{p}: cannot read as NIfTI ({_describe(exc)}){hint}") from exc
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        raise RanregError(f"{p}: not a NIfTI file (read as {type(img).__name__})")
+        raise RanregError(f"{p}: not a NIfTI file (read as {type(img).__name__}){_formats_hint(p)}")
     return p, img
+
+
+def _formats_hint(p: Path) -> str:
+    """For names that are not NIfTI: the formats ranreg reads."""
+    if image_suffix(p) in _NIFTI_EXTS:
+        return ""
+    return (
+        "; ranreg reads NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) "
+        "and DICOM series (a folder)"
+    )
 
 
 def _describe(exc: BaseException) -> str:
@@ -121,17 +155,26 @@ def load_nifti(
     dtype: np.dtype | type | None = np.float32,
     check_finite: bool = True,
 ) -> Volume:
-    """Load a 3D NIfTI image.
+    """Load a 3D image: NIfTI with nibabel, other formats through SimpleITK.
 
-    A 4D (or 5D) file whose extra dimensions all have size 1 is squeezed to 3D;
-    anything else that is not 3D is an error. The array is cast to ``dtype``
-    (``None`` keeps the stored type after NIfTI intensity scaling). With
-    ``check_finite`` (the default) NaN or infinite voxels are an error.
+    NRRD (``.nrrd``, ``.nhdr``), MetaImage (``.mha``, ``.mhd``) and DICOM series (a folder
+    holding one series) are read by :func:`ranreg.data.formats.read_itk_image` (SimpleITK
+    imported lazily; its absence is a :class:`RanregError` saying ``pip install
+    SimpleITK``), with the same :class:`Volume` as for NIfTI: array indexed ``[i, j, k]``,
+    RAS+ affine from ITK's LPS geometry (direction cosines honoured). A 4D (or 5D) image
+    whose extra dimensions all have size 1 is squeezed to 3D; anything else that is not 3D
+    is an error, and so are vector, RGB and complex pixel types. The array is cast to
+    ``dtype`` (``None`` keeps the stored type after NIfTI intensity scaling or DICOM
+    rescaling). With ``check_finite`` (the default) NaN or infinite voxels are an error.
     """
-    p, img = _open(path)
-    shape3 = _squeeze_to_3d(p, img.shape)
-    affine = _check_affine(p, img.affine)
-    data = _read_data(p, img).reshape(shape3)
+    if uses_simpleitk(path):
+        p, data, raw_affine = read_itk_image(path)
+        affine = _check_affine(p, raw_affine)
+    else:
+        p, img = _open(path)
+        shape3 = _squeeze_to_3d(p, img.shape)
+        affine = _check_affine(p, img.affine)
+        data = _read_data(p, img).reshape(shape3)
     if dtype is not None:
         data = data.astype(dtype, copy=False)
     if check_finite and data.dtype.kind in "fc":
@@ -139,6 +182,10 @@ def load_nifti(
         if bad:
             raise RanregError(f"{p}: {bad} voxel(s) are NaN or infinite")
     return Volume(array=data, affine=affine, spacing=spacing_from_affine(affine), path=p)
+
+
+#: :func:`load_nifti` under a name that says it reads every supported format.
+load_image = load_nifti
 
 
 def _one_hot_to_labels(p: Path, data: np.ndarray) -> np.ndarray:
@@ -156,34 +203,44 @@ def _one_hot_to_labels(p: Path, data: np.ndarray) -> np.ndarray:
 
 
 def load_label_volume(path: str | os.PathLike[str]) -> Volume:
-    """Load an integer label map as a :class:`Volume`.
+    """Load an integer label map as a :class:`Volume` (any format :func:`load_nifti` reads).
 
     Integer files keep their stored integer type (int8 stays int8). Float files
     must hold whole numbers and are converted to int32. Negative labels are an
-    error. A 4D one-hot file (the DeepReg layout, one channel per organ) is turned
-    into an integer map with channel ``c`` as label ``c + 1``.
+    error. A 4D one-hot NIfTI file (the DeepReg layout, one channel per organ) is
+    turned into an integer map with channel ``c`` as label ``c + 1``.
     """
-    p, img = _open(path)
-    affine = _check_affine(p, img.affine)
-    shape = tuple(int(s) for s in img.shape)
-    if len(shape) == 4 and shape[3] > 1:
-        data = _one_hot_to_labels(p, np.asarray(_read_data(p, img)))
+    if uses_simpleitk(path):
+        p, raw, raw_affine = read_itk_image(path)
+        affine = _check_affine(p, raw_affine)
+        data = _integer_labels(p, raw)
     else:
-        shape3 = _squeeze_to_3d(p, shape)
-        data = np.asarray(_read_data(p, img)).reshape(shape3)
-        if data.dtype == np.bool_:
-            data = data.astype(np.uint8)
-        elif data.dtype.kind == "f":
-            if not np.all(np.isfinite(data)):
-                raise RanregError(f"{p}: label map contains NaN or infinite values")
-            if not np.array_equal(data, np.round(data)):
-                raise RanregError(f"{p}: label map has non-integer values")
-            data = data.astype(np.int32)
-        elif data.dtype.kind not in "iu":
-            raise RanregError(f"{p}: unsupported label data type {data.dtype}")
+        p, img = _open(path)
+        affine = _check_affine(p, img.affine)
+        shape = tuple(int(s) for s in img.shape)
+        if len(shape) == 4 and shape[3] > 1:
+            data = _one_hot_to_labels(p, np.asarray(_read_data(p, img)))
+        else:
+            shape3 = _squeeze_to_3d(p, shape)
+            data = _integer_labels(p, np.asarray(_read_data(p, img)).reshape(shape3))
     if data.dtype.kind == "i" and data.size and int(data.min()) < 0:
         raise RanregError(f"{p}: label map has negative values (min {int(data.min())})")
     return Volume(array=data, affine=affine, spacing=spacing_from_affine(affine), path=p)
+
+
+def _integer_labels(p: Path, data: np.ndarray) -> np.ndarray:
+    """A 3D label array as integers: bool -> uint8, whole-number floats -> int32."""
+    if data.dtype == np.bool_:
+        return data.astype(np.uint8)
+    if data.dtype.kind == "f":
+        if not np.all(np.isfinite(data)):
+            raise RanregError(f"{p}: label map contains NaN or infinite values")
+        if not np.array_equal(data, np.round(data)):
+            raise RanregError(f"{p}: label map has non-integer values")
+        return data.astype(np.int32)
+    if data.dtype.kind not in "iu":
+        raise RanregError(f"{p}: unsupported label data type {data.dtype}")
+    return data
 
 
 def load_label(path: str | os.PathLike[str]) -> np.ndarray:
@@ -245,6 +302,30 @@ def save_nifti(
         tmp.unlink(missing_ok=True)
         raise
     return p
+
+
+def save_image(
+    path: str | os.PathLike[str],
+    array: np.ndarray,
+    affine: np.ndarray,
+) -> Path:
+    """Write a 3D ``array`` (indexed ``[i, j, k]``) with its RAS+ ``affine`` in the format
+    its name says: ``.nii.gz`` / ``.nii`` with :func:`save_nifti`, ``.nrrd`` / ``.mha``
+    through SimpleITK (LPS origin, spacing and direction; compressed voxel data).
+
+    As for :func:`save_nifti`: bool is stored as uint8, float64 as float32, int64 as int32,
+    other integer types (label maps) are kept; the write is atomic (temporary file in the
+    same folder, renamed onto ``path``) and missing parent folders are created. Pick the
+    name with :func:`ranreg.data.formats.output_name`. Any other ending (including the
+    two-file ``.nhdr`` and ``.mhd``) is a :class:`RanregError`.
+    """
+    p = Path(path)
+    ext = image_suffix(p)
+    if ext in _NIFTI_EXTS:
+        return save_nifti(p, array, affine)
+    if ext in (".nrrd", ".mha"):
+        return write_itk_image(p, _storable(array), affine)
+    raise RanregError(f"{p}: output file name must end with .nii.gz, .nii, .nrrd or .mha")
 
 
 def check_out_dir(out_dir: str | os.PathLike[str]) -> None:
