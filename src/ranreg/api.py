@@ -1,0 +1,225 @@
+"""The Python API of ``ranreg register`` and ``ranreg apply``: :func:`register`.
+
+``register(fixed, moving, ...)`` runs the same pipeline with the same settings as the
+command line (:func:`ranreg.pipeline.register_volumes` with
+:class:`ranreg.options.RegistrationOptions`) and returns a :class:`Registration`: the
+warped image and labels, the displacement field, the mapping as a
+:class:`~ranreg.transform.Transform` (apply it to other images, invert it), the metrics,
+and :meth:`Registration.save`, which writes the files of ``ranreg register --out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ranreg.data.io import Volume, spacing_from_affine
+from ranreg.errors import RanregError
+from ranreg.infer import (
+    _jsonable,
+    _label_scores,
+    _labels_to_score,
+    _metrics,
+    _write_outputs,
+    abandon_output_dir,
+    atomic_output_dir,
+    finish_output_dir,
+    resolve_model,
+    write_json,
+)
+from ranreg.labelnames import load_label_names
+from ranreg.options import RegistrationOptions
+from ranreg.pipeline import RegistrationResult, register_volumes
+from ranreg.transform import Grid, ImageLike, Transform, as_volume
+
+__all__ = ["Registration", "register"]
+
+
+@dataclass(eq=False)
+class Registration:
+    """The outcome of :func:`register`.
+
+    ``result``: the pipeline's :class:`~ranreg.pipeline.RegistrationResult`.
+    ``transform``: the whole mapping (fixed -> moving, affine included).
+    ``metrics``: what ``metrics.json`` holds (runtimes, folding %, SD log det J, and with
+    both label maps Dice, ASD and HD95 before and after). The inputs are kept for
+    :meth:`save`.
+    """
+
+    result: RegistrationResult
+    transform: Transform
+    metrics: dict[str, Any]
+    fixed: Volume
+    moving: Volume
+    fixed_labels: Volume | None
+    moving_labels: Volume | None
+    model: torch.nn.Module
+    options: RegistrationOptions
+    labels_to_score: list[int]
+
+    def _on_fixed(self, array: np.ndarray) -> Volume:
+        affine = self.fixed.affine.copy()
+        return Volume(array, affine, spacing_from_affine(affine))
+
+    @property
+    def warped(self) -> Volume:
+        """The moving image on the fixed grid after registration (linear)."""
+        return self._on_fixed(self.result.warped)
+
+    @property
+    def warped_labels(self) -> Volume | None:
+        """The moving labels on the fixed grid after registration (nearest), if given."""
+        lab = self.result.warped_label
+        return None if lab is None else self._on_fixed(lab)
+
+    @property
+    def ddf_mm(self) -> np.ndarray:
+        """``u`` (X, Y, Z, 3) in mm along the world axes on the fixed grid."""
+        return self.result.ddf_mm
+
+    @property
+    def jacobian(self) -> Volume:
+        """Determinant of the Jacobian of ``p -> p + u(p)`` on the fixed grid."""
+        return self._on_fixed(self.result.jacobian)
+
+    def apply(
+        self,
+        image: ImageLike,
+        *,
+        labels: bool = False,
+        interp: str | None = None,
+        reference: Grid | Volume | str | os.PathLike[str] | None = None,
+    ) -> Volume:
+        """Bring an image of the moving space onto the fixed grid (or ``reference``):
+        :meth:`Transform.apply <ranreg.transform.Transform.apply>`."""
+        return self.transform.apply(image, labels=labels, interp=interp, reference=reference)
+
+    def inverse(self, **kwargs: Any) -> Transform:
+        """The inverse mapping on the moving grid, with its round-trip error:
+        :meth:`Transform.inverse <ranreg.transform.Transform.inverse>`."""
+        return self.transform.inverse(**kwargs)
+
+    def save(self, out_dir: str | os.PathLike[str]) -> Path:
+        """Write the files of ``ranreg register --out out_dir`` (warped image and labels,
+        ddf.nii.gz, affine.txt, jacobian.nii.gz, overlay.png, metrics.json) into the new
+        folder ``out_dir``, atomically (a failure leaves nothing)."""
+        out = Path(out_dir)
+        tmp, created = atomic_output_dir(out)
+        try:
+            _write_outputs(
+                tmp,
+                self.result,
+                self.metrics,
+                self.model,
+                self.options,
+                _named(self.fixed, "fixed (array)"),
+                _named(self.moving, "moving (array)"),
+                self.fixed_labels,
+                self.labels_to_score,
+                False,
+            )
+            write_json(tmp / "metrics.json", self.metrics)
+            finish_output_dir(tmp, out)
+        except BaseException:
+            abandon_output_dir(tmp, created)
+            raise
+        return out
+
+
+def _named(volume: Volume, name: str) -> Volume:
+    """``volume`` with a name for figure titles when it came from an array."""
+    return volume if volume.path is not None else dataclasses.replace(volume, path=Path(name))
+
+
+def _options(options: dict[str, Any]) -> RegistrationOptions:
+    known = {f.name for f in dataclasses.fields(RegistrationOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise RanregError(
+            f"unknown registration option(s) {', '.join(unknown)}; known: "
+            f"{', '.join(sorted(known))}"
+        )
+    if options.get("refine_levels") is not None:
+        options = {**options, "refine_levels": tuple(float(s) for s in options["refine_levels"])}
+    return RegistrationOptions(**options)
+
+
+def register(
+    fixed: ImageLike,
+    moving: ImageLike,
+    *,
+    model: torch.nn.Module | str | os.PathLike[str] | None = None,
+    moving_labels: ImageLike | None = None,
+    fixed_labels: ImageLike | None = None,
+    device: str | torch.device = "cpu",
+    labels_to_score: Sequence[int] | None = None,
+    label_names: str | os.PathLike[str] | dict[int, str] | None = None,
+    **options: Any,
+) -> Registration:
+    """Register ``moving`` to ``fixed``, as ``ranreg register`` does.
+
+    Images and label maps are file paths, :class:`~ranreg.data.io.Volume` objects or
+    ``(array, affine)`` tuples (3D array, 4x4 voxel-to-world affine in RAS+ mm). ``model``:
+    a model, a model file or folder, a packaged model name, ``identity`` or ``ants-syn``
+    (:func:`ranreg.infer.resolve_model`; None: the packaged default). ``options``: the
+    settings of :class:`~ranreg.options.RegistrationOptions`, named as there (``affine``,
+    ``similarity``, ``fast``, ``refine``, ``refine_weight``, ``refine_levels``,
+    ``diffeomorphic``, ``precision``, ``channels_last``, ``progress``). With both label
+    maps, ``metrics`` scores ``labels_to_score`` named by ``label_names``, with the
+    defaults of ``ranreg register`` (:func:`ranreg.infer.register_files`).
+    """
+    opts = _options(options)
+    net = model if isinstance(model, torch.nn.Module) else resolve_model(model)
+    fix = as_volume(fixed, "fixed image")
+    mov = as_volume(moving, "moving image")
+    fix_lab = None if fixed_labels is None else as_volume(fixed_labels, "fixed labels", labels=True)
+    mov_lab = (
+        None if moving_labels is None else as_volume(moving_labels, "moving labels", labels=True)
+    )
+    names = label_names if isinstance(label_names, dict) else load_label_names(label_names)
+    labels = _labels_to_score(labels_to_score, label_names, fix_lab)
+    result = register_volumes(net, mov, fix, mov_lab, fix_lab, device, options=opts)
+    metrics = _metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device)
+    if mov_lab is not None and fix_lab is not None:
+        metrics.update(_label_scores(result, fix_lab, labels, fix.spacing, names))
+    _name_inputs(metrics, fix, mov, fix_lab, mov_lab)
+    transform = Transform(
+        result.ddf_mm,
+        Grid.of(fix),
+        target=Grid.of(mov),
+        origin=f"{metrics['moving'] or 'moving array'} -> {metrics['fixed'] or 'fixed array'}",
+    )
+    return Registration(
+        result=result,
+        transform=transform,
+        metrics=_jsonable(metrics),
+        fixed=fix,
+        moving=mov,
+        fixed_labels=fix_lab,
+        moving_labels=mov_lab,
+        model=net,
+        options=opts,
+        labels_to_score=labels,
+    )
+
+
+def _name_inputs(
+    metrics: dict[str, Any],
+    fix: Volume,
+    mov: Volume,
+    fix_lab: Volume | None,
+    mov_lab: Volume | None,
+) -> None:
+    """Input files in ``metrics`` (None for arrays) and the grids of both images."""
+    for key, vol in (("fixed", fix), ("moving", mov)):
+        metrics.setdefault(f"{key}_grid", Grid.of(vol).to_json())
+    inputs = {"fixed": fix, "moving": mov, "fixed_labels": fix_lab, "moving_labels": mov_lab}
+    for key, opt in inputs.items():
+        metrics[key] = None if opt is None or opt.path is None else str(opt.path)

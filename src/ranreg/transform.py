@@ -1,0 +1,596 @@
+"""A registration's mapping as an object: apply it to other images, invert it, save it.
+
+A :class:`Transform` holds a displacement field ``u`` in mm along the world (RAS+) axes on
+a voxel grid (:class:`Grid`), the convention of ``ddf.nii.gz``
+(:data:`ranreg.infer.DDF_CONVENTION`): the point ``p`` of the grid's space (the *fixed*
+space of a registration) corresponds to the point ``q = p + u(p)`` of the *moving* space.
+
+* :meth:`Transform.apply` resamples an image that lives in moving space (any grid, any
+  affine) onto a reference grid (default: the field's own grid):
+  ``out(x) = image(A_image^-1 (p + u(p)))`` with ``p = A_ref x``. Between the field's grid
+  points ``u`` is interpolated linearly; outside the field's grid it is extrapolated linearly
+  from the border for one voxel, and constant (that value) further out.
+* :meth:`Transform.inverse` computes the field ``w`` of the inverse mapping on a grid of
+  the moving space (default: the registration's moving grid), ``q + w(q) = p`` where
+  ``p + u(p) = q``, by fixed-point iteration, and reports the round-trip error
+  ``|u(p) + w(p + u(p))|`` over the fixed grid (:meth:`Transform.round_trip`).
+* :meth:`Transform.save` / :meth:`Transform.load` write and read ``ddf.nii.gz`` and a
+  small ``transform.json``; ``load`` also reads any ``ranreg register`` result folder.
+
+Coordinates are float64; the field is stored in float32 (as in ``ddf.nii.gz``) and
+sampled with :func:`ranreg.geometry.sample` (the pipeline's own sampler), so applying a
+result's transform to its moving image reproduces ``warped.nii.gz``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch import Tensor
+
+from ranreg.data.io import Volume, spacing_from_affine
+from ranreg.errors import RanregError
+from ranreg.geometry import apply_affine, sample
+
+__all__ = [
+    "INTERPOLATIONS",
+    "Grid",
+    "ImageLike",
+    "Transform",
+    "as_volume",
+    "interpolation",
+    "read_grid",
+]
+
+#: ``interp`` choices of :meth:`Transform.apply`; ``bspline`` is cubic B-spline.
+INTERPOLATIONS = ("linear", "nearest", "bspline")
+#: The json that :meth:`Transform.save` writes next to ``ddf.nii.gz``.
+TRANSFORM_JSON = "transform.json"
+#: Points handled at once (slabs of whole planes of a grid), to bound memory.
+_CHUNK = 1 << 20
+
+ImageLike = Volume | str | os.PathLike[str] | tuple[np.ndarray, np.ndarray]
+
+
+# ------------------------------------------------------------------------------ grids
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """A voxel grid in world space: ``shape`` (3 sizes) and its voxel-to-world ``affine``."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(s) for s in self.shape)
+        affine = np.asarray(self.affine, dtype=np.float64)
+        if len(shape) != 3 or min(shape) < 1:
+            raise RanregError(f"a grid needs 3 positive sizes, got {self.shape}")
+        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+            raise RanregError("a grid needs a finite 4x4 voxel-to-world affine")
+        if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+            raise RanregError("a grid's voxel-to-world affine is singular")
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "affine", affine)
+
+    @classmethod
+    def of(cls, volume: Volume) -> Grid:
+        """The grid of a volume."""
+        return cls(tuple(volume.shape[:3]), volume.affine)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "grid") -> Grid:
+        """A grid from ``{"shape": [3 ints], "affine": 4x4 list}``."""
+        try:
+            return cls(tuple(data["shape"]), np.asarray(data["affine"], dtype=np.float64))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RanregError(f"{where}: expected {{'shape': [..], 'affine': 4x4}}") from exc
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "affine": self.affine.tolist()}
+
+    def same_as(self, other: Grid) -> bool:
+        return self.shape == other.shape and np.allclose(self.affine, other.affine, atol=1e-6)
+
+    def describe(self) -> str:
+        """E.g. ``96x80x128 voxels of 4x4x4 mm``."""
+        size = "x".join(f"{s:g}" for s in np.round(spacing_from_affine(self.affine), 3))
+        return f"{'x'.join(str(s) for s in self.shape)} voxels of {size} mm"
+
+    def slabs(self) -> Iterator[tuple[int, int]]:
+        """``(start, stop)`` ranges along axis 0 of about :data:`_CHUNK` points each."""
+        rows = max(1, _CHUNK // (self.shape[1] * self.shape[2]))
+        for start in range(0, self.shape[0], rows):
+            yield start, min(start + rows, self.shape[0])
+
+    def points(self, start: int, stop: int) -> Tensor:
+        """World points ``(3, stop - start, Y, Z)`` (float64) of the planes start..stop-1."""
+        axes = [
+            torch.arange(start, stop, dtype=torch.float64),
+            torch.arange(self.shape[1], dtype=torch.float64),
+            torch.arange(self.shape[2], dtype=torch.float64),
+        ]
+        return apply_affine(self.affine, torch.stack(torch.meshgrid(*axes, indexing="ij")))
+
+    def inside(self, world: Tensor) -> Tensor:
+        """Which world points ``(3, *T)`` lie within half a voxel of the grid."""
+        vox = apply_affine(np.linalg.inv(self.affine), world)
+        n = torch.tensor(self.shape, dtype=vox.dtype).view(3, *([1] * (vox.dim() - 1)))
+        return ((vox >= -0.5) & (vox <= n - 0.5)).all(dim=0)
+
+
+def read_grid(path: str | os.PathLike[str]) -> Grid:
+    """The grid of an image: from the header alone for a NIfTI file, else through the
+    image reader of :mod:`ranreg.data.io` (which names the file in any error)."""
+    p = Path(path)
+    if not (p.is_file() and p.name.lower().endswith((".nii", ".nii.gz"))):
+        from ranreg.data.io import load_nifti
+
+        return Grid.of(load_nifti(p))
+    try:
+        img = nib.load(str(p))
+        shape = tuple(int(s) for s in img.shape)
+        affine = np.asarray(img.affine)
+    except Exception as exc:  # nibabel raises many types for bad files
+        raise RanregError(f"{p}: cannot read as NIfTI ({type(exc).__name__})") from None
+    if len(shape) < 3 or any(s != 1 for s in shape[3:]):
+        raise RanregError(f"{p}: expected a 3D image, got shape {shape}")
+    try:
+        return Grid(shape[:3], affine)  # type: ignore[arg-type]
+    except RanregError as exc:
+        raise RanregError(f"{p}: {exc}") from None
+
+
+def _as_grid(reference: Grid | Volume | str | os.PathLike[str]) -> Grid:
+    if isinstance(reference, Grid):
+        return reference
+    if isinstance(reference, Volume):
+        return Grid.of(reference)
+    return read_grid(reference)
+
+
+# ------------------------------------------------------------------------------ images
+def _checked_array(array: Any, what: str, labels: bool) -> np.ndarray:
+    arr = np.asarray(array)
+    while arr.ndim > 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3 or arr.size == 0:
+        raise RanregError(f"{what}: expected a 3D array, got shape {np.shape(array)}")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    if arr.dtype.kind not in "fiu":
+        raise RanregError(f"{what}: unsupported data type {arr.dtype}")
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise RanregError(f"{what}: contains NaN or infinite values")
+    if labels and arr.dtype.kind == "f":
+        if not np.array_equal(arr, np.round(arr)):
+            raise RanregError(f"{what}: label map has non-integer values")
+        arr = arr.astype(np.int32)
+    if labels and arr.dtype.kind == "i" and int(arr.min()) < 0:
+        raise RanregError(f"{what}: label map has negative values")
+    return arr
+
+
+def as_volume(image: ImageLike, what: str = "image", *, labels: bool = False) -> Volume:
+    """A :class:`Volume` from a file path, a ``Volume`` or an ``(array, affine)`` tuple.
+
+    Files are read with :func:`ranreg.data.io.load_nifti` (float32) or, with ``labels``,
+    :func:`~ranreg.data.io.load_label_volume` (integers kept). Arrays must be 3D and
+    finite; label maps must hold non-negative whole numbers (floats become int32).
+    """
+    if isinstance(image, str | os.PathLike):
+        from ranreg.data.io import load_label_volume, load_nifti
+
+        return load_label_volume(image) if labels else load_nifti(image)
+    if isinstance(image, Volume):
+        name = str(image.path) if image.path is not None else what
+        arr = _checked_array(image.array, name, labels)
+        grid = Grid(arr.shape, image.affine)  # type: ignore[arg-type]
+        return Volume(arr, grid.affine, spacing_from_affine(grid.affine), image.path)
+    if isinstance(image, tuple) and len(image) == 2:
+        arr = _checked_array(image[0], what, labels)
+        try:
+            grid = Grid(arr.shape, np.asarray(image[1], dtype=np.float64))  # type: ignore[arg-type]
+        except (RanregError, ValueError) as exc:
+            raise RanregError(f"{what}: {exc}") from None
+        return Volume(arr, grid.affine, spacing_from_affine(grid.affine))
+    raise RanregError(
+        f"{what}: expected a file path, a Volume or an (array, affine) tuple, "
+        f"got {type(image).__name__}"
+    )
+
+
+def interpolation(labels: bool, interp: str | None) -> str:
+    """The interpolation to use: ``nearest`` for labels, else ``interp`` (default linear)."""
+    if interp is not None and interp not in INTERPOLATIONS:
+        raise RanregError(f"interp must be one of {', '.join(INTERPOLATIONS)}, got {interp!r}")
+    if labels:
+        if interp not in (None, "nearest"):
+            raise RanregError(
+                f"label maps are resampled with nearest neighbour (label-safe); "
+                f"interp {interp!r} cannot be used with labels"
+            )
+        return "nearest"
+    return interp or "linear"
+
+
+def _outside(vox: Tensor, shape: Sequence[int]) -> np.ndarray:
+    n = torch.tensor(tuple(shape), dtype=vox.dtype).view(3, *([1] * (vox.dim() - 1)))
+    return ((vox < -0.5) | (vox > n - 0.5)).any(dim=0).numpy()
+
+
+def _sampler(vol: Volume, mode: str, labels: bool) -> tuple[Callable[[Tensor], Any], np.dtype]:
+    """A function from voxel coordinates ``(3, *T)`` of ``vol`` to its values there, and
+    the output type. Outside (more than half a voxel off the grid): 0 for labels, the
+    image minimum for images; within half a voxel: the border value."""
+    arr = np.asarray(vol.array)
+    fill = 0 if labels else arr.min()
+    if mode == "nearest":
+        dims = np.array(arr.shape).reshape(3, 1, 1, 1)
+
+        def nearest(vox: Tensor) -> np.ndarray:
+            v = vox.numpy()
+            idx = np.clip(np.rint(v), 0, dims - 1).astype(np.intp)
+            out = arr[idx[0], idx[1], idx[2]]
+            out[_outside(vox, arr.shape)] = fill
+            return out
+
+        return nearest, arr.dtype
+    dtype = np.dtype(np.float64 if arr.dtype == np.float64 else np.float32)
+    if mode == "linear":
+        src = torch.from_numpy(np.ascontiguousarray(arr, dtype=dtype))[None, None]
+        return (lambda vox: sample(src, vox, "bilinear", float(fill)).numpy()), dtype
+    from scipy import ndimage
+
+    coeffs = ndimage.spline_filter(arr.astype(np.float64), order=3, mode="mirror")
+
+    def bspline(vox: Tensor) -> np.ndarray:
+        v = vox.numpy()
+        out = ndimage.map_coordinates(
+            coeffs, v.reshape(3, -1), order=3, mode="mirror", prefilter=False
+        ).reshape(v.shape[1:])
+        out[_outside(vox, arr.shape)] = fill
+        return out.astype(dtype)
+
+    return bspline, dtype
+
+
+# ------------------------------------------------------------------------------ transform
+@dataclass(eq=False)
+class Transform:
+    """The mapping ``p -> p + u(p)`` from a fixed space to a moving space.
+
+    ``ddf_mm`` (X, Y, Z, 3): ``u`` in mm along the world (RAS+) axes at the points of
+    ``grid`` (the fixed grid). ``target``: the grid of the moving image, where
+    :meth:`inverse` defines the inverse by default (None when unknown). ``round_trip_mm``
+    and ``inversion``: set on a transform made by :meth:`inverse` (see there).
+    ``origin``: where it came from, for messages.
+    """
+
+    ddf_mm: np.ndarray
+    grid: Grid
+    target: Grid | None = None
+    round_trip_mm: dict[str, Any] | None = None
+    inversion: dict[str, Any] | None = None
+    origin: str = ""
+    _field: Tensor | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.ddf_mm = np.asarray(self.ddf_mm, dtype=np.float32)
+        if self.ddf_mm.shape != (*self.grid.shape, 3):
+            raise RanregError(
+                f"{self.origin or 'transform'}: field of shape {self.ddf_mm.shape} does not "
+                f"match its grid {(*self.grid.shape, 3)}"
+            )
+
+    # ---------------------------------------------------------------- reading and writing
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Transform:
+        """Read a result folder of ``ranreg register`` or of :meth:`save` (or its
+        ``ddf.nii.gz``). The moving grid comes from ``transform.json`` or ``metrics.json``
+        (``moving_grid``, else the header of the file named by ``moving``) when known."""
+        folder = Path(path)
+        if folder.is_file() and folder.name.endswith((".nii", ".nii.gz")):
+            folder, ddf_file = folder.parent, folder
+        else:
+            ddf_file = folder / "ddf.nii.gz"
+        if not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "transform folder not found"
+            raise RanregError(f"{folder}: {what}")
+        if not ddf_file.is_file():
+            raise RanregError(
+                f"{folder}: no ddf.nii.gz here; expected a folder written by `ranreg register`"
+                " or Transform.save"
+            )
+        ddf, grid = _read_ddf(ddf_file)
+        info = _read_json(folder / TRANSFORM_JSON) or _read_json(folder / "metrics.json")
+        return cls(
+            ddf,
+            grid,
+            target=_moving_grid(info, folder),
+            round_trip_mm=info.get("round_trip_mm"),
+            inversion=info.get("inversion"),
+            origin=str(folder),
+        )
+
+    def save(self, out_dir: str | os.PathLike[str]) -> Path:
+        """Write ``ddf.nii.gz`` (the ``ranreg register`` convention) and ``transform.json``
+        (grids, round-trip error) into the new folder ``out_dir``, atomically."""
+        from ranreg.infer import (
+            abandon_output_dir,
+            atomic_output_dir,
+            finish_output_dir,
+            save_ddf,
+            write_json,
+        )
+
+        out = Path(out_dir)
+        tmp, created = atomic_output_dir(out)
+        try:
+            save_ddf(tmp / "ddf.nii.gz", self.ddf_mm, self.grid.affine)
+            write_json(tmp / TRANSFORM_JSON, self.info())
+            finish_output_dir(tmp, out)
+        except BaseException:
+            abandon_output_dir(tmp, created)
+            raise
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """What :meth:`save` writes to ``transform.json``."""
+        from ranreg.infer import DDF_CONVENTION
+
+        return {
+            "origin": self.origin,
+            "fixed_grid": self.grid.to_json(),
+            "moving_grid": None if self.target is None else self.target.to_json(),
+            "round_trip_mm": self.round_trip_mm,
+            "inversion": self.inversion,
+            "ddf_convention": DDF_CONVENTION,
+        }
+
+    # ---------------------------------------------------------------- evaluating u
+    def _field_tensor(self) -> Tensor:
+        if self._field is None:
+            channels = np.ascontiguousarray(np.moveaxis(_extended(self.ddf_mm), -1, 0))
+            self._field = torch.from_numpy(channels)[None]
+        return self._field
+
+    def displacement_at(self, world: Tensor) -> Tensor:
+        """``u`` at world points ``(3, *T)`` (T of 3 dims), float64: linear between grid
+        points and up to one voxel beyond the grid (extrapolated linearly from the border),
+        the value there further out (:func:`_extended`)."""
+        vox = apply_affine(np.linalg.inv(self.grid.affine), world) + 1.0
+        return sample(self._field_tensor(), vox, "bilinear", None).double()
+
+    def _displacement(self, grid: Grid, start: int, stop: int, world: Tensor) -> Tensor:
+        if grid is self.grid or grid.same_as(self.grid):  # exact on the field's own grid
+            return torch.from_numpy(self.ddf_mm[start:stop]).double().movedim(-1, 0)
+        return self.displacement_at(world)
+
+    def map_points(self, points_mm: np.ndarray) -> np.ndarray:
+        """Map world points ``(N, 3)`` of the fixed space to the moving space."""
+        p = np.asarray(points_mm, dtype=np.float64).reshape(-1, 3)
+        world = torch.from_numpy(p.T.copy()).view(3, -1, 1, 1)
+        q = world + self.displacement_at(world)
+        return q.view(3, -1).T.numpy()
+
+    # ---------------------------------------------------------------- resampling
+    def apply(
+        self,
+        image: ImageLike,
+        *,
+        labels: bool = False,
+        interp: str | None = None,
+        reference: Grid | Volume | str | os.PathLike[str] | None = None,
+    ) -> Volume:
+        """Resample ``image`` (in moving space, any grid) onto ``reference`` (default: the
+        field's grid): ``out(x) = image(A_image^-1 (p + u(p)))``, ``p = A_ref x``.
+
+        ``interp``: ``linear`` (default), ``nearest`` or ``bspline`` (cubic B-spline,
+        prefiltered); the output of linear and bspline is float32 (float64 kept), never
+        rounded. ``labels``: a label map, resampled with nearest neighbour keeping its
+        integer type (``interp`` may then only be ``nearest``). Outside the image: 0 for
+        labels, the image minimum for images.
+        """
+        mode = interpolation(labels, interp)
+        vol = as_volume(image, "image", labels=labels)
+        ref = self.grid if reference is None else _as_grid(reference)
+        values, dtype = _sampler(vol, mode, labels)
+        out = np.empty(ref.shape, dtype=dtype)
+        to_image = np.linalg.inv(vol.affine)
+        for start, stop in ref.slabs():
+            p = ref.points(start, stop)
+            q = p + self._displacement(ref, start, stop, p)
+            out[start:stop] = values(apply_affine(to_image, q))
+        return Volume(out, ref.affine.copy(), spacing_from_affine(ref.affine))
+
+    # ---------------------------------------------------------------- inverse
+    def linear_fit(self) -> np.ndarray:
+        """The 4x4 affine map closest (least squares, on a sub-grid of at most 24 points
+        per axis) to ``p -> p + u(p)``."""
+        idx = [
+            np.unique(np.linspace(0, n - 1, min(n, 24)).round()).astype(int)
+            for n in self.grid.shape
+        ]
+        vox = np.stack(np.meshgrid(*idx, indexing="ij"), axis=-1).reshape(-1, 3).astype(float)
+        p = vox @ self.grid.affine[:3, :3].T + self.grid.affine[:3, 3]
+        q = p + self.ddf_mm[np.ix_(*idx)].reshape(-1, 3)
+        coef, *_ = np.linalg.lstsq(np.c_[p, np.ones(len(p))], q, rcond=None)
+        out = np.eye(4)
+        out[:3, :3], out[:3, 3] = coef[:3].T, coef[3]
+        return out
+
+    def inverse(
+        self,
+        grid: Grid | Volume | str | os.PathLike[str] | None = None,
+        *,
+        iterations: int = 100,
+        tolerance: float = 1e-3,
+        mask: np.ndarray | Volume | None = None,
+    ) -> Transform:
+        """The inverse mapping as a :class:`Transform` on ``grid`` (default: the moving
+        grid, :attr:`target`), with ``round_trip_mm`` and ``inversion`` filled in.
+
+        For each point ``q`` of ``grid`` the point ``p = q + w(q)`` with ``p + u(p) = q``
+        is found by the fixed-point iteration ``w <- -u(q + w)``, preconditioned with the
+        inverse of the linear part ``L`` of the field's best-fit affine map ``F``
+        (:meth:`linear_fit`): ``p <- p + L^-1 (q - p - u(p))``, started at ``F^-1 q``.
+        Without an affine component (``L = I``) this is exactly ``w_{k+1} = -u(q + w_k)``;
+        with one (e.g. a rotation of the affine stage) it still converges. ``u`` is
+        interpolated linearly (outside the fixed grid: extrapolated for one voxel, then
+        constant; see :meth:`displacement_at`). It stops when no point moves more than
+        ``tolerance`` mm or after ``iterations`` steps. ``inversion`` holds the steps taken
+        and the residual ``|p + u(p) - q|`` (mm); ``round_trip_mm`` the round-trip error
+        (:meth:`round_trip`, inside ``mask`` on the fixed grid if given).
+        """
+        if iterations < 1 or not tolerance > 0:
+            raise RanregError("inverse needs iterations >= 1 and a positive tolerance")
+        target = self._inverse_grid(grid)
+        fit = self.linear_fit()
+        lin = fit[:3, :3]
+        if not (np.all(np.isfinite(fit)) and np.linalg.cond(lin) < 1e6):
+            fit, lin = np.eye(4), np.eye(3)
+        start_map, precond = np.linalg.inv(fit), torch.from_numpy(np.linalg.inv(lin))
+        w = np.empty((*target.shape, 3), dtype=np.float32)
+        steps, converged, residuals = 0, True, []
+        for start, stop in target.slabs():
+            q = target.points(start, stop)
+            p, k, done = self._solve(q, apply_affine(start_map, q), precond, iterations, tolerance)
+            steps, converged = max(steps, k), converged and done
+            residual = (q - p - self.displacement_at(p)).norm(dim=0)
+            residuals.append(residual.flatten().numpy().astype(np.float32))
+            w[start:stop] = (p - q).movedim(0, -1).numpy()
+        res = np.concatenate(residuals)
+        inverse = Transform(w, target, target=self.grid, origin=f"inverse of {self.origin}")
+        inverse.inversion = {
+            "iterations": steps,
+            "converged": converged,
+            "tolerance_mm": tolerance,
+            "residual_mm": {"mean": float(res.mean()), "max": float(res.max())},
+        }
+        inverse.round_trip_mm = self.round_trip(inverse, mask)
+        return inverse
+
+    def _solve(
+        self, q: Tensor, p: Tensor, precond: Tensor, iterations: int, tolerance: float
+    ) -> tuple[Tensor, int, bool]:
+        """Iterate ``p <- p + P (q - p - u(p))``; returns ``p``, the steps, convergence."""
+        for k in range(1, iterations + 1):
+            step = torch.einsum("ij,j...->i...", precond, q - p - self.displacement_at(p))
+            p = p + step
+            if float(step.norm(dim=0).max()) < tolerance:
+                return p, k, True
+        return p, iterations, False
+
+    def _inverse_grid(self, grid: Grid | Volume | str | os.PathLike[str] | None) -> Grid:
+        if grid is not None:
+            return _as_grid(grid)
+        if self.target is None:
+            raise RanregError(
+                f"{self.origin or 'transform'}: the moving grid is unknown (no moving_grid in "
+                "metrics.json and the moving image file is not found); give a reference grid"
+            )
+        return self.target
+
+    def round_trip(
+        self, inverse: Transform, mask: np.ndarray | Volume | None = None
+    ) -> dict[str, Any]:
+        """Round-trip error ``|u(p) + w(p + u(p))|`` (mm) of ``inverse`` (field ``w``) over
+        the points ``p`` of this field's grid (inside ``mask`` if given) whose image
+        ``p + u(p)`` lies on the inverse's grid (elsewhere ``w`` is not defined): mean,
+        95th percentile, max, the number of points and their fraction of the grid (mask)."""
+        keep = None if mask is None else _mask_array(mask, self.grid)
+        errors = []
+        for start, stop in self.grid.slabs():
+            p = self.grid.points(start, stop)
+            u = self._displacement(self.grid, start, stop, p)
+            q = p + u
+            inside = inverse.grid.inside(q).numpy()
+            if keep is not None:
+                inside &= keep[start:stop]
+            err = (u + inverse.displacement_at(q)).norm(dim=0).numpy()
+            errors.append(err[inside])
+        e = np.concatenate(errors)
+        total = int(keep.sum()) if keep is not None else int(np.prod(self.grid.shape))
+        if e.size == 0:
+            return {"mean": None, "p95": None, "max": None, "points": 0, "fraction": 0.0}
+        return {
+            "mean": float(e.mean()),
+            "p95": float(np.percentile(e, 95)),
+            "max": float(e.max()),
+            "points": int(e.size),
+            "fraction": float(e.size / max(total, 1)),
+        }
+
+
+# ------------------------------------------------------------------------------ files
+def _read_ddf(path: Path) -> tuple[np.ndarray, Grid]:
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:
+        raise RanregError(f"{path}: cannot read the displacement field ({exc})") from None
+    shape = data.shape
+    if len(shape) == 5 and shape[3] == 1 and shape[4] == 3:
+        data = data[:, :, :, 0, :]
+    elif not (len(shape) == 4 and shape[3] == 3):
+        raise RanregError(f"{path}: expected a displacement field (X, Y, Z, 1, 3), got {shape}")
+    if not np.all(np.isfinite(data)):
+        raise RanregError(f"{path}: the displacement field has NaN or infinite values")
+    try:
+        return data, Grid(shape[:3], img.affine)  # type: ignore[arg-type]
+    except RanregError as exc:
+        raise RanregError(f"{path}: {exc}") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RanregError(f"{path}: cannot read ({exc})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _moving_grid(info: dict[str, Any], folder: Path) -> Grid | None:
+    """The moving grid recorded in a result's json: ``moving_grid``, else the header of the
+    file ``moving`` names (as given, or relative to the folder's parent); None if unknown."""
+    if info.get("moving_grid"):
+        return Grid.from_json(info["moving_grid"], f"{folder}: moving_grid")
+    name = info.get("moving")
+    if not isinstance(name, str) or not name or name == "None":
+        return None
+    for candidate in (Path(name), folder.parent / name):
+        if candidate.exists():
+            return read_grid(candidate)
+    return None
+
+
+def _mask_array(mask: np.ndarray | Volume, grid: Grid) -> np.ndarray:
+    arr = np.asarray(mask.array if isinstance(mask, Volume) else mask)
+    if arr.shape != grid.shape:
+        raise RanregError(f"mask of shape {arr.shape} does not match the grid {grid.shape}")
+    return arr != 0
+
+
+def _extended(field: np.ndarray) -> np.ndarray:
+    """The field ``(X, Y, Z, 3)`` with one more plane on each side of every axis,
+    extrapolated linearly from the two border planes (copied for an axis of size 1): points
+    just outside the grid (e.g. where the inverse's iteration or a grid's border lands)
+    get the field's smooth continuation rather than a kink."""
+    out = field
+    for axis in range(3):
+        first, last = np.take(out, [0], axis), np.take(out, [-1], axis)
+        if out.shape[axis] > 1:
+            first = 2 * first - np.take(out, [1], axis)
+            last = 2 * last - np.take(out, [-2], axis)
+        out = np.concatenate([first, out, last], axis=axis)
+    return out
