@@ -151,3 +151,22 @@ def test_outputs_follow_the_input_format_or_format(tmp_path: Path) -> None:
     argv = [*base, "--fixed", str(f), "--out", str(tmp_path / "b"), "--format", "mha"]
     assert main(argv) == 0
     assert (tmp_path / "b" / "warped.mha").is_file() and (tmp_path / "b" / "ddf.nii.gz").is_file()
+
+
+def test_evaluate_finds_nrrd_subjects(tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    data = tmp_path / "data"
+    for sub in ("images", "labels"):
+        (data / sub).mkdir(parents=True)
+    for i in range(2):
+        img = _volume(tmp_path / f"i{i}.nii.gz", i)
+        lab = _volume(tmp_path / f"l{i}.nii.gz", i, labels=True)
+        sitk.WriteImage(sitk.ReadImage(str(img)), str(data / "images" / f"s{i}.nrrd"))
+        sitk.WriteImage(sitk.ReadImage(str(lab)), str(data / "labels" / f"s{i}.nrrd"))
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--data", str(data), "--model", "identity", "--no-progress"]
+    assert main([*argv, "--out", str(out), "--labels", "5", "63"]) == 0
+    with (out / "results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(r["moving"], r["fixed"]) for r in rows} == {("s0", "s1"), ("s1", "s0")}

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ranreg.data.io import load_label_volume, load_nifti, nifti_stem
+from ranreg.data.formats import image_stem, is_image_file
+from ranreg.data.io import load_label_volume, load_nifti
 from ranreg.data.preprocess import (
     ABDOMEN_ORGANS,
     DEFAULT_FACTOR,
@@ -70,32 +71,28 @@ class Subject:
     label: Path | None = None
 
 
-def _nifti_files(folder: Path) -> list[Path]:
-    files = [
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.name.endswith((".nii.gz", ".nii"))
-    ]
-    return sorted(files, key=lambda p: p.name)
+def _image_files(folder: Path) -> list[Path]:
+    """Image files of a folder (NIfTI, NRRD, MHA/MHD; ranreg.data.formats), by name."""
+    return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
 
 
 def _pair_folder(images_dir: Path, labels_dir: Path | None, strip: str = "") -> list[Subject]:
-    images = _nifti_files(images_dir)
+    images = _image_files(images_dir)
     if strip:
         # Learn2Reg: NAME_0000 is the first (only) channel; other channels are ignored
-        first = [p for p in images if nifti_stem(p).endswith(strip)]
+        first = [p for p in images if image_stem(p).endswith(strip)]
         images = first or images
     if not images:
-        raise RanregError(f"{images_dir}: no .nii.gz or .nii images found")
+        raise RanregError(f"{images_dir}: no images found (.nii.gz, .nii, .nrrd, .mha, .mhd)")
     labels: dict[str, Path] = {}
     if labels_dir is not None and labels_dir.is_dir():
-        labels = {nifti_stem(p): p for p in _nifti_files(labels_dir)}
+        labels = {image_stem(p): p for p in _image_files(labels_dir)}
     else:
         labels_dir = None
     subjects = []
     seen: set[str] = set()
     for img in images:
-        stem = nifti_stem(img)
+        stem = image_stem(img)
         name = stem[: -len(strip)] if strip and stem.endswith(strip) else stem
         if name in seen:
             raise RanregError(f"{img}: duplicate subject name {name!r} in {images_dir}")
