@@ -170,3 +170,8 @@ def test_evaluate_finds_nrrd_subjects(tmp_path: Path) -> None:
     with (out / "results.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert {(r["moving"], r["fixed"]) for r in rows} == {("s0", "s1"), ("s1", "s0")}
+    assert {r["organ"] for r in rows} == {"esophagus", "label 63"}  # the abdomen table
+    argv += ["--label-names", "totalseg", "--labels", "5", "63"]
+    assert main([*argv, "--out", str(tmp_path / "eval2")]) == 0
+    with (tmp_path / "eval2" / "results.csv").open() as fh:
+        assert {r["organ"] for r in csv.DictReader(fh)} == {"liver", "inferior_vena_cava"}

@@ -45,13 +45,13 @@ from ranreg.infer import (
     is_neural,
     model_label,
     options_from_args,
-    organ_name,
     register_volumes,
     resolve_device,
     resolve_model,
     score_labels,
     write_json,
 )
+from ranreg.labelnames import label_name, load_label_names
 from ranreg.metrics import PAPER_ORGANS
 from ranreg.options import RegistrationOptions
 from ranreg.refine import DEFAULT_STEPS
@@ -265,6 +265,10 @@ def wilcoxon_table(rows: list[dict[str, Any]], models: Sequence[str]) -> list[di
     return out
 
 
+def _name(info: dict[str, Any], label: int) -> str:
+    return info["label_names"].get(str(label), f"label {label}")
+
+
 def _summary(
     rows: list[dict[str, Any]],
     models: list[ModelRun],
@@ -279,7 +283,7 @@ def _summary(
         f"- data: `{info['data']}` (split: {info['split'] or 'none'}), "
         f"{info['subjects']} subjects: {', '.join(info['subject_names'])}",
         f"- ordered pairs (moving, fixed): {info['pairs']}; organs: "
-        + ", ".join(f"{lab} {organ_name(lab)}" for lab in labels),
+        + ", ".join(f"{lab} {_name(info, lab)}" for lab in labels),
         f"- device: {info['device']}; scores on each fixed image's original grid; "
         "mean ± sd (sample sd) over pairs; NaN (organ absent) left out",
         "",
@@ -310,7 +314,7 @@ def _summary(
                     "n": n,
                 }
                 cells.append(_fmt(m, s, digits))
-            lines.append(f"| {lab} {organ_name(lab)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {lab} {_name(info, lab)} | " + " | ".join(cells) + " |")
         cells = []
         for name in names:
             m, s, n = _mean_sd(list(_pair_means(rows, name, key).values()))
@@ -386,13 +390,16 @@ def evaluate(
     progress: bool = True,
     *,
     options: RegistrationOptions | None = None,
+    label_names: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``models`` (default: the packaged default) and ``identity`` on every ordered
     pair of the subjects of ``data`` (``split`` default: ``test``, or none for a folder that
     directly holds ``images/``); write the outputs into the new folder ``out_dir`` (see the
     module docstring). ``options`` is the pipeline every model runs with (a ``MODEL@bf16`` or
-    ``MODEL+fast`` spec changes it for one model). Returns the summary dict (as
-    ``summary.json``)."""
+    ``MODEL+fast`` spec changes it for one model). ``label_names``: the table naming the
+    labels (:func:`ranreg.labelnames.load_label_names`; default the abdomen organs).
+    Returns the summary dict (as ``summary.json``)."""
+    table = load_label_names(label_names)
     from ranreg import figures
 
     out = Path(out_dir)
@@ -439,7 +446,7 @@ def evaluate(
                         "moving": mov_s.name,
                         "fixed": fix_s.name,
                         "label": lab,
-                        "organ": organ_name(lab),
+                        "organ": label_name(table, lab),
                         **scores[lab],
                         **jac,
                         "runtime_s": result.runtime_s,
@@ -456,6 +463,7 @@ def evaluate(
         "subject_names": [s.name for s in subjects],
         "pairs": len(pairs),
         "labels": organs,
+        "label_names": {str(lab): label_name(table, lab) for lab in organs},
         "device": str(dev),
     }
     text, summary = _summary(rows, named, organs, info)
@@ -490,6 +498,7 @@ def _run(args: Any) -> int:
         device=args.device,
         progress=not args.no_progress,
         options=options_from_args(args),
+        label_names=args.label_names,
     )
     info = summary["info"]
     print(
@@ -536,6 +545,12 @@ def add_parser(sub: Any) -> None:
         help="label values to score (default the paper's 9 organs)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument(
+        "--label-names",
+        metavar="NAME|FILE",
+        help="names of the label values: abdomen (default), totalseg, totalseg-mr or a "
+        "JSON/CSV file of id,name",
+    )
     add_registration_options(p, progress_flag=False)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
