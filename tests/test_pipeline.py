@@ -171,3 +171,14 @@ def test_register_writes_affine_txt_consistent_with_metrics(tmp_path: Path, caps
         read_itk_affine(out / "affine.txt"), metrics["affine"]["world_matrix_ras"], atol=1e-9
     )
     assert "rigid" in capsys.readouterr().out
+
+
+def test_a_model_that_returns_nan_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    from ranreg.errors import RanregError
+    from ranreg.infer import register_files
+
+    argv = _pair(tmp_path)
+    fixed, moving = argv[2], argv[4]
+    with pytest.raises(RanregError, match="non-finite"):
+        register_files(fixed, moving, tmp_path / "out", ConstantShift((float("nan"), 0.0, 0.0)))
+    assert not (tmp_path / "out").exists()
