@@ -22,20 +22,20 @@ import torch
 
 from ranreg.data.io import Volume, spacing_from_affine
 from ranreg.errors import RanregError
-from ranreg.infer import (
-    _jsonable,
-    _label_scores,
-    _labels_to_score,
-    _metrics,
-    _write_outputs,
+from ranreg.labelnames import load_label_names
+from ranreg.models import resolve_model
+from ranreg.options import RegistrationOptions
+from ranreg.outputs import (
     abandon_output_dir,
     atomic_output_dir,
+    choose_labels,
     finish_output_dir,
-    resolve_model,
+    jsonable,
+    label_scores,
+    result_metrics,
     write_json,
+    write_outputs,
 )
-from ranreg.labelnames import load_label_names
-from ranreg.options import RegistrationOptions
 from ranreg.pipeline import RegistrationResult, register_volumes
 from ranreg.transform import Grid, ImageLike, Transform, as_volume
 
@@ -113,7 +113,7 @@ class Registration:
         out = Path(out_dir)
         tmp, created = atomic_output_dir(out)
         try:
-            _write_outputs(
+            write_outputs(
                 tmp,
                 self.result,
                 self.metrics,
@@ -184,11 +184,11 @@ def register(
         None if moving_labels is None else as_volume(moving_labels, "moving labels", labels=True)
     )
     names = label_names if isinstance(label_names, dict) else load_label_names(label_names)
-    labels = _labels_to_score(labels_to_score, label_names, fix_lab)
+    labels = choose_labels(labels_to_score, label_names, fix_lab)
     result = register_volumes(net, mov, fix, mov_lab, fix_lab, device, options=opts)
-    metrics = _metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device)
+    metrics = result_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device)
     if mov_lab is not None and fix_lab is not None:
-        metrics.update(_label_scores(result, fix_lab, labels, fix.spacing, names))
+        metrics.update(label_scores(result, fix_lab, labels, fix.spacing, names))
     _name_inputs(metrics, fix, mov, fix_lab, mov_lab)
     transform = Transform(
         result.ddf_mm,
@@ -199,7 +199,7 @@ def register(
     return Registration(
         result=result,
         transform=transform,
-        metrics=_jsonable(metrics),
+        metrics=jsonable(metrics),
         fixed=fix,
         moving=mov,
         fixed_labels=fix_lab,

@@ -31,31 +31,23 @@ from scipy import stats
 from tqdm import tqdm
 
 from ranreg.data.datasets import Subject, discover_subjects, load_subject, ordered_pairs
-from ranreg.data.io import Volume, spacing_from_affine
+from ranreg.data.io import Volume, check_out_dir, spacing_from_affine
 from ranreg.errors import RanregError
-from ranreg.infer import (
-    IDENTITY,
-    PRECISIONS,
-    IdentityModel,
+from ranreg.infer import add_registration_options, options_from_args
+from ranreg.labelnames import label_name, load_label_names
+from ranreg.metrics import PAPER_ORGANS
+from ranreg.models import IDENTITY, IdentityModel, model_label, resolve_model
+from ranreg.options import PRECISIONS, RegistrationOptions
+from ranreg.outputs import (
     abandon_output_dir,
-    add_registration_options,
     atomic_output_dir,
-    check_out_dir,
     finish_output_dir,
-    is_neural,
-    model_label,
-    options_from_args,
-    register_volumes,
-    resolve_device,
-    resolve_model,
     score_labels,
     write_json,
 )
-from ranreg.labelnames import label_name, load_label_names
-from ranreg.metrics import PAPER_ORGANS
-from ranreg.options import RegistrationOptions
+from ranreg.pipeline import register_volumes
 from ranreg.refine import DEFAULT_STEPS
-from ranreg.runtime import resolve_precision
+from ranreg.runtime import is_neural, resolve_device, resolve_precision
 
 __all__ = ["FIELDS", "evaluate", "wilcoxon_table", "add_parser"]
 

@@ -193,7 +193,7 @@ class StepSamples(Dataset):
 def init_weights(model: torch.nn.Module, spec: str) -> None:
     """Copy the weights of a trained model (file, folder or packaged name) into ``model``:
     fine-tuning. The architecture must match (name, ndim, heads)."""
-    from ranreg.infer import resolve_model
+    from ranreg.models import resolve_model
 
     source = resolve_model(spec)
     want = {k: model.config.get(k) for k in ("name", "ndim", "heads")}

@@ -323,7 +323,7 @@ class Transform:
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
         """Write ``ddf.nii.gz`` (the ``ranreg register`` convention) and ``transform.json``
         (grids, round-trip error) into the new folder ``out_dir``, atomically."""
-        from ranreg.infer import (
+        from ranreg.outputs import (
             abandon_output_dir,
             atomic_output_dir,
             finish_output_dir,
@@ -344,7 +344,7 @@ class Transform:
 
     def info(self) -> dict[str, Any]:
         """What :meth:`save` writes to ``transform.json``."""
-        from ranreg.infer import DDF_CONVENTION
+        from ranreg.outputs import DDF_CONVENTION
 
         return {
             "origin": self.origin,
