@@ -481,13 +481,22 @@ class Transform:
     def _solve(
         self, q: Tensor, p: Tensor, precond: Tensor, iterations: int, tolerance: float
     ) -> tuple[Tensor, int, bool]:
-        """Iterate ``p <- p + P (q - p - u(p))``; returns ``p``, the steps, convergence."""
+        """Iterate ``p <- p + P (q - p - u(p))`` until each point moves less than
+        ``tolerance`` (a converged point is not updated again, so the few points that do
+        not converge, e.g. where the mapping folds, do not hold up the others); returns
+        ``p``, the steps and whether every point converged."""
+        shape = p.shape
+        q_flat, p_flat = q.reshape(3, -1), p.reshape(3, -1).clone()
+        active = torch.arange(q_flat.shape[1])
         for k in range(1, iterations + 1):
-            step = torch.einsum("ij,j...->i...", precond, q - p - self.displacement_at(p))
-            p = p + step
-            if float(step.norm(dim=0).max()) < tolerance:
-                return p, k, True
-        return p, iterations, False
+            pa = p_flat[:, active]
+            u = self.displacement_at(pa.reshape(3, -1, 1, 1)).reshape(3, -1)
+            step = precond.to(pa.dtype) @ (q_flat[:, active] - pa - u)
+            p_flat[:, active] = pa + step
+            active = active[step.norm(dim=0) >= tolerance]
+            if active.numel() == 0:
+                return p_flat.reshape(shape), k, True
+        return p_flat.reshape(shape), iterations, False
 
     def _inverse_grid(self, grid: Grid | Volume | str | os.PathLike[str] | None) -> Grid:
         if grid is not None:
