@@ -96,7 +96,10 @@ def _round_trip_text(inverse: Any) -> str:
         f"round-trip error |u(p) + w(p + u(p))| mean {rt['mean']:.3f} mm, 95th percentile "
         f"{rt['p95']:.3f} mm ({inv.get('iterations')} iterations"
     )
-    return text + ("" if inv.get("converged", True) else ", not converged") + ")"
+    if inv.get("converged", True):
+        return text + ")"
+    share = 100 * float(inv.get("unconverged_fraction", 0.0))
+    return text + f"; {share:.3f} % of the points did not converge)"
 
 
 def add_parser(sub: Any) -> None:

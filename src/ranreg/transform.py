@@ -473,6 +473,9 @@ class Transform:
             "iterations": steps,
             "converged": converged,
             "tolerance_mm": tolerance,
+            # points still moving after the last step (the iteration has no fixed point
+            # there, e.g. where the mapping folds or leaves the grid)
+            "unconverged_fraction": float((res > tolerance).mean()),
             "residual_mm": {"mean": float(res.mean()), "max": float(res.max())},
         }
         inverse.round_trip_mm = self.round_trip(inverse, mask)
