@@ -299,8 +299,10 @@ def _bad_case(case: str, pair: dict[str, Path], tmp: Path) -> tuple[list[str], s
         bad[3, 4, 5] = np.nan
         save(tmp / "nan.nii.gz", bad, a)
         return ["--fixed", str(tmp / "nan.nii.gz")], "nan.nii.gz"
-    if case == "label-shape":
-        save(tmp / "lab.nii.gz", np.zeros((24, 20, 27), np.uint8), a)
+    if case == "label-shape":  # another grid, 500 mm away: nothing of it inside the image
+        far = a.copy()
+        far[:3, 3] += 500.0
+        save(tmp / "lab.nii.gz", np.ones((24, 20, 27), np.uint8), far)
         return ["--fixed-labels", str(tmp / "lab.nii.gz")], "lab.nii.gz"
     if case == "torch-pickle":
         torch.save(build_model("RAN0", ndim=3).state_dict(), tmp / "weights.pt")

@@ -182,3 +182,73 @@ def test_a_model_that_returns_nan_is_refused_before_anything_is_written(tmp_path
     with pytest.raises(RanregError, match="non-finite"):
         register_files(fixed, moving, tmp_path / "out", ConstantShift((float("nan"), 0.0, 0.0)))
     assert not (tmp_path / "out").exists()
+
+
+def test_label_map_on_another_grid_is_placed_by_its_own_affine(tmp_path: Path) -> None:
+    """The same labels stored flipped (array and affine), so that they sit in the same
+    world place: resampled with a warning, the result equals the aligned case."""
+    from ranreg.cli import main
+
+    argv = _pair(tmp_path)
+    a = np.diag([3.0, 3.0, 3.0, 1.0])
+    lab = np.zeros((20, 18, 16), np.uint8)
+    lab[3:9, 4:12, 5:10] = 2
+    lab[11:17, 2:8, 3:13] = 7
+    nib.save(nib.Nifti1Image(lab, a), tmp_path / "lab.nii.gz")
+    flip = a.copy()
+    flip[0, 0], flip[0, 3] = -3.0, 3.0 * 19  # index i -> world 57 - 3 i: same places
+    nib.save(nib.Nifti1Image(lab[::-1].copy(), flip), tmp_path / "lab_flipped.nii.gz")
+    runs = {}
+    for name in ("lab", "lab_flipped"):
+        out = tmp_path / f"out_{name}"
+        extra = ["--moving-labels", str(tmp_path / f"{name}.nii.gz"), "--model", "identity"]
+        if name == "lab":
+            assert main([*argv, "--out", str(out), *extra]) == 0
+        else:
+            with pytest.warns(UserWarning, match="another grid than its image"):
+                assert main([*argv, "--out", str(out), *extra]) == 0
+        runs[name] = nib.load(out / "warped_labels.nii.gz").get_fdata()
+    np.testing.assert_array_equal(runs["lab"], runs["lab_flipped"])
+
+
+def test_unreadable_voxel_types_sizes_and_output_paths_are_one_error_line(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    from ranreg.cli import main
+
+    argv = _pair(tmp_path)
+    cplx = np.zeros((20, 18, 16), np.complex64)
+    nib.save(nib.Nifti1Image(cplx, np.eye(4)), tmp_path / "complex.nii.gz")
+    zero = nib.Nifti1Image(np.zeros((20, 18, 16), np.float32), None)
+    zero.header.set_zooms((0.0, 0.0, 0.0))
+    zero.header["sform_code"] = zero.header["qform_code"] = 0
+    nib.save(zero, tmp_path / "zero.nii")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    cases = [
+        (["--moving", str(tmp_path / "complex.nii.gz")], "unsupported voxel type"),
+        (["--moving", str(tmp_path / "zero.nii")], "voxel size is unknown"),
+        ([], "symbolic link"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / "link" if message == "symbolic link" else tmp_path / "out"
+        assert main([*argv, "--out", str(out), "--model", "identity", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    monkeypatch.setenv("RANREG_MAX_VOXELS", "1000")
+    assert main([*argv, "--out", str(tmp_path / "out"), "--model", "identity"]) == 2
+    assert "RANREG_MAX_VOXELS" in capsys.readouterr().err
+    monkeypatch.delenv("RANREG_MAX_VOXELS")
+    # a full disk while the outputs are written: one line, nothing left behind
+    import errno
+
+    import ranreg.data.io as io
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io.os, "replace", full)
+    assert main([*argv, "--out", str(tmp_path / "out"), "--model", "identity"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: No space left on device"], err
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

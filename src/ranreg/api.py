@@ -36,7 +36,7 @@ from ranreg.outputs import (
     write_json,
     write_outputs,
 )
-from ranreg.pipeline import RegistrationResult, register_volumes
+from ranreg.pipeline import RegistrationResult, align_labels, register_volumes
 from ranreg.transform import Grid, ImageLike, Transform, as_volume
 
 __all__ = ["Registration", "register"]
@@ -184,6 +184,8 @@ def register(
         None if moving_labels is None else as_volume(moving_labels, "moving labels", labels=True)
     )
     names = label_names if isinstance(label_names, dict) else load_label_names(label_names)
+    mov_lab = align_labels(mov_lab, mov, "moving")
+    fix_lab = align_labels(fix_lab, fix, "fixed")
     labels = choose_labels(labels_to_score, label_names, fix_lab)
     result = register_volumes(net, mov, fix, mov_lab, fix_lab, device, options=opts)
     metrics = result_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device)

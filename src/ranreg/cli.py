@@ -69,7 +69,18 @@ def _command(argv: Sequence[str]) -> str | None:
     return argv[0] if argv and argv[0] in COMMANDS else None
 
 
+def _one_line_warning(message: Warning | str, category: type, *args: object, **kw: object) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+    import warnings
+
+    warnings.formatwarning = _one_line_warning  # type: ignore[assignment]
+    # nibabel logs the header fixes it makes (e.g. zero voxel sizes set to 1); ranreg's
+    # readers check those fields themselves and report one error line
+    logging.getLogger("nibabel").setLevel(logging.ERROR)
     try:
         words = list(sys.argv[1:] if argv is None else argv)
         parser = build_parser(_command(words))
@@ -85,6 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the reader of our output went away (e.g. `| head`): stop quietly, like Unix tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:
+        # the file system refused (read-only, full, permissions): the writers clean up their
+        # temporary files; the user gets one line
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

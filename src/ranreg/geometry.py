@@ -27,6 +27,7 @@ __all__ = [
     "sample",
     "area_downsample",
     "spacing_of",
+    "labels_on_grid",
 ]
 
 
@@ -95,3 +96,27 @@ def area_downsample(image: Tensor, affine: np.ndarray, spacing: float) -> tuple[
     scale[:3, :3] = np.diag(k)
     scale[:3, 3] = [(kk - 1) / 2.0 for kk in k]
     return out, np.asarray(affine, dtype=np.float64) @ scale
+
+
+def same_grid(a: Volume, b: Volume, atol_mm: float = 1e-3) -> bool:
+    """Whether two volumes have the same shape and voxel-to-world affine."""
+    return tuple(a.shape) == tuple(b.shape) and np.allclose(
+        np.asarray(a.affine, dtype=np.float64), np.asarray(b.affine, dtype=np.float64), atol=atol_mm
+    )
+
+
+def labels_on_grid(label: Volume, image: Volume) -> Volume:
+    """``label`` resampled onto ``image``'s grid through both affines (nearest; 0 outside
+    the label map): a label map stored on another grid than its image is placed where its
+    own affine says, never assumed aligned."""
+    to_label = np.linalg.inv(np.asarray(label.affine, dtype=np.float64)) @ np.asarray(
+        image.affine, dtype=np.float64
+    )
+    arr = np.asarray(label.array)
+    wide = arr.size > 0 and int(arr.max()) >= 2**24  # float32 holds integers up to 2^24
+    src = torch.from_numpy(arr.astype(np.float64 if wide else np.float32))[None, None]
+    idx = torch.stack(
+        torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in image.shape], indexing="ij")
+    )
+    out = sample(src, apply_affine(to_label, idx), "nearest", 0.0).round().numpy()
+    return Volume(out.astype(arr.dtype), np.asarray(image.affine), image.spacing, label.path)

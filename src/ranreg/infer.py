@@ -48,6 +48,7 @@ from ranreg.pipeline import (
     HU_THRESHOLD,
     RegistrationResult,
     _check_inputs,
+    align_labels,
     model_settings,
     register_volumes,
 )
@@ -228,6 +229,8 @@ def register_files(
     mov_lab = None if moving_labels is None else load_label_volume(moving_labels)
     fix_lab = None if fixed_labels is None else load_label_volume(fixed_labels)
     _check_inputs(net, mov, fix, mov_lab, fix_lab)
+    mov_lab = align_labels(mov_lab, mov, "moving")
+    fix_lab = align_labels(fix_lab, fix, "fixed")
     model_settings(net.config)
     names = label_names if isinstance(label_names, dict) else load_label_names(label_names)
     labels = choose_labels(labels_to_score, label_names, fix_lab)

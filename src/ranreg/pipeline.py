@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,14 @@ from ranreg.affine import register_affine
 from ranreg.data.io import Volume
 from ranreg.data.preprocess import DEFAULT_WINDOW
 from ranreg.errors import RanregError
-from ranreg.geometry import apply_affine, cell_centres, cell_grid, sample
+from ranreg.geometry import (
+    apply_affine,
+    cell_centres,
+    cell_grid,
+    labels_on_grid,
+    same_grid,
+    sample,
+)
 from ranreg.options import RegistrationOptions
 from ranreg.refine import RefineReport, refine_pair
 from ranreg.runtime import is_neural, resolve_device, run_network, synchronize
@@ -175,12 +183,26 @@ def _check_inputs(
                 f"{_volume_name(vol, name)}: need a 3D volume with at least 2 voxels per axis, "
                 f"got shape {vol.shape}"
             )
-    for lab, img, name in ((moving_label, moving, "moving"), (fixed_label, fixed, "fixed")):
-        if lab is not None and lab.shape != img.shape:
-            raise RanregError(
-                f"{_volume_name(lab, name + ' labels')} has shape {lab.shape} but its image "
-                f"{_volume_name(img, name + ' image')} has shape {img.shape}"
-            )
+
+
+def align_labels(label: Volume | None, image: Volume, role: str) -> Volume | None:
+    """``label`` on its image's grid: as it is when the grids agree, else resampled through
+    both affines with a warning; a label map that lands outside its image is an error."""
+    if label is None or same_grid(label, image):
+        return label
+    placed = labels_on_grid(label, image)
+    name = _volume_name(label, f"{role} labels")
+    if np.asarray(label.array).any() and not placed.array.any():
+        raise RanregError(
+            f"{name}: no label of this map falls inside its image "
+            f"{_volume_name(image, role + ' image')} in world space (their affines disagree)"
+        )
+    warnings.warn(
+        f"{name} is stored on another grid than its image; resampled onto the image's grid "
+        "through both affines (nearest)",
+        stacklevel=3,
+    )
+    return placed
 
 
 def _labels_tensor(label: Volume, device: torch.device) -> tuple[Tensor, np.dtype]:
@@ -306,6 +328,8 @@ def register_volumes(
     opts = opts or RegistrationOptions()
     dev = resolve_device(device)
     _check_inputs(model, moving, fixed, moving_label, fixed_label)
+    moving_label = align_labels(moving_label, moving, "moving")
+    fixed_label = align_labels(fixed_label, fixed, "fixed")
     spacing, window = model_settings(model.config)
     neural = is_neural(model)
     refine_settings = opts.refine_settings(neural)

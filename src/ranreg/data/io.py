@@ -102,7 +102,46 @@ def _open(path: str | os.PathLike[str]) -> tuple[Path, nib.Nifti1Image]:
         raise RanregError(f"{p}: cannot read as NIfTI ({_describe(exc)}){hint}") from exc
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise RanregError(f"{p}: not a NIfTI file (read as {type(img).__name__}){_formats_hint(p)}")
+    _check_header(p, img)
     return p, img
+
+
+def max_voxels() -> int:
+    """The largest image ranreg reads (voxels): ``RANREG_MAX_VOXELS``, default 600 million
+    (a 512 x 512 x 2288 CT; about 2.4 GB as float32 before any processing)."""
+    text = os.environ.get("RANREG_MAX_VOXELS", "600000000")
+    try:
+        return int(float(text))
+    except ValueError:
+        raise RanregError(f"RANREG_MAX_VOXELS={text!r} is not a number") from None
+
+
+def _check_header(p: Path, img: nib.Nifti1Image) -> None:
+    """What the header promises, checked before any voxel is read: a voxel type ranreg can
+    use, a size below :func:`max_voxels` (a small gzip can expand to many GB), and a voxel
+    size when the file has no sform/qform (nibabel would silently assume 1 mm)."""
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.names is not None or dtype.kind in "cVOSU":
+        raise RanregError(
+            f"{p}: unsupported voxel type {dtype} (RGB, complex and structured voxels are not "
+            "images ranreg can register; convert to one scalar channel)"
+        )
+    voxels = int(np.prod([int(n) for n in img.shape], dtype=np.int64))
+    if voxels > max_voxels():
+        raise RanregError(
+            f"{p}: {voxels:,} voxels ({'x'.join(str(n) for n in img.shape)}) is above the "
+            f"limit of {max_voxels():,}; set RANREG_MAX_VOXELS to raise it"
+        )
+    header = img.header
+    if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
+        # nibabel replaces zero voxel sizes by 1 on loading: read what the file says
+        with nib.openers.ImageOpener(p) as fobj:
+            raw = type(header).from_fileobj(fobj, check=False)
+        zooms = [float(z) for z in raw["pixdim"][1:4]]
+        if not all(np.isfinite(z) and z > 0 for z in zooms):
+            raise RanregError(
+                f"{p}: no sform/qform and voxel size {zooms}: the voxel size is unknown"
+            )
 
 
 def _formats_hint(p: Path) -> str:
@@ -331,6 +370,8 @@ def save_image(
 def check_out_dir(out_dir: str | os.PathLike[str]) -> None:
     """Refuse an output folder that exists as a file or holds anything (never overwrite)."""
     out = Path(out_dir)
+    if out.is_symlink():  # also a dangling one: writing through it would land elsewhere
+        raise RanregError(f"{out}: is a symbolic link; give a real folder path")
     if out.exists():
         if not out.is_dir():
             raise RanregError(f"{out}: exists and is not a directory")
