@@ -134,27 +134,28 @@ def main() -> int:
 
     from ranreg.errors import RanregError
     from ranreg.evaluate import _models
-    from ranreg.infer import register_volumes
+    from ranreg.options import RegistrationOptions
+    from ranreg.pipeline import register_volumes
 
     if args.quick:
         args.subjects, args.motions = args.subjects[:2], 1
     try:
-        named = _models(args.model or ([None] if args.quick else None), args.precision)
+        base = RegistrationOptions(precision=args.precision)
+        named = _models(args.model or ([None] if args.quick else None), base)
     except RanregError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     pairs = sliding_pairs(args.motions, args.subjects)
     rows = []
     for pair in pairs:
-        for label, net, prec, refine in named:
+        for label, net, opts in named:
             res = register_volumes(
                 net,
                 pair["moving"],
                 pair["fixed"],
                 pair["moving_labels"],
                 pair["fixed_labels"],
-                precision=prec,
-                refine=refine,
+                options=opts,
             )
             row = {
                 "model": label,

@@ -74,7 +74,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     precision = spec["precision"] if spec["precision"] in ("fp32", "bf16") else "fp32"
 
     def once() -> Any:
-        return register_volumes(net, mov, fix, mov_lab, fix_lab, dev, precision=precision)
+        # the network's own cost: no affine stage, no instance optimisation
+        return register_volumes(
+            net, mov, fix, mov_lab, fix_lab, dev, precision=precision, affine="none", fast=True
+        )
 
     macs = None
     if spec["warmup"]:
