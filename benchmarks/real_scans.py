@@ -863,16 +863,10 @@ def report(
 
 # --------------------------------------------------------------------------------- main
 def jsonable(x: Any) -> Any:
-    """``x`` with NumPy scalars as Python numbers and NaN/inf as None."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
+    """``x`` with NumPy scalars as Python numbers and NaN/inf as None (ranreg's rule)."""
+    from ranreg.outputs import jsonable as ranreg_jsonable
+
+    return ranreg_jsonable(x)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
