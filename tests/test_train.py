@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from ranreg.checkpoint import load_model
 from ranreg.cli import main
 from ranreg.config import parse_config
+from ranreg.errors import RanregError
 from ranreg.train import load_subjects, train, validate, validation_pairs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -299,3 +301,50 @@ def test_model_best_is_the_best_validated_model_across_chunks(tmp_path: Path) ->
     wb = load_file(str(tmp_path / "b" / "model-best" / "model.safetensors"))
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+
+
+def test_crash_between_the_checkpoint_renames_resumes_from_the_last_complete_step(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """save_checkpoint moves the old checkpoint aside, then the new one in: a crash between
+    the two leaves only the aside copy; --resume puts it back and continues from it."""
+    import ranreg.checkpoint as checkpoint
+
+    cfg = parse_config(shapes_config())
+    assert not train(cfg, tmp_path / "r", max_steps=2, progress=False)["finished"]
+    real_replace = os.replace
+
+    def crash_on_second(src, dst):
+        # the new checkpoint about to be moved in, the old one already aside: crash here
+        if Path(dst).name == "checkpoint" and Path(src).name.startswith(".checkpoint."):
+            if Path(dst).with_name(".checkpoint.old").exists():
+                raise OSError("simulated crash")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash_on_second)
+    with pytest.raises(OSError, match="simulated crash"):
+        train(cfg, tmp_path / "r", resume=True, max_steps=2, progress=False)
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    assert not (tmp_path / "r" / "checkpoint").exists()
+    assert (tmp_path / "r" / ".checkpoint.old").is_dir()
+    resumed = train(cfg, tmp_path / "r", resume=True, progress=False)
+    assert resumed["finished"] and resumed["global_step"] == 6
+    rows = (tmp_path / "r" / "train_log.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 6  # header + every step once, none lost, none twice
+
+
+def test_an_earlier_run_is_never_overwritten_by_accident(tmp_path: Path) -> None:
+    cfg = parse_config(shapes_config())
+    out = tmp_path / "run"
+    assert train(cfg, out, progress=False)["finished"]
+    with pytest.raises(RanregError, match="--resume, --overwrite"):
+        train(cfg, out, progress=False)
+    shutil.rmtree(out / "checkpoint")  # a finished run whose checkpoint was removed
+    with pytest.raises(RanregError, match="earlier run"):
+        train(cfg, out, progress=False)
+    with pytest.raises(RanregError, match="no checkpoint to resume"):
+        train(cfg, out, resume=True, progress=False)
+    assert train(cfg, out, overwrite=True, progress=False)["finished"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RanregError, match="not a directory"):
+        train(cfg, tmp_path / "file", progress=False)

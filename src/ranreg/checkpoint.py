@@ -116,6 +116,18 @@ def save_checkpoint(
     return final
 
 
+def recover_checkpoint(directory: str | os.PathLike[str]) -> bool:
+    """Put back the previous checkpoint after a crash between the two renames of
+    :func:`save_checkpoint` (the old copy moved aside, the new one not yet in place): the
+    aside copy is the last complete checkpoint. Returns whether it did so."""
+    final = Path(directory)
+    old = final.with_name(f".{final.name}.old")
+    if final.exists() or not old.is_dir():
+        return False
+    os.replace(old, final)
+    return True
+
+
 def load_checkpoint(directory: str | os.PathLike[str], model: torch.nn.Module) -> dict[str, Any]:
     """Load weights into ``model``, restore RNG states, return the train state dict."""
     d = Path(directory)

@@ -22,6 +22,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ranreg import losses
-from ranreg.checkpoint import load_checkpoint, save_checkpoint, save_model
+from ranreg.checkpoint import load_checkpoint, recover_checkpoint, save_checkpoint, save_model
 from ranreg.config import StageConfig, TrainConfig
 from ranreg.data.datasets import crop_offsets, discover_splits, discover_subjects, load_subject
 from ranreg.data.preprocess import preprocess_subject
@@ -373,6 +374,29 @@ class _Logs:
 
 
 # ----------------------------------------------------------------------------- trainer
+def _check_run_folder(out: Path, ckpt: Path, resume: bool, overwrite: bool) -> None:
+    """Never destroy an earlier run: its checkpoint (also one a crash left aside, which is
+    put back) is only continued with ``resume``; its logs are only replaced with
+    ``overwrite``; ``resume`` without a checkpoint next to logs is an error, not step 0."""
+    if out.exists() and not out.is_dir():
+        raise RanregError(f"{out}: exists and is not a directory")
+    recover_checkpoint(ckpt)
+    logs = [n for n in (TRAIN_LOG, "train_summary.json") if (out / n).exists()]
+    if ckpt.exists():
+        if not resume and not overwrite:
+            raise RanregError(
+                f"{out}: holds a training checkpoint; use --resume, --overwrite or another --out"
+            )
+        if overwrite and not resume:
+            shutil.rmtree(ckpt)
+    elif logs and resume:
+        raise RanregError(f"{out}: has the logs of a run ({logs[0]}) but no checkpoint to resume")
+    elif logs and not overwrite:
+        raise RanregError(
+            f"{out}: holds an earlier run ({logs[0]}); use --overwrite or another --out"
+        )
+
+
 def train(
     cfg: TrainConfig,
     out_dir: str | os.PathLike[str],
@@ -382,8 +406,12 @@ def train(
     time_limit: float | None = None,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run (or continue) the stages of ``cfg``; returns a summary dict.
+
+    A folder that holds an earlier run (its checkpoint or logs) is refused unless
+    ``resume`` (continue it) or ``overwrite`` (start again over it).
 
     ``max_steps``/``time_limit`` (seconds) end this invocation early with a checkpoint, so
     long trainings run in chunks (``--resume`` continues). ``on_step(global_step)`` is
@@ -394,8 +422,7 @@ def train(
     main = rank == 0
     ckpt = out / CHECKPOINT_DIR
     if main:
-        if ckpt.exists() and not resume:
-            raise RanregError(f"{out}: holds a training checkpoint; use --resume or another --out")
+        _check_run_folder(out, ckpt, resume, overwrite)
         out.mkdir(parents=True, exist_ok=True)
     _barrier()
 
@@ -620,6 +647,7 @@ def _run(args: Any) -> int:
             max_steps=args.max_steps,
             time_limit=None if args.time_limit is None else 60 * args.time_limit,
             progress=not args.no_progress,
+            overwrite=args.overwrite,
         )
     finally:
         if dist.is_initialized():
@@ -642,6 +670,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
     p.add_argument("--out", help="output folder (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in an OUT that holds an earlier run (its files are replaced)",
+    )
     p.add_argument("--max-steps", type=int, help="stop after this many steps (a chunk)")
     p.add_argument("--time-limit", type=float, help="stop after this many minutes (a chunk)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the config)")
