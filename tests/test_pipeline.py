@@ -252,3 +252,26 @@ def test_unreadable_voxel_types_sizes_and_output_paths_are_one_error_line(
     assert err == ["error: No space left on device"], err
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from ranreg.cli import main
+
+    argv = _pair(tmp_path)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stale = tmp_path / f".out.{gone.stdout.strip()}.abc123.tmp"  # a killed run's, pid gone
+    live = tmp_path / f".out.{os.getpid()}.def456.tmp"  # a running process's: kept
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "warped.nii.gz").write_bytes(b"partial")
+    assert main([*argv, "--out", str(tmp_path / "out"), "--model", "identity"]) == 0
+    assert not stale.exists() and live.exists() and (tmp_path / "out" / "metrics.json").is_file()

@@ -8,6 +8,7 @@ writes the same files the same way.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -38,6 +39,7 @@ __all__ = [
     "organ_name",
     "save_ddf",
     "atomic_output_dir",
+    "remove_stale_output_dirs",
     "finish_output_dir",
     "abandon_output_dir",
     "write_json",
@@ -123,13 +125,40 @@ def _first_missing(path: Path) -> Path | None:
     return missing
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_output_dirs(out_dir: Path) -> list[Path]:
+    """Remove the temporary siblings ``.NAME.PID.*.tmp`` of ``out_dir`` whose process no
+    longer runs (what a killed run leaves); those of running processes stay."""
+    removed: list[Path] = []
+    if not out_dir.parent.is_dir():
+        return removed
+    for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.tmp"):
+        pid = path.name[len(out_dir.name) + 2 :].split(".")[0]
+        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def atomic_output_dir(out_dir: Path) -> tuple[Path, Path | None]:
-    """A temporary sibling of ``out_dir`` to write into (parents created) and the first
-    folder this created (to remove on failure)."""
+    """A temporary sibling of ``out_dir`` to write into (parents created; named with this
+    process's id, so that a later run can tell it from a live one and remove it if this
+    run is killed) and the first folder this created (to remove on failure)."""
     check_out_dir(out_dir)
     created = _first_missing(out_dir.parent)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    remove_stale_output_dirs(out_dir)
+    prefix = f".{out_dir.name}.{os.getpid()}."
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=out_dir.parent))
     return tmp, created
 
 
