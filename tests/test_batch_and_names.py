@@ -56,13 +56,22 @@ def test_pairs_run_resume_after_a_kill_and_record_failures(tmp_path: Path, capsy
     # a kill in the middle of pair b: its folder never appeared, a temporary one is left
     import shutil
 
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    stale = out / f".b.{gone}.x1y2.tmp"  # the killed process's temporary folder
     shutil.rmtree(out / "b")
-    (out / ".b.12345.tmp").mkdir()
-    (out / ".b.12345.tmp" / "warped.nii.gz").write_bytes(b"partial")
+    stale.mkdir()
+    (stale / "warped.nii.gz").write_bytes(b"partial")
+    (out / f".summary.csv.{gone}.tmp").write_text("half a summary")
     (out / "summary.csv").unlink()
     assert main(argv) == 0
     assert (out / "a" / "metrics.json").stat().st_mtime_ns == first  # a was not redone
-    assert (out / "b" / "metrics.json").is_file() and not (out / ".b.12345.tmp").exists()
+    assert (out / "b" / "metrics.json").is_file() and not stale.exists()
+    assert not (out / f".summary.csv.{gone}.tmp").exists()
     with (out / "summary.csv").open() as fh:
         assert [r["name"] for r in csv.DictReader(fh)] == ["a", "b"]
     # a pair whose image is corrupt fails alone, recorded; the command ends with exit 2

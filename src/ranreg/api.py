@@ -31,7 +31,6 @@ from ranreg.outputs import (
     choose_labels,
     finish_output_dir,
     jsonable,
-    label_scores,
     result_metrics,
     write_json,
     write_outputs,
@@ -188,9 +187,7 @@ def register(
     fix_lab = align_labels(fix_lab, fix, "fixed")
     labels = choose_labels(labels_to_score, label_names, fix_lab)
     result = register_volumes(net, mov, fix, mov_lab, fix_lab, device, options=opts)
-    metrics = result_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device)
-    if mov_lab is not None and fix_lab is not None:
-        metrics.update(label_scores(result, fix_lab, labels, fix.spacing, names))
+    metrics = result_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device, labels, names)
     _name_inputs(metrics, fix, mov, fix_lab, mov_lab)
     transform = Transform(
         result.ddf_mm,

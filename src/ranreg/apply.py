@@ -103,9 +103,11 @@ def _round_trip_text(inverse: Any) -> str:
 
 
 def add_parser(sub: Any) -> None:
+    from ranreg.cli import command_help
+
     p = sub.add_parser(
         "apply",
-        help="resample another image through a registration result (or its inverse)",
+        help=command_help("apply"),
         description="Resample IMAGE, which lives in the moving space of a `ranreg register` "
         "result, onto the fixed grid (or --reference) through the result's whole mapping "
         "(ddf.nii.gz). With --inverse, IMAGE lives in the fixed space and goes to the moving "

@@ -17,13 +17,13 @@ import csv
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ranreg.errors import RanregError
+from ranreg.outputs import remove_stale_temporaries, temporary_name
 
 __all__ = ["Pair", "read_pairs", "run_batch", "SUMMARY_FIELDS"]
 
@@ -115,22 +115,14 @@ def _summary_row(pair: Pair, metrics: dict[str, Any] | None, error: str | None) 
 
 def _write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
     """``summary.csv`` rewritten whole through a temporary file (never half-written)."""
-    tmp = out / f".summary.{os.getpid()}.tmp"
+    summary = out / "summary.csv"
+    tmp = out / f"{temporary_name(summary)}tmp"
     with tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(SUMMARY_FIELDS))
         writer.writeheader()
         for r in rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    os.replace(tmp, out / "summary.csv")
-
-
-def _remove_stale(out: Path, pairs: list[Pair]) -> None:
-    """Temporary folders (``.NAME.*.tmp``) and files a killed run left behind."""
-    names = {p.name for p in pairs}
-    for path in out.glob(".*.tmp"):
-        stem = path.name[1:].split(".")[0]
-        if stem in names or stem == "summary":
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+    os.replace(tmp, summary)
 
 
 def run_batch(
@@ -147,7 +139,9 @@ def run_batch(
     if out.exists() and not out.is_dir():
         raise RanregError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out, pairs)
+    # what a killed run left: its summary's temporary file; a pair's temporary folder
+    # goes when that pair is registered again (ranreg.outputs.atomic_output_dir)
+    remove_stale_temporaries(out / "summary.csv")
     rows: list[dict[str, Any]] = []
     bar = tqdm(pairs, desc="pairs", unit="pair", disable=not progress, dynamic_ncols=True)
     for pair in bar:

@@ -39,7 +39,7 @@ COMMANDS = {
 #: MONAI, matplotlib): it answers in a fraction of a second
 SUMMARIES = {
     "summary": "parameters, MACs, memory and per-level motion ranges of a model",
-    "data": "make CT-like images from abdominal label maps",
+    "data": "prepare data sets (synthetic CT images from label maps)",
     "train": "train a model from a YAML config (two stages)",
     "register": "register a moving image to a fixed one (or a cohort with --pairs)",
     "apply": "resample another image through a registration result (or its inverse)",
@@ -47,6 +47,11 @@ SUMMARIES = {
     "evaluate": "Dice/ASD/HD95, folding and runtime of models on every pair of a data set",
     "separability": "Theorem-1 motion-separability bound vs. networks at a sliding boundary",
 }
+
+
+def command_help(name: str) -> str:
+    """The one-line help of a command (one text for ``ranreg --help`` and its parser)."""
+    return SUMMARIES[name]
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

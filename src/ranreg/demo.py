@@ -70,9 +70,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
+    from ranreg.cli import command_help
+
     p = sub.add_parser(
         "demo",
-        help="register a pair shipped with the package using the packaged model",
+        help=command_help("demo"),
         description="Register the packaged abdomen pair (moving 0027 -> fixed 0028) and write "
         "the same outputs as `ranreg register`.",
     )

@@ -471,7 +471,12 @@ def evaluate(
         (tmp / "summary.md").write_text(text)
         write_json(tmp / "summary.json", summary)
         figures.boxplot_figure(
-            rows, organs, [r.name for r in named], tmp / "boxplots", tmp / "boxplots.png"
+            rows,
+            organs,
+            [r.name for r in named],
+            tmp / "boxplots",
+            tmp / "boxplots.png",
+            names={int(k): v for k, v in info["label_names"].items()},
         )
         finish_output_dir(tmp, out)
     except BaseException:
@@ -505,9 +510,11 @@ def _run(args: Any) -> int:
 
 
 def add_parser(sub: Any) -> None:
+    from ranreg.cli import command_help
+
     p = sub.add_parser(
         "evaluate",
-        help="Dice/ASD/HD95, folding and runtime of models on every ordered pair of a data set",
+        help=command_help("evaluate"),
         description="Register every ordered pair of distinct subjects with each model and "
         "'identity' (the reference) and write results.csv, summary.md and box plots.",
     )

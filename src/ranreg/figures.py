@@ -39,8 +39,9 @@ _METRIC_LABELS = {
 }
 
 
-def _organ(label: int) -> str:
-    return ORGAN_NAMES.get(int(label), f"label {int(label)}")
+def _organ(label: int, names: Mapping[int, str] | None = None) -> str:
+    """The label's name in ``names`` (default: the abdomen organs), or ``label N``."""
+    return (ORGAN_NAMES if names is None else names).get(int(label), f"label {int(label)}")
 
 
 def _array(x: Any) -> np.ndarray:
@@ -140,6 +141,7 @@ def overlay_figure(
     affine: np.ndarray | None = None,
     labels: Sequence[int] | None = None,
     title: str | None = None,
+    names: Mapping[int, str] | None = None,
 ) -> Path:
     """Mid slices of one registered pair in the three planes, one row per plane.
 
@@ -240,7 +242,7 @@ def overlay_figure(
         maxu = float(np.sqrt((disp[sl][..., a] ** 2 + disp[sl][..., b] ** 2).max()))
         ax.set_title(f"{columns[6]}\nmax in-plane |u| {maxu:.2f}", fontsize=8)
     handles: list[Any] = [
-        Patch(facecolor=c, edgecolor=c, label=f"{v} {_organ(v)}") for v, c in colors.items()
+        Patch(facecolor=c, edgecolor=c, label=f"{v} {_organ(v, names)}") for v, c in colors.items()
     ]
     if colors:
         handles.append(Line2D([], [], color="black", label="solid: fixed labels"))
@@ -321,6 +323,7 @@ def boxplot_figure(
     combined_path: str | os.PathLike[str] | None,
     *,
     metrics: Sequence[str] = ("dice", "hd95_mm"),
+    names: Mapping[int, str] | None = None,
 ) -> list[Path]:
     """Box plots of per-pair scores, one panel per organ with the models side by side.
 
@@ -346,10 +349,12 @@ def boxplot_figure(
             axes = np.atleast_1d(axes)
             for ax, metric in zip(axes, metrics, strict=True):
                 _boxes(ax, rows, label, models, metric, colors)
-            fig.suptitle(f"Results on {_organ(label)} (label {label})", fontsize=10)
+            fig.suptitle(f"Results on {_organ(label, names)} (label {label})", fontsize=10)
             fig.legend(handles=legend, loc="lower center", ncol=min(len(models), 4), fontsize=8)
             fig.tight_layout(rect=(0, 0.07, 1, 0.96))
-            written.append(_save(fig, folder / f"{int(label):02d}_{_slug(_organ(label))}.png"))
+            written.append(
+                _save(fig, folder / f"{int(label):02d}_{_slug(_organ(label, names))}.png")
+            )
     if combined_path is not None:
         n = len(organs)
         width = max(2.0, 0.55 * len(models) + 1.2)
@@ -361,7 +366,7 @@ def boxplot_figure(
                 ax = axes[row, col]
                 _boxes(ax, rows, label, models, metric, colors)
                 if row == 0:
-                    ax.set_title(_organ(label), fontsize=9)
+                    ax.set_title(_organ(label, names), fontsize=9)
                 if col > 0:
                     ax.set_ylabel("")
         fig.legend(handles=legend, loc="lower center", ncol=min(len(models), 6), fontsize=9)

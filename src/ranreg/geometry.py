@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ranreg.data.io import Volume
+from ranreg.data.io import Volume, spacing_from_affine
 
 __all__ = [
     "apply_affine",
@@ -26,14 +26,9 @@ __all__ = [
     "cell_centres",
     "sample",
     "area_downsample",
-    "spacing_of",
     "labels_on_grid",
+    "label_tensor",
 ]
-
-
-def spacing_of(affine: np.ndarray) -> np.ndarray:
-    """Voxel size (mm) along each array axis of a voxel-to-world affine."""
-    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
 
 
 def apply_affine(matrix: np.ndarray | Tensor, points: Tensor) -> Tensor:
@@ -86,7 +81,7 @@ def area_downsample(image: Tensor, affine: np.ndarray, spacing: float) -> tuple[
     """Average ``image`` ``(1, 1, *S)`` over blocks of whole voxels no larger than
     ``spacing`` mm per axis (anti-aliasing before sampling it on a coarse grid); returns the
     smaller image and its voxel-to-world affine (block centres)."""
-    vox = spacing_of(affine)
+    vox = spacing_from_affine(affine)
     k = [max(1, int(spacing // float(s))) for s in vox]
     k = [min(kk, int(n)) for kk, n in zip(k, image.shape[2:], strict=True)]
     if all(kk == 1 for kk in k):
@@ -105,6 +100,14 @@ def same_grid(a: Volume, b: Volume, atol_mm: float = 1e-3) -> bool:
     )
 
 
+def label_tensor(labels: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
+    """An integer label map as a ``(1, 1, *S)`` float tensor to sample with nearest
+    neighbours: float32, or float64 for values float32 cannot hold exactly (>= 2^24)."""
+    arr = np.asarray(labels)
+    wide = arr.size > 0 and int(arr.max()) >= 2**24
+    return torch.from_numpy(arr.astype(np.float64 if wide else np.float32))[None, None].to(device)
+
+
 def labels_on_grid(label: Volume, image: Volume) -> Volume:
     """``label`` resampled onto ``image``'s grid through both affines (nearest; 0 outside
     the label map): a label map stored on another grid than its image is placed where its
@@ -113,8 +116,7 @@ def labels_on_grid(label: Volume, image: Volume) -> Volume:
         image.affine, dtype=np.float64
     )
     arr = np.asarray(label.array)
-    wide = arr.size > 0 and int(arr.max()) >= 2**24  # float32 holds integers up to 2^24
-    src = torch.from_numpy(arr.astype(np.float64 if wide else np.float32))[None, None]
+    src = label_tensor(arr)
     idx = torch.stack(
         torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in image.shape], indexing="ij")
     )

@@ -36,8 +36,6 @@ from ranreg.outputs import (
     choose_labels,
     finish_output_dir,
     jsonable,
-    label_scores,
-    organ_name,
     result_metrics,
     save_ddf,
     score_labels,
@@ -66,7 +64,6 @@ __all__ = [
     "abandon_output_dir",
     "atomic_output_dir",
     "finish_output_dir",
-    "organ_name",
     "save_ddf",
     "write_json",
     "IDENTITY",
@@ -228,7 +225,7 @@ def register_files(
     mov = load_nifti(moving)
     mov_lab = None if moving_labels is None else load_label_volume(moving_labels)
     fix_lab = None if fixed_labels is None else load_label_volume(fixed_labels)
-    _check_inputs(net, mov, fix, mov_lab, fix_lab)
+    _check_inputs(net, mov, fix)
     mov_lab = align_labels(mov_lab, mov, "moving")
     fix_lab = align_labels(fix_lab, fix, "fixed")
     model_settings(net.config)
@@ -238,9 +235,7 @@ def register_files(
     result = register_volumes(
         net, mov, fix, mov_lab, fix_lab, device, options=opts, return_levels=head_masks
     )
-    metrics = result_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device)
-    if mov_lab is not None and fix_lab is not None:
-        metrics.update(label_scores(result, fix_lab, labels, fix.spacing, names))
+    metrics = result_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device, labels, names)
     tmp, created = atomic_output_dir(out)
     try:
         fmt = _output_format(fixed, output_format).lstrip(".")
@@ -362,9 +357,11 @@ def print_report(metrics: dict[str, Any], out: Path, moving: Any, fixed: Any) ->
 
 
 def add_parser(sub: Any) -> None:
+    from ranreg.cli import command_help
+
     p = sub.add_parser(
         "register",
-        help="register a moving NIfTI image to a fixed one",
+        help=command_help("register"),
         description="Register MOVING to FIXED: affine pre-alignment in world space, the "
         "network, then instance optimisation (--fast: without it). Writes the warped image, "
         "the DDF of the whole mapping (mm, world axes), affine.txt (ITK), the Jacobian, an "

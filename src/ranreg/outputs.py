@@ -26,7 +26,7 @@ import torch
 from ranreg.affine import write_itk_affine
 from ranreg.data.io import Volume, check_out_dir, save_image
 from ranreg.labelnames import DEFAULT_TABLE, label_name
-from ranreg.metrics import ORGAN_NAMES, PAPER_ORGANS, evaluate_pair
+from ranreg.metrics import PAPER_ORGANS, evaluate_pair
 from ranreg.models import model_label
 from ranreg.options import RegistrationOptions
 from ranreg.pipeline import RegistrationResult
@@ -36,10 +36,10 @@ __all__ = [
     "OUTPUT_FILES",
     "DDF_CONVENTION",
     "score_labels",
-    "organ_name",
     "save_ddf",
     "atomic_output_dir",
-    "remove_stale_output_dirs",
+    "remove_stale_temporaries",
+    "temporary_name",
     "finish_output_dir",
     "abandon_output_dir",
     "write_json",
@@ -95,10 +95,6 @@ def _mean_scores(per_label: dict[int, dict[str, float]]) -> dict[str, float | No
     return out
 
 
-def organ_name(label: int) -> str:
-    return ORGAN_NAMES.get(int(label), f"label {int(label)}")
-
-
 def save_ddf(path: Path, ddf_mm: np.ndarray, affine: np.ndarray) -> Path:
     """Write a world-mm DDF (X, Y, Z, 3) as a 5D NIfTI (X, Y, Z, 1, 3), intent DISPVECT.
 
@@ -135,16 +131,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_output_dirs(out_dir: Path) -> list[Path]:
-    """Remove the temporary siblings ``.NAME.PID.*.tmp`` of ``out_dir`` whose process no
-    longer runs (what a killed run leaves); those of running processes stay."""
+def temporary_name(target: Path) -> str:
+    """The name prefix of ``target``'s temporary sibling written by this process:
+    ``.NAME.PID.`` (the process id tells a killed writer's leftovers from a live one's)."""
+    return f".{target.name}.{os.getpid()}."
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove the temporary siblings ``.NAME.PID.*tmp`` (folders or files) of ``target``
+    whose process no longer runs (what a killed run leaves); a running one's stay."""
     removed: list[Path] = []
-    if not out_dir.parent.is_dir():
+    if not target.parent.is_dir():
         return removed
-    for path in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.tmp"):
-        pid = path.name[len(out_dir.name) + 2 :].split(".")[0]
-        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*tmp"):
+        pid = path.name[len(target.name) + 2 :].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
             removed.append(path)
     return removed
 
@@ -156,8 +158,8 @@ def atomic_output_dir(out_dir: Path) -> tuple[Path, Path | None]:
     check_out_dir(out_dir)
     created = _first_missing(out_dir.parent)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_output_dirs(out_dir)
-    prefix = f".{out_dir.name}.{os.getpid()}."
+    remove_stale_temporaries(out_dir)
+    prefix = temporary_name(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=out_dir.parent))
     return tmp, created
 
@@ -203,8 +205,28 @@ def result_metrics(
     fix_lab: Volume | None,
     mov_lab: Volume | None,
     device: str | torch.device,
+    labels: list[int],
+    names: dict[int, str],
 ) -> dict[str, Any]:
-    """What ran, how long each step took, and the field's regularity."""
+    """What ran, how long each step took, the field's regularity, the names of ``labels``
+    and, with both label maps, their scores before and after."""
+    metrics = _run_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device)
+    metrics["label_names"] = {str(lab): label_name(names, lab) for lab in labels}
+    if mov_lab is not None and fix_lab is not None:
+        metrics.update(label_scores(result, fix_lab, labels, fix.spacing, names))
+    return metrics
+
+
+def _run_metrics(
+    result: RegistrationResult,
+    net: torch.nn.Module,
+    opts: RegistrationOptions,
+    fix: Volume,
+    mov: Volume,
+    fix_lab: Volume | None,
+    mov_lab: Volume | None,
+    device: str | torch.device,
+) -> dict[str, Any]:
     neural = is_neural(net)
     aff = opts.affine_settings(neural)
     rs = opts.refine_settings(neural)
@@ -350,6 +372,7 @@ def _draw_figures(
         affine=fix.affine,
         labels=labels,
         title=_title(mov, fix, net, result),
+        names={int(k): v for k, v in metrics["label_names"].items()},
     )
     if head_masks:
         if result.levels is not None and any(

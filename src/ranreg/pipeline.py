@@ -39,12 +39,13 @@ from torch import Tensor
 
 from ranreg.affine import register_affine
 from ranreg.data.io import Volume
-from ranreg.data.preprocess import DEFAULT_WINDOW
+from ranreg.data.preprocess import DEFAULT_WINDOW, HU_THRESHOLD
 from ranreg.errors import RanregError
 from ranreg.geometry import (
     apply_affine,
     cell_centres,
     cell_grid,
+    label_tensor,
     labels_on_grid,
     same_grid,
     sample,
@@ -57,9 +58,6 @@ from ranreg.spatial import folding_fraction, identity_grid, jacobian_determinant
 from ranreg.spatial import std_log_jacobian as _std_log_jacobian
 
 __all__ = ["HU_THRESHOLD", "RegistrationResult", "model_settings", "register_volumes"]
-
-#: Image minimum below which an image is taken to be CT in Hounsfield units.
-HU_THRESHOLD = -500.0
 
 
 def model_settings(
@@ -164,13 +162,7 @@ def _volume_name(v: Volume, default: str) -> str:
     return str(v.path) if v.path is not None else default
 
 
-def _check_inputs(
-    model: torch.nn.Module,
-    moving: Volume,
-    fixed: Volume,
-    moving_label: Volume | None,
-    fixed_label: Volume | None,
-) -> None:
+def _check_inputs(model: torch.nn.Module, moving: Volume, fixed: Volume) -> None:
     ndim = int(getattr(model, "config", {}).get("ndim", 3))
     if ndim != 3:
         raise RanregError(
@@ -203,14 +195,6 @@ def align_labels(label: Volume | None, image: Volume, role: str) -> Volume | Non
         stacklevel=3,
     )
     return placed
-
-
-def _labels_tensor(label: Volume, device: torch.device) -> tuple[Tensor, np.dtype]:
-    arr = np.asarray(label.array)
-    dtype = torch.float64 if arr.size and int(arr.max()) >= 2**24 else torch.float32
-    return torch.from_numpy(arr.astype(np.float64 if dtype == torch.float64 else np.float32)).to(
-        device, dtype
-    )[None, None], arr.dtype
 
 
 @dataclass
@@ -291,7 +275,7 @@ def _warp_outputs(
     warped = sample(mov, where, "bilinear", inputs.mov_min)
     if moving_label is None:
         return warped, moving_on_fixed, None, None
-    lab_t, lab_dtype = _labels_tensor(moving_label, dev)
+    lab_t, lab_dtype = label_tensor(moving_label.array, dev), np.asarray(moving_label.array).dtype
 
     def labels_at(coords: Tensor | None) -> np.ndarray:
         if coords is None:
@@ -324,10 +308,9 @@ def register_volumes(
     network grid (``result.network_fixed``), for :func:`ranreg.figures.head_mask_figure`.
     """
     start = time.perf_counter()
-    opts = (options or RegistrationOptions()).with_(**changes) if changes else options
-    opts = opts or RegistrationOptions()
+    opts = (options or RegistrationOptions()).with_(**changes)
     dev = resolve_device(device)
-    _check_inputs(model, moving, fixed, moving_label, fixed_label)
+    _check_inputs(model, moving, fixed)
     moving_label = align_labels(moving_label, moving, "moving")
     fixed_label = align_labels(fixed_label, fixed, "fixed")
     spacing, window = model_settings(model.config)

@@ -718,9 +718,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ranreg.cli import command_help
+
     p = sub.add_parser(
         "separability",
-        help="Theorem-1 motion-separability bound vs. what networks produce at a sliding boundary",
+        help=command_help("separability"),
         description=(
             "Print, per distance p, the Theorem-1 upper bound of the displacement difference "
             "two points at distance p can have (sum of 2 a_k over the levels that separate "

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ranreg.data.preprocess import HU_THRESHOLD
+
 __all__ = [
     "box_mean",
     "LocalNCC",
@@ -145,5 +147,5 @@ def build_similarity(name: str, fixed: Tensor, window: int = 5) -> LocalNCC | Mu
 
 
 def is_ct(array: np.ndarray | Tensor) -> bool:
-    """An image whose minimum is below -500 is taken to be CT in Hounsfield units."""
-    return float(array.min()) < -500.0
+    """An image whose minimum is below ``HU_THRESHOLD`` (-500) is taken to be CT (HU)."""
+    return float(array.min()) < HU_THRESHOLD

@@ -162,9 +162,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ranreg.cli import command_help
+
     p = sub.add_parser(
         "summary",
-        help="parameters, MACs, memory and per-level motion ranges of a model",
+        help=command_help("summary"),
         description="Build a model and measure one forward pass on a random pair.",
     )
     p.add_argument(

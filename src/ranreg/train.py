@@ -662,9 +662,11 @@ def _run(args: Any) -> int:
 
 
 def add_parser(sub: Any) -> None:
+    from ranreg.cli import command_help
+
     p = sub.add_parser(
         "train",
-        help="train a model from a YAML config (two stages)",
+        help=command_help("train"),
         description="Synthetic pre-training, then unsupervised training.",
     )
     p.add_argument("--config", required=True, help="YAML config (see configs/)")

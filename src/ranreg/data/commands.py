@@ -13,9 +13,11 @@ from pathlib import Path
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register the ``data`` command and its sub-commands."""
+    from ranreg.cli import command_help
+
     p = subparsers.add_parser(
         "data",
-        help="prepare data sets (synthetic CT images from label maps)",
+        help=command_help("data"),
         description="Data preparation commands.",
     )
     sub = p.add_subparsers(dest="data_command", required=True, metavar="COMMAND")

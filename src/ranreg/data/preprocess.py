@@ -21,6 +21,7 @@ __all__ = [
     "ABDOMEN_ORGANS",
     "DEFAULT_FACTOR",
     "DEFAULT_WINDOW",
+    "HU_THRESHOLD",
     "Resampled",
     "resample",
     "window_normalize",
@@ -35,6 +36,8 @@ ABDOMEN_ORGANS: tuple[int, ...] = (1, 2, 3, 5, 6, 8, 9, 10, 11)
 DEFAULT_FACTOR: float = 0.5
 #: Intensity window in HU.
 DEFAULT_WINDOW: tuple[float, float] = (-100.0, 300.0)
+#: Image minimum below which an image is taken to be CT in Hounsfield units.
+HU_THRESHOLD = -500.0
 
 
 @dataclass
