@@ -96,3 +96,25 @@ def test_training_checkpoint_restores_weights_optimizer_and_rng(tmp_path: Path) 
     assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
     torch.testing.assert_close(torch.rand(3), expected_draw)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary leftovers
+
+
+def test_training_state_file_keeps_nested_tensors_int_keys_and_numbers(tmp_path: Path) -> None:
+    """The optimizer state travels in safetensors (no pickle): structure, integer keys,
+    infinities and tensors come back as they were."""
+    from ranreg.checkpoint import load_state, save_state
+
+    state = {
+        "global_step": 7,
+        "best_val": -float("inf"),
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.arange(4.0)}},
+            "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": [0]}],
+        },
+    }
+    save_state(state, tmp_path / "s.safetensors")
+    back = load_state(tmp_path / "s.safetensors")
+    assert back["global_step"] == 7 and back["best_val"] == -float("inf")
+    inner = back["optimizer"]["state"][0]
+    torch.testing.assert_close(inner["exp_avg"], torch.arange(4.0))
+    assert float(inner["step"]) == 3.0
+    assert back["optimizer"]["param_groups"][0]["betas"] == [0.9, 0.999]

@@ -115,3 +115,25 @@ def test_cli_records_precision_and_refuses_unknown(tmp_path: Path, capsys) -> No
     assert main(["demo", "--out", str(tmp_path / "x"), "--precision", "fp16"]) == 2
     assert "invalid choice: 'fp16'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_reduced_precision_instance_norm_matches_group_norm_and_its_gradient() -> None:
+    """The bf16 training path of InstanceNorm (own backward, float32 statistics) gives the
+    values and gradients of ATen's group norm computed in float64."""
+    from ranreg.nn.blocks import InstanceNorm
+
+    torch.manual_seed(0)
+    x64 = (3 * torch.randn(2, 4, 6, 5, 7, dtype=torch.float64) + 1).requires_grad_()
+    grad = torch.randn(2, 4, 6, 5, 7, dtype=torch.float64)
+    ref = torch.nn.functional.group_norm(x64, 4, None, None, 1e-5)
+    ref.backward(grad)
+    xb = x64.detach().to(torch.bfloat16).requires_grad_()
+    norm = InstanceNorm(4)
+    out = norm(xb)
+    assert out.dtype == torch.bfloat16
+    out.backward(grad.to(torch.bfloat16))
+    torch.testing.assert_close(out.double(), ref.detach(), atol=0.03, rtol=0.02)
+    torch.testing.assert_close(xb.grad.double(), x64.grad, atol=0.05, rtol=0.05)
+    # without gradients (inference) the module keeps ATen's kernel
+    with torch.no_grad():
+        torch.testing.assert_close(norm(xb).double(), ref.detach(), atol=0.03, rtol=0.02)

@@ -3,8 +3,10 @@
 A *model file* is one ``model.safetensors`` whose metadata holds the model config as
 JSON under the key ``ranreg``; a copy of the config is written next to it as
 ``model.json`` for people to read. A *training checkpoint* is a directory holding the
-model file plus ``train_state.pt`` (optimizer/scheduler state, loaded with
-``torch.load(weights_only=True)``) and ``rng.json`` (Python/numpy/torch RNG states).
+model file plus ``train_state.safetensors`` (the optimizer's tensors; the rest of the
+training state, step and optimizer settings, as JSON in its metadata) and ``rng.json``
+(Python/numpy/torch RNG states). Checkpoints of ranreg 0.2 (``train_state.pt``) are still
+read, with ``torch.load(weights_only=True)``.
 Nothing here unpickles arbitrary objects, and every directory is written to a temporary
 sibling first and renamed into place, so a killed run never leaves half a checkpoint.
 """
@@ -29,7 +31,8 @@ from ranreg.nn import build_model
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
-STATE_FILE = "train_state.pt"
+STATE_FILE = "train_state.safetensors"
+LEGACY_STATE_FILE = "train_state.pt"
 RNG_FILE = "rng.json"
 METADATA_KEY = "ranreg"
 FORMAT_VERSION = 1
@@ -100,7 +103,7 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         save_model(model, tmp, extra)
-        torch.save(train_state, tmp / STATE_FILE)
+        save_state(train_state, tmp / STATE_FILE)
         _write_text(tmp / RNG_FILE, json.dumps(capture_rng()))
         if final.exists():
             old = final.with_name(f".{final.name}.old")
@@ -139,11 +142,53 @@ def load_checkpoint(directory: str | os.PathLike[str], model: torch.nn.Module) -
         first = str(exc).strip().splitlines()[0]
         raise RanregError(f"{file}: cannot resume from this checkpoint ({first})") from None
     try:
-        train_state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
+        if (d / STATE_FILE).exists() or not (d / LEGACY_STATE_FILE).exists():
+            train_state = load_state(d / STATE_FILE)
+        else:
+            train_state = torch.load(d / LEGACY_STATE_FILE, map_location="cpu", weights_only=True)
         restore_rng(json.loads((d / RNG_FILE).read_text()))
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as exc:
         raise RanregError(f"{d}: incomplete or unsafe training checkpoint ({exc})") from None
     return train_state
+
+
+def _flatten(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-able form of ``obj`` with every tensor moved into ``tensors`` under a path key;
+    dicts become ``{"__dict__": [[k, v], ...]}`` so integer keys (optimizer state) survive."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, _flatten(v, f"{key}/{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, list | tuple):
+        return [_flatten(v, f"{key}/{i}", tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict) and "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if isinstance(obj, dict) and "__dict__" in obj:
+        return {k: _unflatten(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def save_state(state: dict[str, Any], path: Path) -> None:
+    """A training state (nested dicts/lists of tensors and numbers) as one safetensors file:
+    the tensors as tensors, the structure as JSON metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    layout = _flatten(state, "", tensors)
+    save_file(tensors, str(path), metadata={"layout": json.dumps(layout)})
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """The state :func:`save_state` wrote (no unpickling)."""
+    with safe_open(str(path), framework="pt") as fh:
+        layout = json.loads((fh.metadata() or {})["layout"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (not a dict)
+    return _unflatten(layout, tensors)
 
 
 def capture_rng() -> dict[str, Any]:

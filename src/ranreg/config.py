@@ -44,6 +44,13 @@ class DataConfig:
     window: list[float] | None = field(default_factory=lambda: [-100.0, 300.0])
     organs: list[int] | None = field(default_factory=lambda: [1, 2, 3, 5, 6, 8, 9, 10, 11])
     crop: list[int] | None = None  # random-crop margin per side for training
+    #: real scans (paths) registered to copies of themselves under known fields at every
+    #: validation: the learning curve's end-point error on real texture (never trained on)
+    val_scans: list[str] | None = None
+    #: the intensity rule the trained model asks of `ranreg register`: "window" (the data
+    #: window above, for every image) or "auto" (the window for CT, min-max otherwise:
+    #: contrast-agnostic models)
+    model_window: str = "window"
 
 
 @dataclass
@@ -59,11 +66,17 @@ class StageConfig:
     mask_threshold: float | None = 0.1
     edge_alpha: float = 25.0
     deformation: dict[str, Any] = field(default_factory=dict)
+    #: synthetic stage: how pairs are drawn (ranreg.data.pairs.PairRecipe fields other
+    #: than `deformation`); empty = the paper's stage 1 (the image and its warped copy)
+    pairs: dict[str, Any] = field(default_factory=dict)
+    swap: bool = False  # batches of (a, b), (b, a): inverse consistency (weights.inverse)
+    augment: bool = False  # random axis permutations and flips per batch
 
 
 DEFAULT_WEIGHTS = {
     # stage 1 of the authors' release: 1 * DDF MSE + 1 * smoothness + 0.1 * image MSE
-    "synthetic": {"ddf": 1.0, "smooth": 1.0, "image": 0.1},
+    # (+ inverse consistency |u_ab(x) + u_ba(x + u_ab(x))|^2 when stages swap pairs)
+    "synthetic": {"ddf": 1.0, "smooth": 1.0, "image": 0.1, "inverse": 0.0},
     # stage 2 (abdomen): 2 * (-NCC) + 0.5 * edge-aware smoothness (+ optional Dice)
     "unsupervised": {"similarity": 2.0, "smooth": 0.5, "dice": 0.0},
 }
@@ -76,7 +89,7 @@ class TrainConfig:
     stages: list[StageConfig]
     seed: int = 0
     device: str = "auto"
-    amp: bool = False
+    amp: bool | None = False  # bf16 autocast; None: where the CPU or GPU has fast bf16
     channels_last: bool | None = None  # None: on for the CPU (about 1.7x faster steps there)
     init: str | None = None  # start from these weights: a model file/folder or packaged name
     num_workers: int = 0
@@ -190,7 +203,13 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: Path | None = None)
         window=d.get("window", [-100.0, 300.0], "list", allow_none=True),
         organs=d.get("organs", [1, 2, 3, 5, 6, 8, 9, 10, 11], "list", allow_none=True),
         crop=d.get("crop", None, "list"),
+        val_scans=d.get("val_scans", None, "list"),
+        model_window=d.get("model_window", "window", "str"),
     )
+    if data.val_scans is not None:
+        data.val_scans = [_path(base, str(v)) for v in data.val_scans]  # type: ignore[misc]
+    if data.model_window not in ("window", "auto"):
+        raise d.fail("model_window", f"must be window or auto, got {data.model_window!r}")
     d.finish()
     sources = [k for k in ("root", "labels", "shapes") if getattr(data, k) is not None]
     if len(sources) != 1:
@@ -252,8 +271,12 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: Path | None = None)
             mask_threshold=s.get("mask_threshold", 0.1, "float", allow_none=True),
             edge_alpha=s.get("edge_alpha", 25.0, "float"),
             deformation=s.get("deformation", {}, "dict"),
+            pairs=s.get("pairs", {}, "dict"),
+            swap=s.get("swap", False, "bool"),
+            augment=s.get("augment", False, "bool"),
         )
         s.finish()
+        _check_pairs(s, stage)
         if stage.steps is None:
             raise s.fail("steps", "is required")
         if stage.lr is None:
@@ -279,7 +302,7 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: Path | None = None)
         stages=stages,
         seed=top.get("seed", 0, "int"),
         device=top.get("device", "auto", "str"),
-        amp=top.get("amp", False, "bool"),
+        amp=top.get("amp", False, "bool", allow_none=True),
         channels_last=top.get("channels_last", None, "bool", allow_none=True),
         init=_init_spec(top.get("init", None, "str", allow_none=True), base),
         num_workers=top.get("num_workers", 0, "int"),
@@ -290,6 +313,37 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: Path | None = None)
     )
     top.finish()
     return cfg
+
+
+_PAIR_KEYS = {
+    "styles",
+    "identity",
+    "sliding",
+    "same_contrast",
+    "noise",
+    "sliding_deformation",
+    "stage1",
+}
+
+
+def _check_pairs(s: _Reader, stage: StageConfig) -> None:
+    """The pair recipe of a synthetic stage: known keys, styles, shares in [0, 1]."""
+    from ranreg.data.pairs import STYLES
+
+    if (stage.pairs or stage.swap) and stage.kind != "synthetic":
+        raise s.fail("pairs", "pairs and swap belong to synthetic stages")
+    for key, value in stage.pairs.items():
+        if key not in _PAIR_KEYS:
+            raise s.fail("pairs", f"unknown option {key!r}; known: {', '.join(sorted(_PAIR_KEYS))}")
+        if key in ("identity", "sliding", "same_contrast", "stage1") and not (
+            isinstance(value, int | float) and 0 <= value <= 1
+        ):
+            raise s.fail(f"pairs.{key}", f"must be a share in [0, 1], got {value!r}")
+    styles = stage.pairs.get("styles", {"image": 1.0})
+    if not isinstance(styles, dict) or not styles or any(k not in STYLES for k in styles):
+        raise s.fail("pairs.styles", f"must map some of {', '.join(STYLES)} to weights")
+    if stage.swap and stage.batch_size % 2:
+        raise s.fail("swap", f"needs an even batch_size, got {stage.batch_size}")
 
 
 def load_config(path: str | Path) -> TrainConfig:

@@ -26,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,15 +41,23 @@ from ranreg import losses
 from ranreg.checkpoint import load_checkpoint, recover_checkpoint, save_checkpoint, save_model
 from ranreg.config import StageConfig, TrainConfig
 from ranreg.data.datasets import crop_offsets, discover_splits, discover_subjects, load_subject
-from ranreg.data.preprocess import preprocess_subject
+from ranreg.data.pairs import PairRecipe, augment_batch, make_pair, swapped
+from ranreg.data.preprocess import preprocess_subject, select_labels
 from ranreg.data.shapes import shapes_subjects
 from ranreg.data.synth_images import synthesize_dataset
 from ranreg.errors import RanregError
-from ranreg.metrics import dice
 from ranreg.nn import build_model
 from ranreg.nn.blocks import channels_last_format
-from ranreg.spatial import one_hot, warp, warp_labels
+from ranreg.runtime import fast_bf16
+from ranreg.spatial import compose_ddf, one_hot, warp, warp_labels
 from ranreg.synth import random_ddf
+from ranreg.training_state import export_state, machine, restore_state
+from ranreg.validation import (
+    known_field_cases,
+    validate,
+    validate_known_fields,
+    validation_pairs,
+)
 
 CHECKPOINT_DIR = "checkpoint"
 MODEL_DIR = "model"
@@ -67,6 +75,7 @@ class SubjectData:
     image: np.ndarray
     label: np.ndarray | None
     spacing: tuple[float, ...] | None = None  # voxel size (mm) after preprocessing
+    tissues: np.ndarray | None = None  # every label (organs and the rest), for painting
 
 
 # ----------------------------------------------------------------------------- data
@@ -114,17 +123,19 @@ def _preprocess(cfg: TrainConfig, subject: Any) -> SubjectData:
     window = None if cfg.data.window is None else tuple(cfg.data.window)
     shape_in = image.shape
     try:
-        image, label = preprocess_subject(
-            image, label, factor=cfg.data.factor, window=window, keep=cfg.data.organs
+        image, every = preprocess_subject(
+            image, label, factor=cfg.data.factor, window=window, keep=None
         )
     except RanregError as exc:
         raise RanregError(f"{subject.image}: {exc}") from None
     spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0) * np.divide(shape_in, image.shape)
+    organs = None if every is None else select_labels(every, cfg.data.organs).astype(np.int64)
     return SubjectData(
         subject.name,
         image,
-        None if label is None else label.astype(np.int64),
+        organs,
         tuple(round(float(v), 4) for v in spacing),
+        None if every is None else every.astype(np.int64),
     )
 
 
@@ -159,12 +170,17 @@ class StepSamples(Dataset):
         self.cfg, self.stage_index, self.rank = cfg, stage_index, rank
         self.stage = cfg.stages[stage_index]
         self.subjects = subjects
+        options = {k: v for k, v in self.stage.pairs.items()}
+        self.recipe = PairRecipe(deformation=dict(self.stage.deformation), **options)
+        self._cache: tuple[tuple[int, int], dict[str, np.ndarray]] | None = None
 
     def __len__(self) -> int:
         return self.stage.steps * self.stage.batch_size
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         step, slot = divmod(index, self.stage.batch_size)
+        if self.stage.kind == "synthetic" and _uses_pairs(self.stage):
+            return _tensors(self._known_field_pair(step, slot))
         rng = np.random.default_rng([self.cfg.seed, self.stage_index, step, self.rank, slot])
         n = len(self.subjects)
         if self.stage.kind == "synthetic":
@@ -173,11 +189,7 @@ class StepSamples(Dataset):
             i = int(rng.integers(n))
             j = int(rng.integers(n - 1))
             picks = [self.subjects[i], self.subjects[j + (j >= i)]]
-        shape = picks[0].image.shape
-        if self.cfg.data.crop is not None:
-            slices, _ = crop_offsets(shape, self.cfg.data.crop, rng)
-        else:
-            slices = tuple(slice(None) for _ in shape)
+        slices = self._crop(picks[0].image.shape, rng)
         out: dict[str, torch.Tensor] = {}
         names = ("moving", "fixed")
         for name, s in zip(names, picks, strict=False):
@@ -188,6 +200,60 @@ class StepSamples(Dataset):
             ddf, _ = random_ddf(out["moving"].shape[1:], rng, **self.stage.deformation)
             out["ddf_true"] = torch.from_numpy(ddf)
         return out
+
+    def _crop(self, shape: tuple[int, ...], rng: np.random.Generator) -> tuple[slice, ...]:
+        if self.cfg.data.crop is None:
+            return tuple(slice(None) for _ in shape)
+        return crop_offsets(shape, self.cfg.data.crop, rng)[0]
+
+    def _known_field_pair(self, step: int, slot: int) -> dict[str, np.ndarray]:
+        """A pair of one subject under a known field (:mod:`ranreg.data.pairs`); with
+        ``swap`` odd slots hold the previous slot's pair turned round. Augmentation draws
+        once per step, so every slot of a batch has the same shape."""
+        base = slot - slot % 2 if self.stage.swap else slot
+        key = (step, base)
+        if self._cache is None or self._cache[0] != key:
+            rng = np.random.default_rng([self.cfg.seed, self.stage_index, step, self.rank, base])
+            s = self.subjects[int(rng.integers(len(self.subjects)))]
+            sl = self._crop(s.image.shape, rng)
+            tissue = None if s.tissues is None else np.ascontiguousarray(s.tissues[sl])
+            pair = make_pair(
+                np.ascontiguousarray(s.image[sl]),
+                tissue,
+                s.spacing or (1.0,) * 3,
+                rng,
+                self.recipe,
+            )
+            if s.label is not None and tissue is not None:  # Dice and losses see the organs
+                pair["moving_label"] = np.ascontiguousarray(s.label[sl])
+                pair["fixed_label"] = _warped_labels(pair["moving_label"], pair["ddf_true"])
+            self._cache = (key, pair)
+        pair = self._cache[1]
+        if self.stage.swap and slot % 2:
+            pair = swapped(pair)
+        pair.setdefault("ddf_weight", np.ones(pair["moving"].shape, dtype=np.float32))
+        if self.stage.augment:
+            rng = np.random.default_rng([self.cfg.seed, self.stage_index, step, self.rank, 2**31])
+            pair = augment_batch(pair, rng)
+        return pair
+
+
+def _uses_pairs(stage: StageConfig) -> bool:
+    return bool(stage.pairs) or stage.swap or stage.augment
+
+
+def _warped_labels(labels: np.ndarray, ddf: np.ndarray) -> np.ndarray:
+    lab = torch.from_numpy(labels)[None, None]
+    return warp_labels(lab, torch.from_numpy(ddf)[None])[0, 0].numpy()
+
+
+def _tensors(pair: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Images and labels gain a channel axis (1, *S); fields keep theirs (d, *S)."""
+    out = {}
+    for key, value in pair.items():
+        t = torch.from_numpy(np.ascontiguousarray(value))
+        out[key] = t if key == "ddf_true" else t[None]
+    return out
 
 
 # ----------------------------------------------------------------------------- losses
@@ -206,7 +272,7 @@ def init_weights(model: torch.nn.Module, spec: str) -> None:
 
 def stage_loss(
     stage: StageConfig,
-    model: torch.nn.Module,
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     batch: dict[str, torch.Tensor],
     classes: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -219,13 +285,17 @@ def stage_loss(
     terms: dict[str, torch.Tensor] = {}
     if stage.kind == "synthetic":
         ddf_true = batch["ddf_true"]
-        with torch.no_grad():  # the fixed image is the moving one under the known field
-            fixed = warp(moving, ddf_true, padding_mode="zeros")
-        ddf = model(moving, fixed)
-        terms["ddf"] = losses.mse_loss(ddf, ddf_true)
+        fixed = batch.get("fixed")
+        if fixed is None:  # the paper's stage 1: the moving image under the known field
+            with torch.no_grad():
+                fixed = warp(moving, ddf_true, padding_mode="zeros")
+        ddf = model(moving, fixed).float()
+        terms["ddf"] = losses.mse_loss(ddf, ddf_true, batch.get("ddf_weight"))
         terms["smooth"] = losses.gradient_l2(ddf)
         if w["image"] > 0:
             terms["image"] = losses.mse_loss(warp(moving, ddf, padding_mode="zeros"), fixed)
+        if stage.swap and w["inverse"] > 0:
+            terms["inverse"] = inverse_consistency(ddf)
     else:
         fixed = batch["fixed"]
         ddf = model(moving, fixed)
@@ -246,43 +316,14 @@ def stage_loss(
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
-# ----------------------------------------------------------------------------- validation
-def validation_pairs(val: list[SubjectData], limit: int) -> list[tuple[int, int]]:
-    pairs = [(i, j) for i in range(len(val)) for j in range(len(val)) if i != j]
-    return pairs[:limit]
-
-
-@torch.no_grad()
-def validate(
-    model: torch.nn.Module,
-    val: list[SubjectData],
-    pairs: Sequence[tuple[int, int]],
-    organs: Sequence[int] | None,
-    device: torch.device,
-    identity: bool = False,
-) -> float:
-    """Mean Dice over organs and pairs after registration (or before, ``identity``)."""
-    scores = []
-    was_training = model.training
-    model.eval()
-    for i, j in pairs:
-        mov, fix = val[i], val[j]
-        if mov.label is None or fix.label is None:
-            continue
-        labels = organs or sorted(set(np.unique(fix.label)) - {0})
-        if identity:
-            warped = mov.label
-        else:
-            m = torch.from_numpy(mov.image)[None, None].to(device)
-            f = torch.from_numpy(fix.image)[None, None].to(device)
-            ddf = model(m, f)
-            lab = torch.from_numpy(mov.label)[None, None].to(device)
-            warped = warp_labels(lab, ddf)[0, 0].cpu().numpy()
-        values = [v for v in dice(warped, fix.label, labels).values() if not math.isnan(v)]
-        if values:
-            scores.append(float(np.mean(values)))
-    model.train(was_training)
-    return float(np.mean(scores)) if scores else float("nan")
+def inverse_consistency(ddf: torch.Tensor) -> torch.Tensor:
+    """Mean squared round trip ``|u_ab(x) + u_ba(x + u_ab(x))|^2`` (voxels^2) over the
+    batch's pairs of slots ``(a, b), (b, a)``, both ways: zero when the two fields are
+    each other's inverse."""
+    ab, ba = ddf[0::2], ddf[1::2]
+    there = compose_ddf(ba, ab).square().sum(1).mean()
+    back = compose_ddf(ab, ba).square().sum(1).mean()
+    return 0.5 * (there + back)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -340,9 +381,9 @@ class _Logs:
         except ImportError:  # a trimmed install without tensorboard: the CSV logs suffice
             self.tb = None
 
-    def write(self, kind: str, row: dict[str, Any]) -> None:
+    def write(self, kind: str, row: dict[str, Any]) -> dict[str, Any]:
         if not self.enabled:
-            return
+            return row
         path = self.paths[kind]
         new = not path.exists() or path.stat().st_size == 0
         fields = list(row)
@@ -367,6 +408,7 @@ class _Logs:
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float):
                     self.tb.add_scalar(f"{kind}/{key}", value, row["step"])
+        return row
 
     def close(self) -> None:
         if self.tb is not None:
@@ -395,6 +437,10 @@ def _check_run_folder(out: Path, ckpt: Path, resume: bool, overwrite: bool) -> N
         raise RanregError(
             f"{out}: holds an earlier run ({logs[0]}); use --overwrite or another --out"
         )
+    if overwrite and not resume:  # a fresh run: the earlier run's logs and best model go
+        for name in (TRAIN_LOG, VAL_LOG, "train_summary.json"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / BEST_DIR, ignore_errors=True)
 
 
 def train(
@@ -407,6 +453,8 @@ def train(
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
     overwrite: bool = False,
+    state: str | os.PathLike[str] | None = None,
+    command: str = "",
 ) -> dict[str, Any]:
     """Run (or continue) the stages of ``cfg``; returns a summary dict.
 
@@ -415,12 +463,19 @@ def train(
 
     ``max_steps``/``time_limit`` (seconds) end this invocation early with a checkpoint, so
     long trainings run in chunks (``--resume`` continues). ``on_step(global_step)`` is
-    called after every optimizer step (tests use it to simulate a crash).
+    called after every optimizer step (tests use it to simulate a crash). ``state``: a
+    folder that keeps the run across machines (:mod:`ranreg.training_state`): read when
+    the run folder has no checkpoint, replaced at the end of the chunk; ``command`` is
+    logged with the chunk.
     """
     out = Path(out_dir)
     rank, world, device = _setup_distributed(cfg.device)
     main = rank == 0
     ckpt = out / CHECKPOINT_DIR
+    chunk_started = (time.time(), time.monotonic())
+    state_dir = None if state is None else Path(state)
+    if main and state_dir is not None and restore_state(state_dir, out):
+        resume = True
     if main:
         _check_run_folder(out, ckpt, resume, overwrite)
         out.mkdir(parents=True, exist_ok=True)
@@ -473,21 +528,36 @@ def train(
     spacings = {s.spacing for s in train_subjects if s.spacing is not None}
     provenance = {
         "config_source": cfg.source,
-        "window": None if cfg.data.shapes is not None else cfg.data.window,
+        **_window_provenance(cfg),
         "organs": list(organs),
-        **({"spacing": list(spacings.pop())} if len(spacings) == 1 else {}),
+        **({"spacing": list(next(iter(spacings)))} if len(spacings) == 1 else {}),
         **({"init": cfg.init} if cfg.init is not None else {}),
     }
     if main:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     logs = _Logs(out, step, main)
     vpairs = validation_pairs(val_subjects, cfg.val_pairs)
+    cases = []
+    if main and cfg.data.val_scans:
+        if len(spacings) != 1:
+            raise RanregError("data.val_scans needs training subjects on one voxel grid")
+        grid_mm = float(np.mean(next(iter(spacings))))
+        cases = known_field_cases(cfg.data.val_scans, grid_mm, cfg.data.window, seed=cfg.seed)
+
+    def measure(row: dict[str, Any]) -> dict[str, Any]:
+        row["dice"] = validate(model, val_subjects, vpairs, organs, device)
+        if cases:
+            row["epe_mm"] = validate_known_fields(model, cases, device)
+        return row
+
     if main and vpairs and step == 0:
         before = validate(model, val_subjects, vpairs, organs, device, identity=True)
-        after = validate(model, val_subjects, vpairs, organs, device)
-        logs.write("val", {"step": 0, "dice": after, "dice_identity": before})
-        best_val = after
-        _save_best(model, out, 0, after, provenance)
+        row = measure({"step": 0, "dice_identity": before})
+        if cases:  # no registration: the error is the true field itself
+            row["epe_mm_identity"] = float(np.mean([c.identity_error() for c in cases]))
+        logs.write("val", row)
+        best_val = row["dice"]
+        _save_best(model, out, 0, best_val, provenance)
 
     started = time.monotonic()
     steps_this_run = 0
@@ -501,6 +571,13 @@ def train(
         disable=not (progress and main),
         dynamic_ncols=True,
     )
+    bf16 = fast_bf16(device) if cfg.amp is None else cfg.amp
+
+    def forward(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        # the network under bf16 autocast where asked; losses and warps stay in float32
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return net(moving, fixed).float()
+
     stage_start = 0
     for stage_index, stage in enumerate(cfg.stages):
         stage_end = stage_start + stage.steps
@@ -527,10 +604,7 @@ def train(
                     k: v.to(memory_format=fmt) if (fmt := channels_last_format(v.dim())) else v
                     for k, v in batch.items()
                 }
-            with torch.autocast(
-                device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"
-            ):
-                loss, terms = stage_loss(stage, net, batch, classes)
+            loss, terms = stage_loss(stage, forward, batch, classes)
             if not torch.isfinite(loss):
                 raise RanregError(
                     f"stage {stage.name!r} step {step + 1}: loss is {float(loss)}; "
@@ -556,8 +630,7 @@ def train(
                 },
             )
             if main and vpairs and (step % cfg.val_every == 0 or step == total_steps):
-                val_dice = validate(model, val_subjects, vpairs, organs, device)
-                logs.write("val", {"step": step, "dice": val_dice})
+                val_dice = logs.write("val", measure({"step": step}))["dice"]
                 if val_dice > best_val:
                     best_val = val_dice
                     _save_best(model, out, step, val_dice, provenance)
@@ -605,8 +678,33 @@ def train(
         if summary["finished"]:
             save_model(model, out / MODEL_DIR, extra={"trained_steps": step, **provenance})
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if state_dir is not None and steps_this_run:
+            wall = time.monotonic() - chunk_started[1]
+            chunk = {
+                "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(chunk_started[0])),
+                "first_step": step - steps_this_run + 1,
+                "last_step": step,
+                "wall_s": round(wall, 1),
+                "s_per_step": round((time.monotonic() - started) / steps_this_run, 3),
+                "last_loss": round(last_loss, 5),
+                "best_val_dice": round(best_val, 4),
+                "bf16": bf16,
+                "machine": machine(),
+                "command": command,
+            }
+            export_state(out, state_dir, chunk)
     logs.close()
     return summary
+
+
+def _window_provenance(cfg: TrainConfig) -> dict[str, Any]:
+    """The intensity rule stored with the model (see ranreg.pipeline.model_settings):
+    absent = "auto" (window for CT, min-max otherwise)."""
+    if cfg.data.shapes is not None:
+        return {"window": None}
+    if cfg.data.model_window == "auto":
+        return {}
+    return {"window": cfg.data.window}
 
 
 def _save_best(
@@ -648,6 +746,8 @@ def _run(args: Any) -> int:
             time_limit=None if args.time_limit is None else 60 * args.time_limit,
             progress=not args.no_progress,
             overwrite=args.overwrite,
+            state=args.state,
+            command=" ".join(["ranreg", *sys.argv[1:]]),
         )
     finally:
         if dist.is_initialized():
@@ -676,6 +776,11 @@ def add_parser(sub: Any) -> None:
         "--overwrite",
         action="store_true",
         help="start again in an OUT that holds an earlier run (its files are replaced)",
+    )
+    p.add_argument(
+        "--state",
+        help="keep the run's latest state here across machines (training-state/NAME): "
+        "resumed from when OUT has no checkpoint, replaced after the chunk",
     )
     p.add_argument("--max-steps", type=int, help="stop after this many steps (a chunk)")
     p.add_argument("--time-limit", type=float, help="stop after this many minutes (a chunk)")

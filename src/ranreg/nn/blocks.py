@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -30,8 +32,42 @@ class InstanceNorm(nn.GroupNorm):
         super().__init__(channels, channels, affine=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in _REDUCED and torch.is_grad_enabled() and x.requires_grad:
+            # ATen's group-norm backward in bf16 is ~2.3x slower than this one (channels-last,
+            # 2x16x48x32x64 on AVX512-BF16): it was a quarter of a bf16 training step
+            return _ReducedInstanceNorm.apply(x, self.eps)
         with torch.autocast(x.device.type, enabled=False):
             return nn.functional.group_norm(x, self.num_groups, None, None, self.eps)
+
+
+_REDUCED = (torch.bfloat16, torch.float16)
+
+
+class _ReducedInstanceNorm(torch.autograd.Function):
+    """Instance normalisation of a bf16/fp16 tensor with float32 statistics and gradient.
+
+    Saves the normalised output ``y`` and ``1/std``; the gradient is the textbook
+    ``dx = (dy - mean(dy) - y * mean(dy * y)) / std`` over each sample's channel.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, eps: float) -> torch.Tensor:
+        dims = tuple(range(2, x.dim()))
+        xf = x.float()
+        var, mean = torch.var_mean(xf, dim=dims, keepdim=True, correction=0)
+        rstd = torch.rsqrt(var + eps)
+        y = ((xf - mean) * rstd).to(x.dtype)
+        ctx.save_for_backward(y, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, None]:
+        y, rstd = ctx.saved_tensors
+        dims = tuple(range(2, y.dim()))
+        dyf, yf = dy.float(), y.float()
+        centred = dyf - dyf.mean(dims, keepdim=True)
+        dx = rstd * (centred - yf * (dyf * yf).mean(dims, keepdim=True))
+        return dx.to(dy.dtype), None
 
 
 def instance_norm(ndim: int, channels: int) -> nn.Module:
