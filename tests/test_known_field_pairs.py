@@ -16,9 +16,10 @@ from ranreg.config import parse_config
 from ranreg.data.contrast import random_contrast_image, tissue_map
 from ranreg.data.pairs import PairRecipe, augment_batch, invert_ddf, make_pair, swapped
 from ranreg.errors import RanregError
+from ranreg.objectives import inverse_consistency
 from ranreg.spatial import warp_labels
 from ranreg.synth import affine_ddf
-from ranreg.train import inverse_consistency, train
+from ranreg.train import train
 from tests.test_train import shapes_config
 
 

@@ -19,7 +19,9 @@ from ranreg.checkpoint import load_model
 from ranreg.cli import main
 from ranreg.config import parse_config
 from ranreg.errors import RanregError
-from ranreg.train import load_subjects, train, validate, validation_pairs
+from ranreg.train import train
+from ranreg.train_data import load_subjects
+from ranreg.validation import validate, validation_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,8 +19,10 @@ from ranreg.checkpoint import load_model, save_model  # noqa: E402
 from ranreg.config import parse_config  # noqa: E402
 from ranreg.nn import build_model  # noqa: E402
 from ranreg.nn.voxelmorph_peer import VxmPackageNet  # noqa: E402
+from ranreg.objectives import stage_loss  # noqa: E402
 from ranreg.spatial import warp  # noqa: E402
-from ranreg.train import StepSamples, load_subjects, stage_loss, train  # noqa: E402
+from ranreg.train import train  # noqa: E402
+from ranreg.train_data import StepSamples, load_subjects  # noqa: E402
 
 NAME = "VoxelMorph-pkg"
 SHAPES = {2: (37, 45), 3: (17, 19, 21)}
