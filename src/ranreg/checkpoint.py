@@ -122,13 +122,20 @@ def save_checkpoint(
 def recover_checkpoint(directory: str | os.PathLike[str]) -> bool:
     """Put back the previous checkpoint after a crash between the two renames of
     :func:`save_checkpoint` (the old copy moved aside, the new one not yet in place): the
-    aside copy is the last complete checkpoint. Returns whether it did so."""
+    aside copy is the last complete checkpoint. Returns whether it did so. Temporary
+    folders of a killed writer are removed (one run writes into a folder at a time)."""
     final = Path(directory)
     old = final.with_name(f".{final.name}.old")
-    if final.exists() or not old.is_dir():
-        return False
-    os.replace(old, final)
-    return True
+    recovered = not final.exists() and old.is_dir()
+    if recovered:
+        os.replace(old, final)
+    # what a killed writer left: its temporary folder, or the old copy it had not yet
+    # removed; neither is read again, the complete checkpoint is in place
+    if final.parent.is_dir():
+        for stale in final.parent.glob(f".{final.name}.*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+    return recovered
 
 
 def load_checkpoint(directory: str | os.PathLike[str], model: torch.nn.Module) -> dict[str, Any]:

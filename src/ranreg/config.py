@@ -18,6 +18,8 @@ from ranreg.errors import RanregError
 from ranreg.nn import MODEL_NAMES
 
 STAGE_KINDS = ("synthetic", "unsupervised")
+#: largest data.factor: x4 upsampling already turns a 2 mm CT into 0.5 mm voxels
+MAX_FACTOR = 4.0
 SIMILARITIES = ("ncc", "mse")
 
 
@@ -186,6 +188,10 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: Path | None = None)
     m.finish()
     if model.name.lower() not in {n.lower() for n in MODEL_NAMES}:
         raise m.fail("name", f"unknown model {model.name!r}; known: {', '.join(MODEL_NAMES)}")
+    from ranreg.nn import MAX_HEADS
+
+    if model.heads > MAX_HEADS:
+        raise m.fail("heads", f"must be at most {MAX_HEADS}, got {model.heads}")
     if model.ndim not in (2, 3):
         raise m.fail("ndim", f"must be 2 or 3, got {model.ndim}")
 
@@ -211,6 +217,8 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: Path | None = None)
     if data.model_window not in ("window", "auto"):
         raise d.fail("model_window", f"must be window or auto, got {data.model_window!r}")
     d.finish()
+    if data.factor is not None and data.factor > MAX_FACTOR:
+        raise d.fail("factor", f"must be at most {MAX_FACTOR:g} (upsampling), got {data.factor:g}")
     sources = [k for k in ("root", "labels", "shapes") if getattr(data, k) is not None]
     if len(sources) != 1:
         raise RanregError(f"{source}: data: give exactly one of root, labels, shapes")

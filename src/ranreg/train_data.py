@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from ranreg.config import StageConfig, TrainConfig
 from ranreg.data.datasets import crop_offsets, discover_splits, discover_subjects, load_subject
+from ranreg.data.io import max_voxels
 from ranreg.data.pairs import PairRecipe, augment_batch, make_pair, swapped
 from ranreg.data.preprocess import preprocess_subject, select_labels
 from ranreg.data.shapes import shapes_subjects
@@ -88,6 +89,12 @@ def _preprocess(cfg: TrainConfig, subject: Any) -> SubjectData:
     image, label, affine = load_subject(subject)
     window = None if cfg.data.window is None else tuple(cfg.data.window)
     shape_in = image.shape
+    grown = float(np.prod(shape_in)) * (cfg.data.factor or 1.0) ** len(shape_in)
+    if grown > max_voxels():
+        raise RanregError(
+            f"{subject.image}: data.factor {cfg.data.factor:g} would give {grown:.3g} voxels, "
+            f"over the limit of {max_voxels():.3g} (raise it with RANREG_MAX_VOXELS)"
+        )
     try:
         image, every = preprocess_subject(
             image, label, factor=cfg.data.factor, window=window, keep=None

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ranreg.checkpoint import recover_checkpoint
 from ranreg.errors import RanregError
 
 __all__ = ["CHUNKS_LOG", "MAX_STATE_BYTES", "export_state", "machine", "restore_state"]
@@ -59,6 +60,7 @@ def machine() -> str:
 
 def restore_state(state_dir: Path, out: Path) -> bool:
     """Copy a kept state into a run folder that has no checkpoint; returns whether it did."""
+    recover_checkpoint(state_dir)  # a chunk killed while replacing the state
     if (out / "checkpoint").exists() or not (state_dir / "checkpoint").is_dir():
         return False
     out.mkdir(parents=True, exist_ok=True)
@@ -77,6 +79,7 @@ def export_state(out: Path, state_dir: Path, chunk: dict[str, Any]) -> Path:
     if not (out / "checkpoint").is_dir():
         raise RanregError(f"{out}: no checkpoint to keep in {state_dir}")
     state_dir.parent.mkdir(parents=True, exist_ok=True)
+    recover_checkpoint(state_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{state_dir.name}.", dir=state_dir.parent))
     try:
         for name in _KEPT:

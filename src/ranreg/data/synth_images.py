@@ -56,6 +56,8 @@ __all__ = [
 ]
 
 AIR_HU = -1000.0
+#: largest label value a painted map may hold: intensity tables are indexed by value
+MAX_LABEL_VALUE = 65535
 
 
 @dataclass(frozen=True)
@@ -365,7 +367,13 @@ def synthesize_dataset(
             name = nifti_stem(path)
             vol = load_label_volume(path)
             rng = subject_rng(seed, name)
-            n_labels = max(int(vol.array.max(initial=0)) + 1, 14)
+            top = int(vol.array.max(initial=0))
+            if top > MAX_LABEL_VALUE:
+                raise RanregError(
+                    f"{path}: label value {top}: painting takes label values up to "
+                    f"{MAX_LABEL_VALUE} (one intensity table entry per value)"
+                )
+            n_labels = max(top + 1, 14)
             organ_hu = sample_organ_hu(rng, n_labels, image_kwargs.get("hu_jitter", 1.0))
             try:
                 img = labels_to_image(

@@ -23,6 +23,21 @@ MODEL_NAMES: tuple[str, ...] = (
 )
 
 
+#: upper bounds on constructor options read from files (model configs, training configs):
+#: a crafted file asking for 10^7 heads must fail here, not while allocating the weights
+MAX_HEADS = 64
+MAX_IN_CHANNELS = 16
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    for key, top in (("heads", MAX_HEADS), ("in_channels", MAX_IN_CHANNELS)):
+        if key not in options:
+            continue
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+            raise ValueError(f"{key} must be an integer from 1 to {top}, got {value!r}")
+
+
 def build_model(name: str, ndim: int = 3, **options: Any) -> nn.Module:
     """Build a registration network by name, in the style of torchvision builders.
 
@@ -37,8 +52,9 @@ def build_model(name: str, ndim: int = 3, **options: Any) -> nn.Module:
     Every model is called as ``model(moving, fixed)`` with (B, C, *S) tensors and returns
     the DDF (B, ndim, *S) in voxels, ``warped(x) = moving(x + ddf(x))``.
     """
+    _check_options(options)
     lookup = {n.lower(): n for n in MODEL_NAMES}
-    canonical = lookup.get(name.lower())
+    canonical = lookup.get(str(name).lower())
     if canonical is None:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
     if canonical == "VoxelMorph":
