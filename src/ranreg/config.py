@@ -167,9 +167,9 @@ def _init_spec(spec: str | None, base: Path) -> str | None:
     """A packaged model name stays a name; a path is taken relative to the config file."""
     if spec is None:
         return None
-    from ranreg.pretrained import PRETRAINED
+    from ranreg.registry import resolve_pretrained
 
-    if spec in PRETRAINED and not (base / spec).exists():
+    if resolve_pretrained(spec) is not None and not (base / spec).exists():
         return spec
     return str((base / spec).resolve())
 

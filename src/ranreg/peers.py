@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from ranreg.errors import RanregError
+from ranreg.registry import get_method, register_method
 
 __all__ = ["ANTS_SYN", "PEER_NAMES", "THREADS_ENV", "AntsSyN", "import_ants", "build_peer"]
 
@@ -171,8 +172,13 @@ class AntsSyN(torch.nn.Module):
         return np.ascontiguousarray(np.moveaxis(field, -1, 0)), warped
 
 
+@register_method(ANTS_SYN, kind="peer", summary="ANTs SyN (extra: peers)")
+def _ants_syn(**options: Any) -> torch.nn.Module:
+    return AntsSyN()
+
+
 def build_peer(name: str) -> torch.nn.Module:
     """The classical method called ``name`` (one of :data:`PEER_NAMES`)."""
-    if name == ANTS_SYN:
-        return AntsSyN()
+    if name in PEER_NAMES:
+        return get_method(name).build()
     raise RanregError(f"unknown classical method {name!r} (known: {', '.join(PEER_NAMES)})")

@@ -6,7 +6,6 @@ float32/64; these settings only change the forward pass.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -15,6 +14,7 @@ from torch import Tensor
 from ranreg.errors import RanregError
 from ranreg.nn.blocks import channels_last_format
 from ranreg.options import PRECISIONS
+from ranreg.registry import returns_levels as declares_levels
 
 __all__ = [
     "fast_bf16",
@@ -112,7 +112,7 @@ def run_network(
     )
     levels = None
     with torch.no_grad(), autocast:
-        if return_levels and "return_levels" in inspect.signature(model.forward).parameters:
+        if return_levels and declares_levels(model):
             out = model(moving, fixed, return_levels=True)
             ddf, levels = (out.ddf, out) if hasattr(out, "ddf") else (out, None)
         else:

@@ -11,6 +11,7 @@ from ranreg.nn.aligner import LevelOutput, PlainAligner, ResidualAligner
 from ranreg.nn.baselines import VoxelMorphUNet
 from ranreg.nn.ran import RAN, RegistrationOutput
 from ranreg.nn.variants import VARIANTS, Variant, capturable_range, get_variant
+from ranreg.registry import get_method, register_method
 
 #: Suffix that turns a RAN variant name into its "without RA" ablation.
 NO_RA_SUFFIX = "-noRA"
@@ -38,8 +39,43 @@ def _check_options(options: dict[str, Any]) -> None:
             raise ValueError(f"{key} must be an integer from 1 to {top}, got {value!r}")
 
 
+def _ran(variant: str, aligner: str) -> Any:
+    def build(ndim: int = 3, **options: Any) -> nn.Module:
+        return RAN(variant, ndim=ndim, aligner=aligner, **options)
+
+    return build
+
+
+for _name in VARIANTS:  # Tables 2-4, and the same network with plain DDF heads
+    register_method(_name, kind="network", summary=f"{_name} (Tables 2-4)", returns_levels=True)(
+        _ran(_name, "ra")
+    )
+    register_method(
+        _name + NO_RA_SUFFIX,
+        kind="network",
+        summary=f"{_name} without RA modules (the ablation)",
+        returns_levels=True,
+    )(_ran(_name, "plain"))
+
+
+@register_method("VoxelMorph", kind="network", summary="VoxelMorph-style U-Net (ranreg's)")
+def _voxelmorph(ndim: int = 3, **options: Any) -> nn.Module:
+    options.pop("heads", None)  # no heads in a direct-regression U-Net
+    return VoxelMorphUNet(ndim=ndim, **options)
+
+
+@register_method(
+    "VoxelMorph-pkg", kind="network", summary="the voxelmorph package's network (extra: peers)"
+)
+def _voxelmorph_package(ndim: int = 3, **options: Any) -> nn.Module:
+    from ranreg.nn.voxelmorph_peer import VxmPackageNet  # imports voxelmorph lazily
+
+    options.pop("heads", None)
+    return VxmPackageNet(ndim=ndim, **options)
+
+
 def build_model(name: str, ndim: int = 3, **options: Any) -> nn.Module:
-    """Build a registration network by name, in the style of torchvision builders.
+    """Build a registration network by name (the registry's ``network`` methods).
 
     Names: ``RAN0``, ``RAN3``, ``RAN4``, ``RAN4+`` (the paper's variants), the same with
     ``-noRA`` (RA modules replaced by a plain per-level DDF head), ``VoxelMorph`` and
@@ -53,21 +89,9 @@ def build_model(name: str, ndim: int = 3, **options: Any) -> nn.Module:
     the DDF (B, ndim, *S) in voxels, ``warped(x) = moving(x + ddf(x))``.
     """
     _check_options(options)
-    lookup = {n.lower(): n for n in MODEL_NAMES}
-    canonical = lookup.get(str(name).lower())
-    if canonical is None:
+    if str(name).lower() not in {n.lower() for n in MODEL_NAMES}:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
-    if canonical == "VoxelMorph":
-        options.pop("heads", None)  # no heads in a direct-regression U-Net
-        return VoxelMorphUNet(ndim=ndim, **options)
-    if canonical == "VoxelMorph-pkg":
-        from ranreg.nn.voxelmorph_peer import VxmPackageNet  # imports voxelmorph lazily
-
-        options.pop("heads", None)
-        return VxmPackageNet(ndim=ndim, **options)
-    if canonical.endswith(NO_RA_SUFFIX):
-        return RAN(canonical[: -len(NO_RA_SUFFIX)], ndim=ndim, aligner="plain", **options)
-    return RAN(canonical, ndim=ndim, **options)
+    return get_method(str(name)).build(ndim=ndim, **options)
 
 
 __all__ = [

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-#: name -> file in this folder
+#: ``ARCH.TAG`` name -> file in this folder (timm's naming: architecture, then the
+#: training recipe of the weights)
 PRETRAINED: dict[str, str] = {
-    "ran3-abdomen-cpu": "ran3-abdomen-cpu.safetensors",
-    "ran3-abdomen-weak": "ran3-abdomen-weak.safetensors",
+    "ran3.abdomen-cpu": "ran3-abdomen-cpu.safetensors",
+    "ran3.abdomen-weak": "ran3-abdomen-weak.safetensors",
+}
+
+#: names of ranreg 0.2, still accepted
+ALIASES: dict[str, str] = {
+    "ran3-abdomen-cpu": "ran3.abdomen-cpu",
+    "ran3-abdomen-weak": "ran3.abdomen-weak",
 }
 
 #: the model used when none is named
-DEFAULT_MODEL = "ran3-abdomen-weak"
+DEFAULT_MODEL = "ran3.abdomen-weak"
 
 
 def path_of(name: str) -> Path:
-    """The file of a packaged model."""
-    return Path(__file__).resolve().parent / PRETRAINED[name]
+    """The file of a packaged model (``ARCH.TAG`` or an alias)."""
+    return Path(__file__).resolve().parent / PRETRAINED[ALIASES.get(name, name)]

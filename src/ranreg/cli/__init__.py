@@ -1,7 +1,9 @@
 """Command line interface: ``ranreg <command> ...``.
 
-Every sub-command lives in the module that does its work and registers itself here
-through an ``add_parser(subparsers)`` function that sets ``func`` on its parser.
+Every sub-command is one thin module of this package (``ranreg.cli.register``, ...) with
+an ``add_parser(subparsers)`` function that sets ``func`` on its parser; it is imported
+only when its command runs, and it calls the Python API, which does the work. Option
+groups shared by several commands live in :mod:`ranreg.cli.options`.
 User errors (:class:`ranreg.errors.RanregError`, bad options) end with one
 ``error: ...`` line on stderr and exit code 2.
 """
@@ -24,14 +26,15 @@ class _Parser(argparse.ArgumentParser):
 #: command -> module that defines it (``add_parser``); imported only when needed, so that
 #: one command does not pay for importing every other one
 COMMANDS = {
-    "summary": "ranreg.summary",
-    "data": "ranreg.data.commands",
-    "train": "ranreg.train",
-    "register": "ranreg.infer",
-    "apply": "ranreg.apply",
-    "demo": "ranreg.demo",
-    "evaluate": "ranreg.evaluate",
-    "separability": "ranreg.separability",
+    "summary": "ranreg.cli.summary",
+    "models": "ranreg.cli.models",
+    "data": "ranreg.cli.data",
+    "train": "ranreg.cli.train",
+    "register": "ranreg.cli.register",
+    "apply": "ranreg.cli.apply",
+    "demo": "ranreg.cli.demo",
+    "evaluate": "ranreg.cli.evaluate",
+    "separability": "ranreg.cli.separability",
 }
 
 
@@ -39,6 +42,7 @@ COMMANDS = {
 #: MONAI, matplotlib): it answers in a fraction of a second
 SUMMARIES = {
     "summary": "parameters, MACs, memory and per-level motion ranges of a model",
+    "models": "the registration methods and packaged weights this installation knows",
     "data": "prepare data sets (synthetic CT images from label maps)",
     "train": "train a model from a YAML config (two stages)",
     "register": "register a moving image to a fixed one (or a cohort with --pairs)",
@@ -107,7 +111,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""``ranreg evaluate``: score methods on every pair of a data set."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ranreg.cli.options import add_registration_options, options_from_args
+from ranreg.evaluate import _fmt, evaluate
+from ranreg.refine import DEFAULT_STEPS
+
+
+def _run(args: Any) -> int:
+    summary = evaluate(
+        args.data,
+        args.out,
+        models=args.model,
+        split=args.split,
+        labels=args.labels,
+        device=args.device,
+        progress=not args.no_progress,
+        options=options_from_args(args),
+        label_names=args.label_names,
+    )
+    info = summary["info"]
+    print(
+        f"evaluated {len(summary['models'])} models on {info['pairs']} ordered pairs of "
+        f"{info['subjects']} subjects; outputs in {args.out}/ "
+        "(results.csv, summary.md, boxplots.png, boxplots/)"
+    )
+    for name, scores in summary["models"].items():
+        d = scores["mean_over_organs"]["dice"]
+        print(f"  {name}: mean Dice over organs {_fmt(d['mean'], d['sd'], 3)}")
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    from ranreg.cli import command_help
+
+    p = sub.add_parser(
+        "evaluate",
+        help=command_help("evaluate"),
+        description="Register every ordered pair of distinct subjects with each model and "
+        "'identity' (the reference) and write results.csv, summary.md and box plots.",
+    )
+    p.add_argument("--data", required=True, help="data set folder (DeepReg or Learn2Reg layout)")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="train, val or test (default: test, or none for a folder holding images/)",
+    )
+    p.add_argument(
+        "--model",
+        nargs="+",
+        action="extend",
+        metavar="MODEL",
+        help="model files/folders or names (default: the packaged default); identity is "
+        "always added as the reference; LABEL=MODEL names a model in the tables, a suffix "
+        "@bf16 or @fp32 sets one model's precision; +fast (no instance optimisation), "
+        f"+refineN (N optimisation steps per level, +refine: {DEFAULT_STEPS}), +rigid, "
+        "+noaffine, +affine and +diffeo change one model's pipeline",
+    )
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument(
+        "--labels",
+        type=int,
+        nargs="+",
+        metavar="L",
+        help="label values to score (default the paper's 9 organs)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument(
+        "--label-names",
+        metavar="NAME|FILE",
+        help="names of the label values: abdomen (default), totalseg, totalseg-mr or a "
+        "JSON/CSV file of id,name",
+    )
+    add_registration_options(p, progress_flag=False)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)

@@ -1,0 +1,179 @@
+"""``ranreg register``: register a pair (or a cohort with ``--pairs``) and write the results."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from ranreg.cli.options import add_registration_options, options_from_args
+from ranreg.data.formats import OUTPUT_FORMATS
+from ranreg.errors import RanregError
+from ranreg.infer import register_files
+from ranreg.labelnames import load_label_names
+from ranreg.models import resolve_model
+from ranreg.outputs import DDF_CONVENTION
+from ranreg.runtime import resolve_device
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def _run(args: Any) -> int:
+    if args.pairs:
+        return _run_pairs(args)
+    if not args.fixed or not args.moving:
+        raise RanregError("register: give --fixed and --moving, or --pairs CSV")
+    metrics = register_files(
+        args.fixed,
+        args.moving,
+        args.out,
+        args.model,
+        moving_labels=args.moving_labels,
+        fixed_labels=args.fixed_labels,
+        device=args.device,
+        labels_to_score=args.labels,
+        head_masks=args.head_masks,
+        options=options_from_args(args),
+        label_names=args.label_names,
+        output_format=args.format,
+    )
+    print_report(metrics, Path(args.out), args.moving, args.fixed)
+    return 0
+
+
+def _run_pairs(args: Any) -> int:
+    """``--pairs``: the model loaded once, one folder per pair, a summary (ranreg.batch)."""
+    from ranreg.batch import read_pairs, run_batch
+
+    if args.fixed or args.moving or args.moving_labels or args.fixed_labels:
+        raise RanregError("register: --pairs takes the images from the CSV, not --fixed etc.")
+    pairs = read_pairs(args.pairs)
+    opts = options_from_args(args).with_(progress=False)
+    net = resolve_model(args.model)
+    resolve_device(args.device)
+    names = load_label_names(args.label_names)
+
+    def one(pair: Any, folder: Path) -> dict[str, Any]:
+        return register_files(
+            pair.fixed,
+            pair.moving,
+            folder,
+            net,
+            moving_labels=pair.moving_labels,
+            fixed_labels=pair.fixed_labels,
+            device=args.device,
+            labels_to_score=args.labels,
+            options=opts,
+            label_names=names if args.label_names else None,
+            output_format=args.format,
+        )
+
+    rows = run_batch(pairs, args.out, one, progress=sys.stderr.isatty())
+    failed = [r for r in rows if r["status"] != "done"]
+    print(f"{len(rows) - len(failed)} of {len(rows)} pairs registered; {args.out}/summary.csv")
+    if failed:
+        raise RanregError(
+            f"{len(failed)} of {len(rows)} pairs failed (first: {failed[0]['name']}: "
+            f"{failed[0]['error']}); see {args.out}/summary.csv"
+        )
+    return 0
+
+
+def _steps_text(metrics: dict[str, Any]) -> str:
+    parts = []
+    aff = metrics.get("affine", {})
+    if aff.get("mode", "none") != "none":
+        parts.append(f"{aff['mode']} {aff['seconds']:.2f} s")
+    parts.append(f"network {metrics['network_s']:.2f} s")
+    ref = metrics["refine"]
+    if ref["steps"]:
+        ncc = ref["local_ncc"] or {}
+        parts.append(
+            f"optimisation {ref['steps']} steps x {len(ref['levels_mm'] or [])} levels "
+            f"{ref['seconds']:.2f} s, network start {ref['network_start']}, local NCC "
+            f"{_fmt(ncc.get('start'))} -> {_fmt(ncc.get('end'))}"
+        )
+    return ", ".join(parts)
+
+
+def print_report(metrics: dict[str, Any], out: Path, moving: Any, fixed: Any) -> None:
+    """Print what :func:`register_files` did: runtime, files, folding, Dice before/after."""
+    files = sorted(p.name for p in out.iterdir())
+    print(
+        f"registered {moving} to {fixed} with {metrics['model']['label']} in "
+        f"{metrics['runtime_s']:.2f} s ({_steps_text(metrics)})"
+    )
+    print(f"outputs in {out}/: {', '.join(files)}")
+    print(
+        f"folding {_fmt(metrics['folding_percent'], '.3f')} %, "
+        f"SD log|J| {_fmt(metrics['sd_log_jacobian'], '.4f')}"
+    )
+    if "labels" in metrics:
+        mb, ma = metrics["mean_before"]["dice"], metrics["mean_after"]["dice"]
+        print(f"Dice before -> after (mean over labels present): {_fmt(mb)} -> {_fmt(ma)}")
+        for lab, s in metrics["labels"].items():
+            b, a = s["before"]["dice"], s["after"]["dice"]
+            if b is None and a is None:
+                continue
+            print(f"  {lab:>3} {s['organ']:<24} {_fmt(b)} -> {_fmt(a)}")
+    sys.stdout.flush()
+
+
+def add_parser(sub: Any) -> None:
+    from ranreg.cli import command_help
+
+    p = sub.add_parser(
+        "register",
+        help=command_help("register"),
+        description="Register MOVING to FIXED: affine pre-alignment in world space, the "
+        "network, then instance optimisation (--fast: without it). Writes the warped image, "
+        "the DDF of the whole mapping (mm, world axes), affine.txt (ITK), the Jacobian, an "
+        "overlay figure and metrics into a new folder. " + DDF_CONVENTION,
+    )
+    p.add_argument("--fixed", help="fixed image (NIfTI, NRRD, MHA/MHD or a DICOM folder)")
+    p.add_argument("--moving", help="moving image (same formats)")
+    p.add_argument(
+        "--pairs",
+        metavar="CSV",
+        help="register a cohort instead: a CSV with columns fixed, moving [, moving_labels, "
+        "fixed_labels, name]; one folder per pair in --out and a summary.csv; finished "
+        "pairs are skipped when run again",
+    )
+    p.add_argument(
+        "--label-names",
+        metavar="NAME|FILE",
+        help="names of label values in reports: abdomen (default), totalseg, totalseg-mr, "
+        "or a JSON/CSV file of id,name; with a table other than abdomen, every label of the "
+        "fixed map is scored unless --labels says otherwise",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model file or folder, 'identity', or a packaged model name (default: the "
+        "packaged default)",
+    )
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument(
+        "--format",
+        choices=OUTPUT_FORMATS,
+        default=None,
+        help="format of the output volumes (default: the fixed image's; NIfTI for DICOM); "
+        "the field is always ddf.nii.gz",
+    )
+    p.add_argument("--moving-labels", help="moving label map (warped with nearest neighbour)")
+    p.add_argument("--fixed-labels", help="fixed label map (Dice/ASD/HD95 before and after)")
+    p.add_argument(
+        "--labels",
+        type=int,
+        nargs="+",
+        metavar="L",
+        help="label values to score (default the paper's 9 organs)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    add_registration_options(p)
+    p.add_argument(
+        "--head-masks", action="store_true", help="also draw the RA head masks (RAN models)"
+    )
+    p.set_defaults(func=_run)
