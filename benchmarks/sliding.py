@@ -5,7 +5,7 @@
     python benchmarks/sliding.py --quick                 # < 10 min: 2 pairs, packaged model
 
 Pairs: each unseen test subject (0027-0030, images painted from the shared label maps at
-4 mm, 96x80x128) is the moving image; `ranreg.synth.random_sliding_ddf` moves two organ
+4 mm, 96x80x128) is the moving image; `ranreg.sliding.random_sliding_ddf` moves two organ
 groups (liver, right kidney, gallbladder, IVC, right adrenal vs the other organs) with
 independent rigid motions (up to 10 degrees, 5 % of the field of view) while the body wall
 and background stay still, and the fixed image is the moving one warped by that field, so
@@ -36,7 +36,7 @@ BOUNDARY_WIDTH = 2  # voxels each side of a sliding boundary (8 mm at 4 mm)
 def sliding_pairs(n_motions: int, subjects: list[str], seed: int = 0) -> list[dict[str, Any]]:
     """Moving subject, fixed = moving warped by a random sliding DDF, the DDF and regions."""
     from ranreg.data.io import Volume
-    from ranreg.synth import random_sliding_ddf
+    from ranreg.sliding import random_sliding_ddf
 
     pairs = []
     for i, name in enumerate(subjects):
@@ -65,7 +65,7 @@ def sliding_pairs(n_motions: int, subjects: list[str], seed: int = 0) -> list[di
 def score(pair: dict[str, Any], ddf_vox: np.ndarray, warped_labels: np.ndarray) -> dict:
     """EPE (mm) overall / near / away from the sliding boundaries, Dice of the organs."""
     from ranreg.metrics import PAPER_ORGANS, dice
-    from ranreg.synth import sliding_boundary_mask
+    from ranreg.sliding import sliding_boundary_mask
 
     spacing = np.asarray(pair["fixed"].spacing).reshape(3, 1, 1, 1)
     err = np.linalg.norm((np.moveaxis(ddf_vox, -1, 0) - pair["ddf"]) * spacing, axis=0)
@@ -179,7 +179,7 @@ def main() -> int:
         *provenance(),
         "",
         f"{len(pairs)} pairs: subjects {', '.join(args.subjects)} at 4 mm (96x80x128), "
-        f"{args.motions} random sliding motion(s) each (`ranreg.synth.random_sliding_ddf`, "
+        f"{args.motions} random sliding motion(s) each (`ranreg.sliding.random_sliding_ddf`, "
         "organ groups move rigidly, body wall still); mean ± sd over pairs. EPE: end-point "
         "error of the DDF in mm inside the body; *boundary*: within "
         f"{BOUNDARY_WIDTH} voxels of a sliding boundary; *interior*: the rest of the body. "

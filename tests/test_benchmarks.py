@@ -30,7 +30,7 @@ def shared_dir_module() -> Path:
 
 
 def test_sliding_pair_is_consistent(pair: dict) -> None:
-    from ranreg.synth import sliding_boundary_mask
+    from ranreg.sliding import sliding_boundary_mask
 
     ddf, regions = pair["ddf"], pair["regions"]
     assert ddf.shape == (3, 96, 80, 128) and regions.shape == (96, 80, 128)

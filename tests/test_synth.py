@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 from scipy.interpolate import RBFInterpolator
 
-from ranreg import synth
+from ranreg import sliding, synth
 
 
 def _grid(shape: tuple[int, ...]) -> np.ndarray:
@@ -235,31 +235,31 @@ def test_random_ddf_full_size_timing() -> None:
 
 
 def test_shapes_regions() -> None:
-    halves = synth.shapes_regions((8, 6, 5))
+    halves = sliding.shapes_regions((8, 6, 5))
     assert halves.dtype == np.int64
     assert np.all(halves[:4] == 0) and np.all(halves[4:] == 1)
-    halves1 = synth.shapes_regions((6, 9), axis=1)
+    halves1 = sliding.shapes_regions((6, 9), axis=1)
     assert np.all(halves1[:, :4] == 0) and np.all(halves1[:, 4:] == 1)
-    ball = synth.shapes_regions((21, 21, 21), kind="sphere", radius=5)
+    ball = sliding.shapes_regions((21, 21, 21), kind="sphere", radius=5)
     assert ball[10, 10, 10] == 1 and ball[10, 10, 15] == 1 and ball[10, 10, 16] == 0
     assert ball[0, 0, 0] == 0
-    assert set(np.unique(synth.shapes_regions((20, 20), "sphere"))) == {0, 1}
+    assert set(np.unique(sliding.shapes_regions((20, 20), "sphere"))) == {0, 1}
     with pytest.raises(ValueError):
-        synth.shapes_regions((4, 4), kind="cube")
+        sliding.shapes_regions((4, 4), kind="cube")
 
 
 def test_sliding_translation_jump_is_exact() -> None:
     shape = (12, 10, 8)
-    regions = synth.shapes_regions(shape, "halves", axis=0)
+    regions = sliding.shapes_regions(shape, "halves", axis=0)
     t0, t1 = np.array([0.0, 2.0, -1.0]), np.array([0.5, -3.0, 1.0])
-    ddf = synth.sliding_ddf(regions, {0: (np.eye(3), t0), 1: (np.eye(3), t1)})
+    ddf = sliding.sliding_ddf(regions, {0: (np.eye(3), t0), 1: (np.eye(3), t1)})
     assert ddf.shape == (3, *shape) and ddf.dtype == np.float32
     np.testing.assert_allclose(ddf[:, :6], np.broadcast_to(t0.reshape(3, 1, 1, 1), (3, 6, 10, 8)))
     np.testing.assert_allclose(ddf[:, 6:], np.broadcast_to(t1.reshape(3, 1, 1, 1), (3, 6, 10, 8)))
     jump = np.linalg.norm(ddf[:, 6] - ddf[:, 5], axis=0)
     np.testing.assert_allclose(jump, np.linalg.norm(t1 - t0), rtol=1e-6)
     # regions absent from ``motions`` stay still
-    still = synth.sliding_ddf(regions, {1: (np.eye(3), t1)})
+    still = sliding.sliding_ddf(regions, {1: (np.eye(3), t1)})
     np.testing.assert_array_equal(still[:, :6], 0.0)
 
 
@@ -267,13 +267,13 @@ def test_sliding_translation_jump_is_exact() -> None:
 def test_sliding_rigid_inside_and_discontinuous_across(kind: str) -> None:
     shape = (16, 14, 12)
     rng = np.random.default_rng(9)
-    regions = synth.shapes_regions(shape, kind)
+    regions = sliding.shapes_regions(shape, kind)
     motions = {}
     for r in (0, 1):
         a = synth.random_rotation(3, rng, math.pi / 12)[0]
         motions[r] = (a, rng.uniform(-3, 3, size=3))
     motions[1] = (motions[1][0], motions[0][1] + np.array([4.0, -4.0, 3.0]))
-    ddf = synth.sliding_ddf(regions, motions).astype(np.float64)
+    ddf = sliding.sliding_ddf(regions, motions).astype(np.float64)
     for r, (a, t) in motions.items():
         field = synth.affine_ddf(shape, a, t)
         inside = regions == r
@@ -302,11 +302,11 @@ def test_sliding_jacobian_is_one_away_from_boundary() -> None:
     torch = pytest.importorskip("torch")
     shape = (14, 12, 10)
     rng = np.random.default_rng(11)
-    regions = synth.shapes_regions(shape, "sphere")
+    regions = sliding.shapes_regions(shape, "sphere")
     motions = {r: (synth.random_rotation(3, rng, 0.3)[0], rng.uniform(-2, 2, 3)) for r in (0, 1)}
-    ddf = synth.sliding_ddf(regions, motions)
+    ddf = sliding.sliding_ddf(regions, motions)
     jac = spatial.jacobian_determinant(torch.from_numpy(ddf.astype(np.float64))[None])[0].numpy()
-    away = ~synth.sliding_boundary_mask(regions, 1)
+    away = ~sliding.sliding_boundary_mask(regions, 1)
     np.testing.assert_allclose(jac[away], 1.0, atol=1e-5)
     assert np.abs(jac[~away] - 1.0).max() > 1e-2
 
@@ -326,8 +326,8 @@ def _toy_abdomen(shape: tuple[int, ...]) -> np.ndarray:
 def test_random_sliding_ddf(shape: tuple[int, ...]) -> None:
     d = len(shape)
     labels = _toy_abdomen(shape)
-    ddf, regions = synth.random_sliding_ddf(labels, np.random.default_rng(5))
-    ddf2, regions2 = synth.random_sliding_ddf(labels, np.random.default_rng(5))
+    ddf, regions = sliding.random_sliding_ddf(labels, np.random.default_rng(5))
+    ddf2, regions2 = sliding.random_sliding_ddf(labels, np.random.default_rng(5))
     np.testing.assert_array_equal(ddf, ddf2)
     np.testing.assert_array_equal(regions, regions2)
     assert ddf.shape == (d, *shape) and ddf.dtype == np.float32
@@ -360,28 +360,28 @@ def test_random_sliding_ddf(shape: tuple[int, ...]) -> None:
 def test_random_sliding_ddf_static_background_and_groups() -> None:
     shape = (20, 18, 16)
     labels = _toy_abdomen(shape)
-    ddf, regions = synth.random_sliding_ddf(
+    ddf, regions = sliding.random_sliding_ddf(
         labels, np.random.default_rng(1), groups=[(6,), (2, 1, 7)], static_background=True
     )
     np.testing.assert_array_equal(ddf[:, regions == 0], 0.0)
     assert set(np.unique(regions)) == {0, 1, 2}
     with pytest.raises(ValueError):
-        synth.random_sliding_ddf(labels.astype(float), np.random.default_rng(0))
+        sliding.random_sliding_ddf(labels.astype(float), np.random.default_rng(0))
 
 
 def test_sliding_boundary_mask_width() -> None:
-    regions = synth.shapes_regions((20, 6, 5), "halves")
+    regions = sliding.shapes_regions((20, 6, 5), "halves")
     for width in (1, 2, 3):
-        mask = synth.sliding_boundary_mask(regions, width)
+        mask = sliding.sliding_boundary_mask(regions, width)
         rows = np.flatnonzero(mask.any(axis=(1, 2)))
         np.testing.assert_array_equal(rows, np.arange(10 - width, 10 + width))
         assert np.all(mask[rows])
-    assert not synth.sliding_boundary_mask(regions, 0).any()
-    assert not synth.sliding_boundary_mask(np.ones((5, 5), dtype=int), 3).any()
+    assert not sliding.sliding_boundary_mask(regions, 0).any()
+    assert not sliding.sliding_boundary_mask(np.ones((5, 5), dtype=int), 3).any()
     # sphere: marked voxels lie within width (+ voxel discretisation) of the surface
     shape = (25, 25, 25)
-    ball = synth.shapes_regions(shape, "sphere", radius=7)
-    mask = synth.sliding_boundary_mask(ball, 2)
+    ball = sliding.shapes_regions(shape, "sphere", radius=7)
+    mask = sliding.sliding_boundary_mask(ball, 2)
     dist = np.sqrt(np.sum((_grid(shape) - 12.0) ** 2, axis=0))
     assert np.all(np.abs(dist[mask] - 7) <= 2 + 1.0)
     assert np.all(mask[np.abs(dist - 7.25) <= 0.5])

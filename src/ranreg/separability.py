@@ -50,7 +50,7 @@ from ranreg.errors import RanregError
 from ranreg.nn import MODEL_NAMES, build_model
 from ranreg.nn.ran import RegistrationOutput
 from ranreg.nn.variants import VARIANTS, Variant, capturable_range
-from ranreg.synth import shapes_regions, sliding_ddf
+from ranreg.sliding import shapes_regions, sliding_ddf
 
 __all__ = [
     "DEFAULT_DISTANCES",
@@ -241,7 +241,7 @@ def sliding_pair(
     axis): ``t_0 = -shift``, ``t_1 = +shift``. The images are evaluated analytically,
     ``fixed(x) = T_r(x)`` and ``moving(y) = T_r(y - t_r)``, so ``moving(x + t_r) = fixed(x)``
     holds exactly for any (also fractional) shift, and the true DDF (``warped(x) =
-    moving(x + ddf(x))``) is :func:`ranreg.synth.sliding_ddf` of the two translations:
+    moving(x + ddf(x))``) is :func:`ranreg.sliding.sliding_ddf` of the two translations:
     it jumps by ``2 |shift|`` across the boundary.
 
     Args:

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from ranreg.data.contrast import random_contrast_image, tissue_map
+from ranreg.sliding import random_sliding_ddf
 from ranreg.spatial import compose_ddf, warp, warp_labels
-from ranreg.synth import random_ddf, random_sliding_ddf
+from ranreg.synth import random_ddf
 
 __all__ = ["STYLES", "PairRecipe", "augment_batch", "invert_ddf", "make_pair", "swapped"]
 
@@ -35,7 +36,7 @@ class PairRecipe:
 
     ``styles``: relative weights of :data:`STYLES`. ``identity``: share of identity pairs.
     ``sliding``: share of the other pairs whose field is a sliding motion of organ groups
-    (:func:`ranreg.synth.random_sliding_ddf`, needs labels); the rest get
+    (:func:`ranreg.sliding.random_sliding_ddf`, needs labels); the rest get
     :func:`ranreg.synth.random_ddf` with ``deformation`` as keyword arguments.
     ``same_contrast``: chance that a random-contrast pair shares one contrast draw.
     ``noise``: sd of the independent gaussian noise added to each image of an
