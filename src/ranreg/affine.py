@@ -311,7 +311,7 @@ def write_itk_affine(path: str | Path, matrix_ras: np.ndarray) -> Path:
         "FixedParameters: 0 0 0\n"
     )
     p = Path(path)
-    p.write_text(text)
+    p.write_text(text, encoding="utf-8")
     return p
 
 

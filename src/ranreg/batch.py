@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ranreg.atomic import atomic_file
 from ranreg.errors import RanregError
-from ranreg.outputs import remove_stale_temporaries, temporary_name
+from ranreg.outputs import remove_stale_temporaries
 
 __all__ = ["Pair", "read_pairs", "run_batch", "SUMMARY_FIELDS"]
 
@@ -115,14 +116,11 @@ def _summary_row(pair: Pair, metrics: dict[str, Any] | None, error: str | None) 
 
 def _write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
     """``summary.csv`` rewritten whole through a temporary file (never half-written)."""
-    summary = out / "summary.csv"
-    tmp = out / f"{temporary_name(summary)}tmp"
-    with tmp.open("w", newline="") as fh:
+    with atomic_file(out / "summary.csv") as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(SUMMARY_FIELDS))
         writer.writeheader()
         for r in rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    os.replace(tmp, summary)
 
 
 def run_batch(

@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ranreg.atomic import write_text_atomic
 from ranreg.errors import RanregError
 from ranreg.nn import build_model
 
@@ -231,6 +232,4 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)

@@ -467,7 +467,7 @@ def evaluate(
                 writer.writerow(
                     {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}
                 )
-        (tmp / "summary.md").write_text(text)
+        (tmp / "summary.md").write_text(text, encoding="utf-8")
         write_json(tmp / "summary.json", summary)
         figures.boxplot_figure(
             rows,

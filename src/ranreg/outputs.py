@@ -179,7 +179,7 @@ def abandon_output_dir(tmp: Path, created: Path | None) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n")
+    path.write_text(json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def jsonable(x: Any) -> Any:

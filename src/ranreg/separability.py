@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ranreg.atomic import atomic_file
 from ranreg.errors import RanregError
 from ranreg.nn import MODEL_NAMES, build_model
 from ranreg.nn.ran import RegistrationOutput
@@ -417,12 +418,6 @@ def empirical_separability(
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_target(path: Path) -> Path:
-    """A temporary sibling of ``path`` (same directory, so ``os.replace`` is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-
-
 def plot_separability(
     results: Mapping[str, tuple[Sequence[float], Sequence[float] | None, Sequence[float] | None]],
     path: str | os.PathLike[str],
@@ -483,13 +478,9 @@ def plot_separability(
     if results or reference is not None:
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    tmp = _atomic_target(target)
     try:
-        fig.savefig(tmp, format=target.suffix.lstrip(".") or "png", dpi=120)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_file(target) as tmp:
+            fig.savefig(tmp, format=target.suffix.lstrip(".") or "png", dpi=120)
     finally:
         plt.close(fig)
     return target
@@ -650,13 +641,3 @@ def format_separability(result: dict[str, Any]) -> str:
     if any(r["empirical"] is not None and np.isnan(r["empirical"]).any() for r in result["models"]):
         lines.append("-: no voxel pair at that distance across the boundary of this probe size")
     return "\n".join(lines)
-
-
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = _atomic_target(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

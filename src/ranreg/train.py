@@ -304,7 +304,9 @@ class _Run:
         if summary["finished"]:
             extra = {"trained_steps": self.step, **self.provenance()}
             save_model(self.model, out / MODEL_DIR, extra=extra)
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "train_summary.json").write_text(
+            json.dumps(summary, indent=2) + "\n", encoding="utf-8"
+        )
         if state_dir is not None and self.steps_this_run:
             export_state(out, state_dir, chunk)
 
@@ -363,7 +365,9 @@ def train(
     run.load_data()
     train_state = run.build(resume)
     if run.main:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (out / "config.json").write_text(
+            json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8"
+        )
     run.logs = TrainLogs(out, run.step, run.main)
     run.on_step = on_step
     run.prepare_validation()

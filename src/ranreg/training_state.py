@@ -88,7 +88,7 @@ def export_state(out: Path, state_dir: Path, chunk: dict[str, Any]) -> Path:
                 shutil.copytree(source, tmp / name)
             elif source.is_file():
                 shutil.copy2(source, tmp / name)
-        (tmp / CHUNKS_LOG).write_text(_chunk_log(state_dir / CHUNKS_LOG, chunk))
+        (tmp / CHUNKS_LOG).write_text(_chunk_log(state_dir / CHUNKS_LOG, chunk), encoding="utf-8")
         size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         if size > MAX_STATE_BYTES:
             raise RanregError(

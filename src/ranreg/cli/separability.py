@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ranreg.atomic import write_text_atomic
 from ranreg.errors import RanregError
 from ranreg.nn import MODEL_NAMES
 from ranreg.separability import (
@@ -16,7 +17,6 @@ from ranreg.separability import (
     MODES,
     _parse_checkpoints,
     _to_json,
-    _write_atomic_text,
     format_separability,
     plot_separability,
     run_separability,
@@ -62,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RanregError(f"--out {out}: cannot create directory ({exc})") from None
-        _write_atomic_text(out / "separability.json", json.dumps(payload, indent=2) + "\n")
+        write_text_atomic(out / "separability.json", json.dumps(payload, indent=2) + "\n")
         plot_separability(
             {
                 r["name"]: (result["distances"], r["empirical"], r["bound"])

@@ -29,7 +29,6 @@ import re
 import sys
 import tempfile
 import threading
-import uuid
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -37,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from ranreg.atomic import atomic_file
 from ranreg.errors import RanregError
 
 __all__ = [
@@ -521,20 +521,13 @@ def write_itk_image(path: str | os.PathLike[str], array: np.ndarray, affine: np.
     image.SetOrigin(origin)
     image.SetSpacing(spacing)
     image.SetDirection(direction)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    stem = p.name[: -len(ext)]
-    tmp = p.with_name(f".{stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{ext}")
     writer = sitk.ImageFileWriter()
     writer.SetImageIO(_WRITERS[ext])
-    writer.SetFileName(str(tmp))
     writer.SetUseCompression(True)
-    try:
+    with atomic_file(p, ext) as tmp:
+        writer.SetFileName(str(tmp))
         try:
             writer.Execute(image)
         except RuntimeError as exc:
             raise OSError(f"{p}: cannot write ({_reason(exc)})") from exc
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return p

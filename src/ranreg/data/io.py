@@ -16,13 +16,13 @@ target directory first and is moved into place with :func:`os.replace`.
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from ranreg.atomic import atomic_file
 from ranreg.data.formats import (
     IMAGE_SUFFIXES,
     NIFTI_SUFFIXES,
@@ -332,14 +332,8 @@ def save_nifti(
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name[: -len(ext)]}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{ext}")
-    try:
+    with atomic_file(p, ext) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return p
 
 

@@ -389,7 +389,7 @@ def synthesize_dataset(
                 "organ_hu": {str(k): round(float(organ_hu[k]), 1) for k in present},
             }
             written.append((out / "images" / f"{name}.nii.gz", out / "labels" / f"{name}.nii.gz"))
-        (tmp / "synth.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / "synth.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         check_out_dir(out)  # someone may have filled it meanwhile
         if out.exists():
             out.rmdir()
