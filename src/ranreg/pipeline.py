@@ -51,7 +51,7 @@ from ranreg.geometry import (
     sample,
 )
 from ranreg.options import RegistrationOptions
-from ranreg.refine import RefineReport, refine_pair
+from ranreg.refine import RefineReport, RefineSettings, refine_pair
 from ranreg.runtime import is_neural, resolve_device, run_network, synchronize
 from ranreg.similarity import normalised_volumes
 from ranreg.spatial import folding_fraction, identity_grid, jacobian_determinant, resize_ddf
@@ -328,40 +328,14 @@ def register_volumes(
     inputs = _load_inputs(fixed, moving, world_map, dev)
 
     # steps 2-3: the network on its grid
-    shape_f = tuple(int(s) for s in fixed.shape)
     shape_g, step = cell_grid(fixed, spacing)
     moving_n, fixed_n = _network_inputs(inputs, fixed, moving, shape_g, step, window)
-    synchronize(dev)
-    t_net = time.perf_counter()
-    ddf_g, levels = run_network(
-        model,
-        moving_n,
-        fixed_n,
-        precision=opts.precision,
-        channels_last=opts.channels_last,
-        return_levels=return_levels,
-    )
-    synchronize(dev)
-    network_s = time.perf_counter() - t_net
+    ddf_g, levels, network_s = _timed_network(model, moving_n, fixed_n, opts, return_levels)
     _check_network_output(model, ddf_g, shape_g)
 
     # step 4: instance optimisation from the network's field (or from zero)
-    report: RefineReport | None = None
     t_refine = time.perf_counter()
-    if refine_settings.steps > 0:
-        start_field = ddf_g if bool(ddf_g.any()) else None
-        v, report = refine_pair(
-            fixed,
-            moving,
-            inputs.fixed_to_moving,
-            start_field,
-            refine_settings,
-            opts.progress,
-            images,
-        )
-        v = v.to(dev)
-    else:
-        v = ddf_g if shape_g == shape_f else resize_ddf(ddf_g, shape_f)
+    v, report = _refined(fixed, moving, inputs, ddf_g, refine_settings, opts, images)
     refine_s = time.perf_counter() - t_refine if report is not None else 0.0
 
     # step 5: outputs on the fixed grid
@@ -394,6 +368,50 @@ def register_volumes(
         network_fixed=fixed_n[0, 0].cpu().numpy() if return_levels else None,
         levels=levels,
     )
+
+
+def _timed_network(
+    model: torch.nn.Module,
+    moving_n: Tensor,
+    fixed_n: Tensor,
+    opts: RegistrationOptions,
+    return_levels: bool,
+) -> tuple[Tensor, Any, float]:
+    """Step 3: the forward pass, timed alone (device synchronised around it)."""
+    dev = fixed_n.device
+    synchronize(dev)
+    t_net = time.perf_counter()
+    ddf_g, levels = run_network(
+        model,
+        moving_n,
+        fixed_n,
+        precision=opts.precision,
+        channels_last=opts.channels_last,
+        return_levels=return_levels,
+    )
+    synchronize(dev)
+    return ddf_g, levels, time.perf_counter() - t_net
+
+
+def _refined(
+    fixed: Volume,
+    moving: Volume,
+    inputs: _Inputs,
+    ddf_g: Tensor,
+    settings: RefineSettings,
+    opts: RegistrationOptions,
+    images: Any,
+) -> tuple[Tensor, RefineReport | None]:
+    """Step 4: the field on the fixed grid, optimised from the network's (or from zero
+    when the network gave none) unless optimisation is off."""
+    shape_f = tuple(int(s) for s in fixed.shape)
+    if settings.steps <= 0:
+        same = tuple(ddf_g.shape[2:]) == shape_f
+        return (ddf_g if same else resize_ddf(ddf_g, shape_f)), None
+    start_field = ddf_g if bool(ddf_g.any()) else None
+    args = (fixed, moving, inputs.fixed_to_moving, start_field, settings, opts.progress, images)
+    v, report = refine_pair(*args)
+    return v.to(inputs.fixed.device), report
 
 
 def _load_inputs(

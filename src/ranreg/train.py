@@ -50,9 +50,11 @@ MODEL_DIR = "model"
 def init_weights(model: torch.nn.Module, spec: str) -> None:
     """Copy the weights of a trained model (file, folder or packaged name) into ``model``:
     fine-tuning. The architecture must match (name, ndim, heads)."""
-    from ranreg.models import resolve_model
+    from ranreg.checkpoint import load_model
+    from ranreg.registry import packaged, resolve_pretrained
 
-    source = resolve_model(spec)
+    name = resolve_pretrained(spec)
+    source = load_model(packaged()[0][name] if name is not None else spec)
     want = {k: model.config.get(k) for k in ("name", "ndim", "heads")}
     got = {k: source.config.get(k) for k in want}
     if got != want:
@@ -310,6 +312,21 @@ class _Run:
         if state_dir is not None and self.steps_this_run:
             export_state(out, state_dir, chunk)
 
+    def summary(self, total: int) -> dict[str, Any]:
+        """What the chunk reached; fails loudly if data-parallel replicas diverged."""
+        checksums = _gather_checksums(self.model, self.world)
+        if len(set(checksums)) > 1:
+            raise RuntimeError(f"data-parallel replicas diverged: checksums {checksums}")
+        return {
+            "global_step": self.step,
+            "total_steps": total,
+            "finished": self.step >= total,
+            "last_loss": self.last_loss,
+            "world_size": self.world,
+            "replica_checksums": checksums,
+            "device": str(self.device),
+        }
+
     def chunk_row(self, started: tuple[float, float], command: str) -> dict[str, Any]:
         """One row of the kept state's chunk log."""
         n = max(self.steps_this_run, 1)
@@ -375,14 +392,8 @@ def train(
 
     run.started = time.monotonic()
     total = sum(s.steps for s in cfg.stages)
-    run.bar = tqdm(
-        total=total,
-        initial=run.step,
-        desc="train",
-        file=sys.stderr,
-        disable=not (progress and run.main),
-        dynamic_ncols=True,
-    )
+    shown = progress and run.main
+    run.bar = tqdm(total=total, initial=run.step, desc="train", file=sys.stderr, disable=not shown)
 
     def budget() -> bool:
         return (max_steps is not None and run.steps_this_run >= max_steps) or (
@@ -396,18 +407,7 @@ def train(
         start += stage.steps
     run.bar.close()
 
-    checksums = _gather_checksums(run.model, run.world)
-    if len(set(checksums)) > 1:
-        raise RuntimeError(f"data-parallel replicas diverged: checksums {checksums}")
-    summary = {
-        "global_step": run.step,
-        "total_steps": total,
-        "finished": run.step >= total,
-        "last_loss": run.last_loss,
-        "world_size": run.world,
-        "replica_checksums": checksums,
-        "device": str(run.device),
-    }
+    summary = run.summary(total)
     if run.main:
         run.finish(summary, state_dir, run.chunk_row(started, command))
     run.logs.close()
