@@ -31,7 +31,7 @@ def main() -> int:
 
     from ranreg.errors import RanregError
     from ranreg.pretrained import DEFAULT_MODEL, path_of
-    from ranreg.separability import (
+    from ranreg.separability_report import (
         _parse_checkpoints,
         _to_json,
         format_separability,

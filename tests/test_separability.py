@@ -15,11 +15,11 @@ from ranreg.nn.variants import VARIANTS
 from ranreg.separability import (
     boundary_jumps,
     empirical_separability,
-    plot_separability,
     separating_levels,
     sliding_pair,
     theoretical_separability,
 )
+from ranreg.separability_report import plot_separability
 from ranreg.spatial import warp
 
 DISTANCES = [1, 2, 3, 4, 8, 16, 32, 64]

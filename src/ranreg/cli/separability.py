@@ -11,10 +11,8 @@ import torch
 from ranreg.atomic import write_text_atomic
 from ranreg.errors import RanregError
 from ranreg.nn import MODEL_NAMES
-from ranreg.separability import (
-    DEFAULT_DISTANCES,
-    DEFAULT_SHIFTS,
-    MODES,
+from ranreg.separability import DEFAULT_DISTANCES, DEFAULT_SHIFTS, MODES
+from ranreg.separability_report import (
     _parse_checkpoints,
     _to_json,
     format_separability,
