@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from ranreg.figures import plot_training
+from ranreg.figures_training import plot_training
 
 
 def main() -> int:

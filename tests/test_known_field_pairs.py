@@ -180,6 +180,17 @@ def test_run_kept_in_a_state_folder_continues_exactly_on_a_fresh_machine(tmp_pat
     assert not list(state.parent.glob(".*"))  # no temporary folder left beside it
 
 
+def test_the_same_state_command_runs_every_chunk_on_one_machine(tmp_path: Path) -> None:
+    """Chunks repeat one command: the run goes on from the run folder's checkpoint."""
+    cfg = parse_config(_pairs_config(4))
+    state, out = tmp_path / "state", tmp_path / "run"
+    for expected in (2, 4):
+        summary = train(cfg, out, max_steps=2, progress=False, state=state)
+        assert summary["global_step"] == expected
+    rows = list(csv.DictReader((state / "chunks.csv").open()))
+    assert [r["last_step"] for r in rows] == ["2", "4"]
+
+
 def test_state_over_the_size_limit_is_refused_and_the_old_state_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -174,12 +174,20 @@ def _init_spec(spec: str | None, base: Path) -> str | None:
     return str((base / spec).resolve())
 
 
-def parse_config(raw: Any, source: str = "<dict>", base_dir: Path | None = None) -> TrainConfig:
-    """Validate a loaded YAML mapping and return a :class:`TrainConfig`."""
-    base = base_dir or Path.cwd()
-    top = _Reader(source, raw, "")
+#: the options of a stage's `deformation` mapping (ranreg.synth.random_ddf keywords)
+_DEFORMATION_KEYS = {
+    "max_angle",
+    "max_translation",
+    "n_points",
+    "tps_scale",
+    "bump_scale",
+    "bump_sigma",
+}
 
-    m = _Reader(source, top.get("model", {}, "dict"), "model")
+
+def _parse_model(source: str, raw: Any) -> ModelConfig:
+    """The ``model`` mapping: a known architecture, 1..MAX_HEADS heads, 2D or 3D."""
+    m = _Reader(source, raw, "model")
     model = ModelConfig(
         name=m.get("name", "RAN4+", "str"),
         ndim=m.get("ndim", 3, "int", positive=True),
@@ -194,8 +202,12 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: Path | None = None)
         raise m.fail("heads", f"must be at most {MAX_HEADS}, got {model.heads}")
     if model.ndim not in (2, 3):
         raise m.fail("ndim", f"must be 2 or 3, got {model.ndim}")
+    return model
 
-    d = _Reader(source, top.get("data", None, "dict"), "data")
+
+def _parse_data(source: str, raw: Any, base: Path, ndim: int) -> DataConfig:
+    """The ``data`` mapping of a ``ndim``-D model; paths are resolved against ``base``."""
+    d = _Reader(source, raw, "data")
     data = DataConfig(
         root=_path(base, d.get("root", None, "str")),
         labels=_path(base, d.get("labels", None, "str")),
@@ -234,75 +246,79 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: Path | None = None)
             isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
         ):
             raise d.fail(key, f"must be a list of non-negative integers, got {values!r}")
-    if data.crop is not None and len(data.crop) != model.ndim:
-        raise d.fail("crop", f"needs {model.ndim} margins for a {model.ndim}D model")
+    if data.crop is not None and len(data.crop) != ndim:
+        raise d.fail("crop", f"needs {ndim} margins for a {ndim}D model")
     if data.shapes is not None:
         size = data.shapes.get("size")
         count = data.shapes.get("count", 8)
         if not (
             isinstance(size, list)
-            and len(size) == model.ndim
+            and len(size) == ndim
             and all(isinstance(v, int) and v >= 8 for v in size)
         ):
-            raise d.fail("shapes", f"size must be {model.ndim} integers >= 8, got {size!r}")
+            raise d.fail("shapes", f"size must be {ndim} integers >= 8, got {size!r}")
         if not isinstance(count, int) or count < 2:
             raise d.fail("shapes", f"count must be an integer >= 2, got {count!r}")
-    elif model.ndim != 3:
+    elif ndim != 3:
         raise RanregError(f"{source}: model.ndim: NIfTI data are 3D; 2D needs data.shapes")
+    return data
 
+
+def _parse_stage(source: str, raw: Any, index: int) -> StageConfig:
+    """Entry ``index`` of ``stages``: its kind's default weights overridden by the given ones."""
+    s = _Reader(source, raw, f"stages[{index}]")
+    kind = s.get("kind", None, "str")
+    if kind not in STAGE_KINDS:
+        raise s.fail("kind", f"must be one of {', '.join(STAGE_KINDS)}, got {kind!r}")
+    weights = dict(DEFAULT_WEIGHTS[kind])
+    given = s.get("weights", {}, "dict")
+    for key, value in given.items():
+        if key not in weights:
+            raise s.fail("weights", f"unknown term {key!r}; known: {', '.join(weights)}")
+        if not isinstance(value, int | float) or value < 0:
+            raise s.fail(f"weights.{key}", f"must be a non-negative number, got {value!r}")
+        weights[key] = float(value)
+    stage = StageConfig(
+        name=s.get("name", kind, "str"),
+        kind=kind,
+        steps=s.get("steps", None, "int", positive=True),
+        lr=s.get("lr", None, "float", positive=True),
+        batch_size=s.get("batch_size", 1, "int", positive=True),
+        weights=weights,
+        similarity=s.get("similarity", "ncc", "str"),
+        ncc_window=s.get("ncc_window", 8, "int", positive=True),
+        mask_threshold=s.get("mask_threshold", 0.1, "float", allow_none=True),
+        edge_alpha=s.get("edge_alpha", 25.0, "float"),
+        deformation=s.get("deformation", {}, "dict"),
+        pairs=s.get("pairs", {}, "dict"),
+        swap=s.get("swap", False, "bool"),
+        augment=s.get("augment", False, "bool"),
+    )
+    s.finish()
+    _check_pairs(s, stage)
+    if stage.steps is None:
+        raise s.fail("steps", "is required")
+    if stage.lr is None:
+        raise s.fail("lr", "is required")
+    if stage.similarity not in SIMILARITIES:
+        raise s.fail("similarity", f"must be one of {', '.join(SIMILARITIES)}")
+    for key in stage.deformation:
+        if key not in _DEFORMATION_KEYS:
+            raise s.fail("deformation", f"unknown option {key!r}")
+    return stage
+
+
+def parse_config(raw: Any, source: str = "<dict>", base_dir: Path | None = None) -> TrainConfig:
+    """Validate a loaded YAML mapping and return a :class:`TrainConfig`."""
+    base = base_dir or Path.cwd()
+    top = _Reader(source, raw, "")
+    # the model comes first: the data checks need its ndim
+    model = _parse_model(source, top.get("model", {}, "dict"))
+    data = _parse_data(source, top.get("data", None, "dict"), base, model.ndim)
     stages_raw = top.get("stages", None, "list")
     if not stages_raw:
         raise RanregError(f"{source}: stages: give at least one stage")
-    stages = []
-    for i, raw_stage in enumerate(stages_raw):
-        s = _Reader(source, raw_stage, f"stages[{i}]")
-        kind = s.get("kind", None, "str")
-        if kind not in STAGE_KINDS:
-            raise s.fail("kind", f"must be one of {', '.join(STAGE_KINDS)}, got {kind!r}")
-        weights = dict(DEFAULT_WEIGHTS[kind])
-        given = s.get("weights", {}, "dict")
-        for key, value in given.items():
-            if key not in weights:
-                raise s.fail("weights", f"unknown term {key!r}; known: {', '.join(weights)}")
-            if not isinstance(value, int | float) or value < 0:
-                raise s.fail(f"weights.{key}", f"must be a non-negative number, got {value!r}")
-            weights[key] = float(value)
-        stage = StageConfig(
-            name=s.get("name", kind, "str"),
-            kind=kind,
-            steps=s.get("steps", None, "int", positive=True),
-            lr=s.get("lr", None, "float", positive=True),
-            batch_size=s.get("batch_size", 1, "int", positive=True),
-            weights=weights,
-            similarity=s.get("similarity", "ncc", "str"),
-            ncc_window=s.get("ncc_window", 8, "int", positive=True),
-            mask_threshold=s.get("mask_threshold", 0.1, "float", allow_none=True),
-            edge_alpha=s.get("edge_alpha", 25.0, "float"),
-            deformation=s.get("deformation", {}, "dict"),
-            pairs=s.get("pairs", {}, "dict"),
-            swap=s.get("swap", False, "bool"),
-            augment=s.get("augment", False, "bool"),
-        )
-        s.finish()
-        _check_pairs(s, stage)
-        if stage.steps is None:
-            raise s.fail("steps", "is required")
-        if stage.lr is None:
-            raise s.fail("lr", "is required")
-        if stage.similarity not in SIMILARITIES:
-            raise s.fail("similarity", f"must be one of {', '.join(SIMILARITIES)}")
-        allowed = {
-            "max_angle",
-            "max_translation",
-            "n_points",
-            "tps_scale",
-            "bump_scale",
-            "bump_sigma",
-        }
-        for key in stage.deformation:
-            if key not in allowed:
-                raise s.fail("deformation", f"unknown option {key!r}")
-        stages.append(stage)
+    stages = [_parse_stage(source, raw_stage, i) for i, raw_stage in enumerate(stages_raw)]
 
     cfg = TrainConfig(
         model=model,

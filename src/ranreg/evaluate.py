@@ -260,14 +260,55 @@ def _name(info: dict[str, Any], label: int) -> str:
     return info["label_names"].get(str(label), f"label {label}")
 
 
-def _summary(
-    rows: list[dict[str, Any]],
-    models: list[ModelRun],
-    labels: Sequence[int],
-    info: dict[str, Any],
-) -> tuple[str, dict[str, Any]]:
-    names = [r.name for r in models]
-    data: dict[str, Any] = {"info": info, "models": {}, "wilcoxon": wilcoxon_table(rows, names)}
+#: per-pair quantities of the regularity table (they repeat over a pair's organ rows)
+#: and the digits shown for each
+_PER_PAIR = (
+    ("folding_percent", 3),
+    ("sd_log_jacobian", 4),
+    ("runtime_s", 2),
+    ("network_s", 2),
+)
+
+
+def _stat(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample sd and count of the finite ``values``, as in ``summary.json``."""
+    m, s, n = _mean_sd(values)
+    return {"mean": m, "sd": s, "n": n}
+
+
+def _fmt_stat(stat: dict[str, Any], digits: int) -> str:
+    return _fmt(stat["mean"], stat["sd"], digits)
+
+
+def _pair_rows(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
+    """One row per pair of ``model``: the first organ's, since the regularity and the runtime
+    are the same on every organ row of a pair."""
+    per_pair: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        if r["model"] == model:
+            per_pair.setdefault((r["moving"], r["fixed"]), r)
+    return list(per_pair.values())
+
+
+def _model_stats(rows: list[dict[str, Any]], model: str, labels: Sequence[int]) -> dict[str, Any]:
+    """The statistics of one model, in the layout of ``summary.json``: each score per organ
+    (keyed by the label as text), over pairs of the mean over organs (``mean_over_organs``),
+    and the regularity and runtime over pairs (``per_pair``)."""
+    keys = [key for key, _ in _SCORES]
+    stats: dict[str, Any] = {}
+    for lab in labels:
+        mine = [r for r in rows if r["model"] == model and r["label"] == lab]
+        stats[str(lab)] = {key: _stat([r[key] for r in mine]) for key in keys}
+    stats["mean_over_organs"] = {
+        key: _stat(list(_pair_means(rows, model, key).values())) for key in keys
+    }
+    pairs = _pair_rows(rows, model)
+    stats["per_pair"] = {key: _stat([r[key] for r in pairs]) for key, _ in _PER_PAIR}
+    return stats
+
+
+def _md_header(models: list[ModelRun], labels: Sequence[int], info: dict[str, Any]) -> list[str]:
+    """The title, the data set and one row per model: its network, precision and pipeline."""
     lines = [
         "# Evaluation",
         "",
@@ -289,35 +330,32 @@ def _summary(
             f"{prec if neural else 'n/a'} | "
             f"{opts.describe(neural)} |"
         )
+    return lines
+
+
+def _md_scores(
+    stats: dict[str, dict[str, Any]],
+    names: Sequence[str],
+    labels: Sequence[int],
+    info: dict[str, Any],
+) -> list[str]:
+    """One table per score: a row per organ and one for the mean over organs."""
+    lines: list[str] = []
     for key, title in _SCORES:
         digits = 3 if key == "dice" else 2
         lines += ["", f"## {title} per organ", "", "| organ | " + " | ".join(names) + " |"]
         lines.append("|---" * (len(names) + 1) + "|")
         for lab in labels:
-            cells = []
-            for name in names:
-                m, s, n = _mean_sd(
-                    [r[key] for r in rows if r["model"] == name and r["label"] == lab]
-                )
-                data["models"].setdefault(name, {}).setdefault(str(lab), {})[key] = {
-                    "mean": m,
-                    "sd": s,
-                    "n": n,
-                }
-                cells.append(_fmt(m, s, digits))
+            cells = [_fmt_stat(stats[name][str(lab)][key], digits) for name in names]
             lines.append(f"| {lab} {_name(info, lab)} | " + " | ".join(cells) + " |")
-        cells = []
-        for name in names:
-            m, s, n = _mean_sd(list(_pair_means(rows, name, key).values()))
-            data["models"][name].setdefault("mean_over_organs", {})[key] = {
-                "mean": m,
-                "sd": s,
-                "n": n,
-            }
-            cells.append(_fmt(m, s, digits))
+        cells = [_fmt_stat(stats[name]["mean_over_organs"][key], digits) for name in names]
         lines.append("| **mean over organs** | " + " | ".join(cells) + " |")
+    return lines
 
-    lines += [
+
+def _md_regularity(stats: dict[str, dict[str, Any]], names: Sequence[str]) -> list[str]:
+    """The folding, SD log det J and runtimes over pairs, a row per model."""
+    lines = [
         "",
         "## Regularity and runtime per pair",
         "",
@@ -325,50 +363,187 @@ def _summary(
         "|---|---|---|---|---|",
     ]
     for name in names:
-        per_pair: dict[tuple[str, str], dict[str, Any]] = {}
-        for r in rows:
-            if r["model"] == name:
-                per_pair.setdefault((r["moving"], r["fixed"]), r)
-        cells = []
-        for key, digits in (
-            ("folding_percent", 3),
-            ("sd_log_jacobian", 4),
-            ("runtime_s", 2),
-            ("network_s", 2),
-        ):
-            m, s, n = _mean_sd([r[key] for r in per_pair.values()])
-            data["models"][name].setdefault("per_pair", {})[key] = {"mean": m, "sd": s, "n": n}
-            cells.append(_fmt(m, s, digits))
+        per_pair = stats[name]["per_pair"]
+        cells = [_fmt_stat(per_pair[key], digits) for key, digits in _PER_PAIR]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
-    lines += ["", "## Paired Wilcoxon signed-rank tests (per-pair mean Dice over organs)", ""]
-    if not data["wilcoxon"]:
-        lines.append("Only one model: no test.")
-    else:
-        lines += [
-            "| comparison | pairs | median difference | W | p |",
-            "|---|---|---|---|---|",
-        ]
-        for t in data["wilcoxon"]:
-            w = "n/a" if not math.isfinite(t["statistic"]) else f"{t['statistic']:g}"
-            p = "n/a" if not math.isfinite(t["p_value"]) else f"{t['p_value']:.4g}"
-            med = (
-                "n/a"
-                if not math.isfinite(t["median_difference"])
-                else f"{t['median_difference']:+.4f}"
-            )
-            note = f" ({t['note']})" if t["note"] else ""
-            lines.append(f"| {t['first']} vs {t['second']} | {t['n']} | {med} | {w} | {p}{note} |")
-        lines += [
-            "",
-            "scipy.stats.wilcoxon, two-sided; the difference is first minus second model.",
-        ]
+
+def _md_wilcoxon(tests: list[dict[str, Any]]) -> list[str]:
+    """The table of :func:`wilcoxon_table` (or why there is none)."""
+    lines = ["", "## Paired Wilcoxon signed-rank tests (per-pair mean Dice over organs)", ""]
+    if not tests:
+        return [*lines, "Only one model: no test."]
     lines += [
+        "| comparison | pairs | median difference | W | p |",
+        "|---|---|---|---|---|",
+    ]
+    for t in tests:
+        w = "n/a" if not math.isfinite(t["statistic"]) else f"{t['statistic']:g}"
+        p = "n/a" if not math.isfinite(t["p_value"]) else f"{t['p_value']:.4g}"
+        med = (
+            "n/a" if not math.isfinite(t["median_difference"]) else f"{t['median_difference']:+.4f}"
+        )
+        note = f" ({t['note']})" if t["note"] else ""
+        lines.append(f"| {t['first']} vs {t['second']} | {t['n']} | {med} | {w} | {p}{note} |")
+    lines += [
+        "",
+        "scipy.stats.wilcoxon, two-sided; the difference is first minus second model.",
+    ]
+    return lines
+
+
+def _markdown(
+    models: list[ModelRun],
+    labels: Sequence[int],
+    info: dict[str, Any],
+    stats: dict[str, dict[str, Any]],
+    tests: list[dict[str, Any]],
+) -> str:
+    """The text of ``summary.md``."""
+    names = [r.name for r in models]
+    lines = [
+        *_md_header(models, labels, info),
+        *_md_scores(stats, names, labels, info),
+        *_md_regularity(stats, names),
+        *_md_wilcoxon(tests),
         "",
         "Box plots: `boxplots.png` (all organs) and `boxplots/` (one figure per organ).",
         "",
     ]
-    return "\n".join(lines), data
+    return "\n".join(lines)
+
+
+def _summary_json(
+    info: dict[str, Any], stats: dict[str, dict[str, Any]], tests: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The content of ``summary.json`` (also what :func:`evaluate` returns)."""
+    return {"info": info, "models": stats, "wilcoxon": tests}
+
+
+def _summary(
+    rows: list[dict[str, Any]],
+    models: list[ModelRun],
+    labels: Sequence[int],
+    info: dict[str, Any],
+) -> tuple[str, dict[str, Any]]:
+    """``summary.md`` and ``summary.json``, from statistics computed once for both."""
+    names = [r.name for r in models]
+    stats = {name: _model_stats(rows, name, labels) for name in names}
+    tests = wilcoxon_table(rows, names)
+    return _markdown(models, labels, info, stats, tests), _summary_json(info, stats, tests)
+
+
+def _load_all(subjects: Sequence[Subject]) -> dict[str, tuple[Volume, Volume]]:
+    """Image and label volumes by subject name: each read once, and all of them before the
+    long loop so that a bad file stops the run at once."""
+    volumes: dict[str, tuple[Volume, Volume]] = {}
+    for s in subjects:
+        if s.name not in volumes:
+            volumes[s.name] = _load(s)
+    return volumes
+
+
+def _score_pair(
+    run: ModelRun,
+    moving: Subject,
+    fixed: Subject,
+    volumes: dict[str, tuple[Volume, Volume]],
+    organs: Sequence[int],
+    table: dict[int, str],
+    dev: torch.device,
+) -> list[dict[str, Any]]:
+    """Register one pair with one model: a row of ``results.csv`` per organ."""
+    name, net, opts = run
+    mov, mov_lab = volumes[moving.name]
+    fix, fix_lab = volumes[fixed.name]
+    result = register_volumes(net, mov, fix, mov_lab, fix_lab, dev, options=opts)
+    assert result.warped_label is not None
+    scores = score_labels(result.warped_label, fix_lab.array, organs, fix.spacing)
+    jac = result.jacobian_stats()
+    return [
+        {
+            "model": name,
+            "source": str(getattr(net, "source", "")),
+            "moving": moving.name,
+            "fixed": fixed.name,
+            "label": lab,
+            "organ": label_name(table, lab),
+            **scores[lab],
+            **jac,
+            "runtime_s": result.runtime_s,
+            "network_s": result.network_s,
+        }
+        for lab in organs
+    ]
+
+
+def _run_all(
+    named: list[ModelRun],
+    pairs: list[tuple[Subject, Subject]],
+    volumes: dict[str, tuple[Volume, Volume]],
+    organs: Sequence[int],
+    table: dict[int, str],
+    dev: torch.device,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """The rows of every model on every pair, pair by pair (the order of ``results.csv``)."""
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(
+        total=len(pairs) * len(named),
+        desc="evaluate",
+        unit="reg",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    for mov_s, fix_s in pairs:
+        for run in named:
+            bar.set_postfix_str(f"{run.name}: {mov_s.name} -> {fix_s.name}")
+            rows += _score_pair(run, mov_s, fix_s, volumes, organs, table, dev)
+            bar.update(1)
+    bar.close()
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``results.csv``: floats with 6 significant digits."""
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(FIELDS))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def _write_outputs(
+    out: Path,
+    rows: list[dict[str, Any]],
+    names: Sequence[str],
+    text: str,
+    summary: dict[str, Any],
+) -> None:
+    """Write every output into a temporary sibling of ``out`` and rename it into place (or
+    remove it on any error, so that ``out`` is never left half written)."""
+    from ranreg import figures  # already loaded by evaluate: no cost here
+
+    info = summary["info"]
+    tmp, created = atomic_output_dir(out)
+    try:
+        _write_csv(tmp / "results.csv", rows)
+        (tmp / "summary.md").write_text(text, encoding="utf-8")
+        write_json(tmp / "summary.json", summary)
+        figures.boxplot_figure(
+            rows,
+            info["labels"],
+            list(names),
+            tmp / "boxplots",
+            tmp / "boxplots.png",
+            names={int(k): v for k, v in info["label_names"].items()},
+        )
+        finish_output_dir(tmp, out)
+    except BaseException:
+        abandon_output_dir(tmp, created)
+        raise
 
 
 def evaluate(
@@ -391,7 +566,8 @@ def evaluate(
     labels (:func:`ranreg.labelnames.load_label_names`; default the abdomen organs).
     Returns the summary dict (as ``summary.json``)."""
     table = load_label_names(label_names)
-    from ranreg import figures
+    # matplotlib loads only for evaluate, but before the long loop: a broken install fails early
+    from ranreg import figures  # noqa: F401
 
     out = Path(out_dir)
     check_out_dir(out)
@@ -401,52 +577,8 @@ def evaluate(
     subjects = _subjects(root, split)
     organs = [int(v) for v in (labels if labels else PAPER_ORGANS)]
     pairs = ordered_pairs(subjects)
-    cache: dict[str, tuple[Volume, Volume]] = {}
-
-    def volumes(s: Subject) -> tuple[Volume, Volume]:
-        if s.name not in cache:
-            cache[s.name] = _load(s)
-        return cache[s.name]
-
-    for s in subjects:  # check every file before the long loop
-        volumes(s)
-
-    rows: list[dict[str, Any]] = []
-    bar = tqdm(
-        total=len(pairs) * len(named),
-        desc="evaluate",
-        unit="reg",
-        file=sys.stderr,
-        disable=not progress,
-        dynamic_ncols=True,
-    )
-    for mov_s, fix_s in pairs:
-        mov, mov_lab = volumes(mov_s)
-        fix, fix_lab = volumes(fix_s)
-        for name, net, opts in named:
-            bar.set_postfix_str(f"{name}: {mov_s.name} -> {fix_s.name}")
-            result = register_volumes(net, mov, fix, mov_lab, fix_lab, dev, options=opts)
-            assert result.warped_label is not None
-            scores = score_labels(result.warped_label, fix_lab.array, organs, fix.spacing)
-            jac = result.jacobian_stats()
-            for lab in organs:
-                rows.append(
-                    {
-                        "model": name,
-                        "source": str(getattr(net, "source", "")),
-                        "moving": mov_s.name,
-                        "fixed": fix_s.name,
-                        "label": lab,
-                        "organ": label_name(table, lab),
-                        **scores[lab],
-                        **jac,
-                        "runtime_s": result.runtime_s,
-                        "network_s": result.network_s,
-                    }
-                )
-            bar.update(1)
-    bar.close()
-
+    volumes = _load_all(subjects)
+    rows = _run_all(named, pairs, volumes, organs, table, dev, progress)
     info = {
         "data": str(root),
         "split": _default_split(root, split),
@@ -458,27 +590,5 @@ def evaluate(
         "device": str(dev),
     }
     text, summary = _summary(rows, named, organs, info)
-    tmp, created = atomic_output_dir(out)
-    try:
-        with (tmp / "results.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(FIELDS))
-            writer.writeheader()
-            for r in rows:
-                writer.writerow(
-                    {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}
-                )
-        (tmp / "summary.md").write_text(text, encoding="utf-8")
-        write_json(tmp / "summary.json", summary)
-        figures.boxplot_figure(
-            rows,
-            organs,
-            [r.name for r in named],
-            tmp / "boxplots",
-            tmp / "boxplots.png",
-            names={int(k): v for k, v in info["label_names"].items()},
-        )
-        finish_output_dir(tmp, out)
-    except BaseException:
-        abandon_output_dir(tmp, created)
-        raise
+    _write_outputs(out, rows, [r.name for r in named], text, summary)
     return summary

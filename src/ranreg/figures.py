@@ -1,5 +1,6 @@
-"""Registration figures: overlays of one registered pair, box plots of an evaluation,
-the RA modules' multi-head masks and training curves. Files only (matplotlib's Agg backend).
+"""Registration figures: overlays of one registered pair, box plots of an evaluation and
+the RA modules' multi-head masks. Files only (matplotlib's Agg backend). Training curves
+are in :mod:`ranreg.figures_training`.
 
 Slices are drawn from the arrays' own axes: a panel of the plane normal to array axis
 ``k`` shows the two other axes ``a < b`` with ``a`` horizontal and ``b`` vertical (origin at
@@ -8,7 +9,6 @@ the bottom left), with the aspect ratio of the voxel spacing when it is given.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import re
@@ -128,6 +128,86 @@ def _deformation_grid(ax: Any, da: np.ndarray, db: np.ndarray, step: int) -> Non
         ax.plot(xa[i, :], xb[i, :], color="tab:red", linewidth=0.6)
 
 
+_OVERLAY_COLUMNS = (
+    "fixed",
+    "moving (before)",
+    "warped",
+    "|fixed - moving|",
+    "|fixed - warped|",
+    "checkerboard fixed/warped",
+    "deformation grid x + u(x)",
+)
+
+
+def _mid_slice(shape: Sequence[int], k: int) -> tuple[Any, ...]:
+    """Index of the middle slice across array axis ``k`` of a 3D array of ``shape``."""
+    return tuple(shape[k] // 2 if ax == k else slice(None) for ax in range(3))
+
+
+def _image_panels(
+    axes_row: Sequence[Any], first: bool, slices: Sequence[np.ndarray], dmax: float, aspect: float
+) -> None:
+    """One row's image panels from the scaled fixed, moving and warped slices (2D)."""
+    f2, m2, w2 = slices
+    tile = max(2, min(f2.shape) // 6)
+    ia, ib = np.meshgrid(np.arange(f2.shape[0]), np.arange(f2.shape[1]), indexing="ij")
+    checker = np.where(((ia // tile + ib // tile) % 2) == 0, f2, w2)
+    images = [f2, m2, w2, np.abs(f2 - m2), np.abs(f2 - w2), checker, f2]
+    for col, img in enumerate(images):
+        ax = axes_row[col]
+        is_diff = col in (3, 4)  # the differences share one scale up to ``dmax``
+        cmap, vmax = ("magma", dmax) if is_diff else ("gray", 1.0)
+        alpha = 0.35 if col == 6 else 1.0  # the deformation grid goes over a faint fixed image
+        ax.imshow(img.T, cmap=cmap, vmin=0.0, vmax=vmax, origin="lower", aspect=aspect, alpha=alpha)
+        head = _OVERLAY_COLUMNS[col]
+        if is_diff:
+            head += f"\nmean {float(img.mean()):.3f}"
+        ax.set_title(head if first else head.split("\n")[0], fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
+def _plane_labels(
+    axes_row: Sequence[Any], k: int, idx: int, planes: list[str], codes: list[str]
+) -> None:
+    """The row's plane and slice on its first panel, the in-plane axes under every panel."""
+    a, b = (ax for ax in range(3) if ax != k)
+    axes_row[0].set_ylabel(
+        f"{planes[k]} ({'axis ' + str(k)} = {idx})\n"
+        f"{'axis ' + str(b)}{' ' + codes[b] if codes[b] else ''} ^",
+        fontsize=8,
+    )
+    for ax in axes_row:
+        ax.set_xlabel(f"axis {a}{' ' + codes[a] if codes[a] else ''} >", fontsize=7)
+
+
+def _grid_panel(ax: Any, d2: np.ndarray, a: int, b: int) -> None:
+    """The in-plane deformation grid of one plane's DDF slice ``d2`` (na, nb, 3)."""
+    na, nb = d2.shape[:2]
+    _deformation_grid(ax, d2[..., a], d2[..., b], max(1, min(na, nb) // 12))
+    ax.set_xlim(-0.5, na - 0.5)
+    ax.set_ylim(-0.5, nb - 0.5)
+    maxu = float(np.sqrt((d2[..., a] ** 2 + d2[..., b] ** 2).max()))
+    ax.set_title(f"{_OVERLAY_COLUMNS[6]}\nmax in-plane |u| {maxu:.2f}", fontsize=8)
+
+
+def _overlay_legend(
+    fig: Any, colors: Mapping[int, Any], names: Mapping[int, str] | None, dashed: bool
+) -> None:
+    """The organs' colours and the contour styles, below the panels (none without contours)."""
+    if not colors:
+        return
+    handles: list[Any] = [
+        Patch(facecolor=c, edgecolor=c, label=f"{v} {_organ(v, names)}") for v, c in colors.items()
+    ]
+    handles.append(Line2D([], [], color="black", label="solid: fixed labels"))
+    if dashed:
+        handles.append(
+            Line2D([], [], color="black", linestyle="dashed", label="dashed: warped labels")
+        )
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8)
+
+
 def overlay_figure(
     fixed: np.ndarray,
     moving_on_fixed: np.ndarray,
@@ -167,12 +247,12 @@ def overlay_figure(
     disp = _ddf_last(ddf, shape)
     spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0, 1.0, 1.0)
     planes, codes = _plane_names(affine)
-
+    # the warped image is the moving one resampled, so it is shown in the moving one's range
     fix_rng, mov_rng = _display_range(fix), _display_range(mov)
-    fix_s, mov_s, wrp_s = _scaled(fix, fix_rng), _scaled(mov, mov_rng), _scaled(wrp, mov_rng)
-    diff_before, diff_after = np.abs(fix_s - mov_s), np.abs(fix_s - wrp_s)
-    diff_max = max(float(np.percentile(diff_before, 99.5)), 1e-3)
-
+    scaled = (_scaled(fix, fix_rng), _scaled(mov, mov_rng), _scaled(wrp, mov_rng))
+    # one colour scale for both differences, so that before and after compare directly
+    diff_max = max(float(np.percentile(np.abs(scaled[0] - scaled[1]), 99.5)), 1e-3)
+    flab: np.ndarray | None = None
     colors: dict[int, Any] = {}
     if fixed_label is not None:
         flab = _array(fixed_label)
@@ -182,75 +262,20 @@ def overlay_figure(
         colors = _label_colors(present)
     wlab = None if warped_label is None else _array(warped_label)
 
-    columns = [
-        "fixed",
-        "moving (before)",
-        "warped",
-        "|fixed - moving|",
-        "|fixed - warped|",
-        "checkerboard fixed/warped",
-        "deformation grid x + u(x)",
-    ]
-    fig, axes = plt.subplots(3, len(columns), figsize=(2.5 * len(columns), 2.9 * 3 + 0.6))
+    ncol = len(_OVERLAY_COLUMNS)
+    fig, axes = plt.subplots(3, ncol, figsize=(2.5 * ncol, 2.9 * 3 + 0.6))
     for row, k in enumerate((2, 1, 0)):
         a, b = (ax for ax in range(3) if ax != k)
-        idx = shape[k] // 2
-        sl = tuple(idx if ax == k else slice(None) for ax in range(3))
-        aspect = spacing[b] / spacing[a]
-        f2, m2, w2 = fix_s[sl], mov_s[sl], wrp_s[sl]
-        tile = max(2, min(f2.shape) // 6)
-        ia, ib = np.meshgrid(np.arange(f2.shape[0]), np.arange(f2.shape[1]), indexing="ij")
-        checker = np.where(((ia // tile + ib // tile) % 2) == 0, f2, w2)
-        panels = [
-            (f2, "gray", 1.0),
-            (m2, "gray", 1.0),
-            (w2, "gray", 1.0),
-            (diff_before[sl], "magma", diff_max),
-            (diff_after[sl], "magma", diff_max),
-            (checker, "gray", 1.0),
-            (f2, "gray", 1.0),
-        ]
-        for col, (img, cmap, vmax) in enumerate(panels):
-            ax = axes[row, col]
-            alpha = 0.35 if col == 6 else 1.0
-            ax.imshow(
-                img.T, cmap=cmap, vmin=0.0, vmax=vmax, origin="lower", aspect=aspect, alpha=alpha
-            )
-            head = columns[col]
-            if col in (3, 4):
-                head += f"\nmean {float(img.mean()):.3f}"
-            ax.set_title(head if row == 0 else head.split("\n")[0], fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col == 0:
-                ax.set_ylabel(
-                    f"{planes[k]} ({'axis ' + str(k)} = {idx})\n"
-                    f"{'axis ' + str(b)}{' ' + codes[b] if codes[b] else ''} ^",
-                    fontsize=8,
-                )
-            ax.set_xlabel(f"axis {a}{' ' + codes[a] if codes[a] else ''} >", fontsize=7)
-        if colors:
+        sl, aspect = _mid_slice(shape, k), spacing[b] / spacing[a]
+        _image_panels(axes[row], row == 0, [v[sl] for v in scaled], diff_max, aspect)
+        _plane_labels(axes[row], k, shape[k] // 2, planes, codes)
+        if colors and flab is not None:
             _contours(axes[row, 0], flab[sl], colors, "solid")
             _contours(axes[row, 2], flab[sl], colors, "solid")
-        if colors and wlab is not None:
-            _contours(axes[row, 2], wlab[sl], colors, "dashed")
-        step = max(1, min(f2.shape) // 12)
-        ax = axes[row, 6]
-        _deformation_grid(ax, disp[sl][..., a], disp[sl][..., b], step)
-        ax.set_xlim(-0.5, f2.shape[0] - 0.5)
-        ax.set_ylim(-0.5, f2.shape[1] - 0.5)
-        maxu = float(np.sqrt((disp[sl][..., a] ** 2 + disp[sl][..., b] ** 2).max()))
-        ax.set_title(f"{columns[6]}\nmax in-plane |u| {maxu:.2f}", fontsize=8)
-    handles: list[Any] = [
-        Patch(facecolor=c, edgecolor=c, label=f"{v} {_organ(v, names)}") for v, c in colors.items()
-    ]
-    if colors:
-        handles.append(Line2D([], [], color="black", label="solid: fixed labels"))
-        if wlab is not None:
-            handles.append(
-                Line2D([], [], color="black", linestyle="dashed", label="dashed: warped labels")
-            )
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8)
+            if wlab is not None:
+                _contours(axes[row, 2], wlab[sl], colors, "dashed")
+        _grid_panel(axes[row, 6], disp[sl], a, b)
+    _overlay_legend(fig, colors, names, wlab is not None)
     fig.suptitle(title or "registration overlay (mid slices)", fontsize=10)
     fig.tight_layout(rect=(0, 0.06 if colors else 0, 1, 0.97))
     return _save(fig, path)
@@ -376,6 +401,55 @@ def boxplot_figure(
     return written
 
 
+def _volume(image: Any) -> np.ndarray:
+    """``image`` as a float32 3D array, leading singleton axes dropped."""
+    img = _array(image).astype(np.float32)
+    while img.ndim > 3 and img.shape[0] == 1:
+        img = img[0]
+    if img.ndim != 3:
+        raise ValueError(f"image must be 3D (optionally with leading 1s), got shape {img.shape}")
+    return img
+
+
+def _cell_size(k: int, scales: Sequence[Any], size: int, cells: int) -> int:
+    """Level ``k``'s cell size in voxels: the model's scale, else ``size`` voxels over ``cells``."""
+    return int(scales[k]) if k < len(scales) else max(1, round(size / cells))
+
+
+def _level_panels(
+    axes_col: Sequence[Any],
+    k: int,
+    masks: np.ndarray,
+    p: int,
+    shape: tuple[int, ...],
+    axis: int,
+    head_cmap: Any,
+) -> tuple[Any, Any]:
+    """Level ``k``'s winning head and its weight (``masks`` (m, *grid), cells of ``p`` voxels).
+
+    Returns the two images (for the colour bars).
+    """
+    heads = head_cmap.N  # the map has one colour per head
+    a, b = (ax for ax in range(3) if ax != axis)
+    grid = masks.shape[1:]
+    idx = min((shape[axis] // 2) // p, grid[axis] - 1)  # the cell holding the image's mid slice
+    m2 = masks[(slice(None), *(idx if ax == axis else slice(None) for ax in range(3)))]
+    # stretch the cells over the voxels they cover, so the panels line up with the image
+    extent = (-0.5, grid[a] * p - 0.5, -0.5, grid[b] * p - 0.5)
+    ax, ax2 = axes_col
+    kw = {"origin": "lower", "extent": extent, "interpolation": "nearest"}
+    im = ax.imshow(m2.argmax(axis=0).T, cmap=head_cmap, vmin=-0.5, vmax=heads - 0.5, **kw)
+    ax.set_title(f"level {k} (cell {p} vox)\nargmax head", fontsize=8)
+    im2 = ax2.imshow(m2.max(axis=0).T, cmap="viridis", vmin=1.0 / heads, vmax=1.0, **kw)
+    ax2.set_title(f"level {k}: softmax weight\nof the winning head", fontsize=8)
+    for axx in (ax, ax2):
+        axx.set_xlim(-0.5, shape[a] - 0.5)
+        axx.set_ylim(-0.5, shape[b] - 0.5)
+        axx.set_xticks([])
+        axx.set_yticks([])
+    return im, im2
+
+
 def head_mask_figure(
     levels_output: Any,
     image: Any,
@@ -394,18 +468,13 @@ def head_mask_figure(
     """
     levels = list(getattr(levels_output, "levels", levels_output))
     scales = list(getattr(levels_output, "scales", ()) or [])
-    img = _array(image).astype(np.float32)
-    while img.ndim > 3 and img.shape[0] == 1:
-        img = img[0]
-    if img.ndim != 3:
-        raise ValueError(f"image must be 3D (optionally with leading 1s), got shape {img.shape}")
+    img = _volume(image)
     shape = img.shape
     used = [(k, lv) for k, lv in enumerate(levels) if getattr(lv, "head_masks", None) is not None]
     if not used:
         raise ValueError("no level has head masks (a model without RA modules?)")
-    a, b = (ax for ax in range(3) if ax != axis)
     mid = shape[axis] // 2
-    sl = tuple(mid if ax == axis else slice(None) for ax in range(3))
+    sl = _mid_slice(shape, axis)
     heads = int(_array(used[0][1].head_masks).shape[1])
     head_cmap = plt.get_cmap("tab10", heads) if heads <= 10 else plt.get_cmap("tab20", heads)
 
@@ -418,103 +487,12 @@ def head_mask_figure(
         ax.set_yticks([])
     for col, (k, lv) in enumerate(used, start=1):
         masks = _array(lv.head_masks)[0].astype(np.float32)  # (m, *grid)
-        grid = masks.shape[1:]
-        p = int(scales[k]) if k < len(scales) else max(1, round(shape[axis] / grid[axis]))
-        idx = min(mid // p, grid[axis] - 1)
-        msl = (slice(None), *(idx if ax == axis else slice(None) for ax in range(3)))
-        m2 = masks[msl]  # (m, ga, gb)
-        extent = (-0.5, grid[a] * p - 0.5, -0.5, grid[b] * p - 0.5)
-        winner = m2.argmax(axis=0)
-        weight = m2.max(axis=0)
-        ax = axes[0, col]
-        im = ax.imshow(
-            winner.T,
-            cmap=head_cmap,
-            vmin=-0.5,
-            vmax=heads - 0.5,
-            origin="lower",
-            extent=extent,
-            interpolation="nearest",
-        )
-        ax.set_title(f"level {k} (cell {p} vox)\nargmax head", fontsize=8)
-        ax2 = axes[1, col]
-        im2 = ax2.imshow(
-            weight.T,
-            cmap="viridis",
-            vmin=1.0 / heads,
-            vmax=1.0,
-            origin="lower",
-            extent=extent,
-            interpolation="nearest",
-        )
-        ax2.set_title(f"level {k}: softmax weight\nof the winning head", fontsize=8)
-        for axx in (ax, ax2):
-            axx.set_xlim(-0.5, shape[a] - 0.5)
-            axx.set_ylim(-0.5, shape[b] - 0.5)
-            axx.set_xticks([])
-            axx.set_yticks([])
+        p = _cell_size(k, scales, shape[axis], masks.shape[1 + axis])
+        im, im2 = _level_panels(axes[:, col], k, masks, p, shape, axis, head_cmap)
         if col == len(used):
-            cb = fig.colorbar(im, ax=ax, ticks=range(heads), fraction=0.046)
+            cb = fig.colorbar(im, ax=axes[0, col], ticks=range(heads), fraction=0.046)
             cb.set_label("head", fontsize=8)
-            fig.colorbar(im2, ax=ax2, fraction=0.046)
+            fig.colorbar(im2, ax=axes[1, col], fraction=0.046)
     fig.suptitle("RA multi-head masks, coarse to fine", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     return _save(fig, path)
-
-
-# --------------------------------------------------------------------------------- training
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open() as fh:
-        return list(csv.DictReader(fh))
-
-
-def _smooth(values: np.ndarray, window: int) -> np.ndarray:
-    if len(values) < window or window < 2:
-        return values
-    kernel = np.ones(window) / window
-    pad = np.pad(values, (window // 2, window - 1 - window // 2), mode="edge")
-    return np.convolve(pad, kernel, mode="valid")
-
-
-def plot_training(
-    run_dir: str | os.PathLike[str], out: str | os.PathLike[str], title: str | None = None
-) -> Path:
-    """Loss per stage (raw and running mean) and validation Dice of a training run."""
-    run = Path(run_dir)
-    rows = _read_csv(run / "train_log.csv")
-    val = _read_csv(run / "val_log.csv") if (run / "val_log.csv").exists() else []
-    stages = list(dict.fromkeys(r["stage"] for r in rows))
-    fig, axes = plt.subplots(1, len(stages) + 1, figsize=(4.2 * (len(stages) + 1), 3.6))
-    for ax, stage in zip(axes, stages, strict=False):
-        sel = [r for r in rows if r["stage"] == stage]
-        steps = np.array([int(r["step"]) for r in sel])
-        loss = np.array([float(r["loss"]) for r in sel])
-        ax.plot(steps, loss, color="0.75", lw=0.8, label="loss per step")
-        ax.plot(
-            steps, _smooth(loss, max(5, len(loss) // 20)), color="C0", lw=1.8, label="running mean"
-        )
-        ax.set_title(f"stage '{stage}'")
-        ax.set_xlabel("step")
-        ax.set_ylabel("weighted loss")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    ax = axes[-1]
-    if val:
-        vsteps = [int(r["step"]) for r in val]
-        vdice = [float(r["dice"]) for r in val]
-        ax.plot(vsteps, vdice, "o-", color="C2", label="after registration")
-        ident = [float(r["dice_identity"]) for r in val if r.get("dice_identity")]
-        if ident:
-            ax.axhline(ident[0], color="C3", ls="--", label="no registration")
-        for s in stages[1:]:
-            first = min(int(r["step"]) for r in rows if r["stage"] == s)
-            ax.axvline(first - 0.5, color="0.5", ls=":", lw=1)
-        ax.legend(fontsize=8)
-    ax.set_title("validation: mean Dice over organs")
-    ax.set_xlabel("step")
-    ax.set_ylabel("Dice")
-    ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, out, dpi=120)

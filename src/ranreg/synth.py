@@ -245,6 +245,53 @@ def gaussian_bumps_ddf(
     return out.astype(np.float32)
 
 
+def _ddf_scales(
+    shp: tuple[int, ...],
+    max_translation: float | Sequence[float] | None,
+    tps_scale: float | Sequence[float] | None,
+    bump_scale: float | Sequence[float] | None,
+    bump_sigma: float | Sequence[float] | None,
+) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any]]:
+    """Per-axis ranges of :func:`random_ddf`: the given values or its fractions of ``shp``."""
+    d = len(shp)
+    size = np.asarray(shp, dtype=np.float64)
+
+    def _default(value: float | Sequence[float] | None, frac: float, name: str) -> NDArray[Any]:
+        arr = frac * size if value is None else _per_axis(value, d, name)
+        if np.any(arr < 0):
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
+        return arr
+
+    max_t = _default(max_translation, 0.1, "max_translation")
+    tps_s = _default(tps_scale, 0.05, "tps_scale")
+    bump_s = _default(bump_scale, 0.05, "bump_scale")
+    sig = _default(bump_sigma, 0.1, "bump_sigma")
+    if np.any(sig <= 0):
+        raise ValueError(f"bump_sigma must be > 0, got {bump_sigma!r}")
+    return max_t, tps_s, bump_s, sig
+
+
+def _compose_field(
+    shp: tuple[int, ...], params: dict[str, Any], tps_s: NDArray[Any], bump_s: NDArray[Any]
+) -> NDArray[np.float32]:
+    """The DDF of :func:`random_ddf` from its draws ``params``; no randomness here.
+
+    ``ddf(x) = A (x + u_D(x) - c) + c + t - x`` with ``u_D = tps + bumps``; a term whose
+    scale (``tps_s``, ``bump_s``) is zero on every axis, or has no points, is left out.
+    """
+    matrix, points = params["matrix"], params["points"]
+    n_points = len(points)
+    deform = np.zeros((len(shp), *shp), dtype=np.float64)
+    if n_points > 0 and np.any(tps_s > 0):
+        deform += tps_ddf(shp, points, params["tps_displacements"])
+    if n_points > 0 and np.any(bump_s > 0):
+        deform += gaussian_bumps_ddf(shp, points, params["bump_vectors"], params["bump_sigma"])
+    # ddf(x) = (A - I)(x - c) + t + A u_D(x)
+    ddf = affine_ddf(shp, matrix, params["translation"], params["center"]).astype(np.float64)
+    ddf += np.tensordot(matrix, deform, axes=(1, 0))
+    return ddf.astype(np.float32)
+
+
 def random_ddf(
     shape: Sequence[int],
     rng: np.random.Generator,
@@ -298,22 +345,11 @@ def random_ddf(
     shp = _as_shape(shape)
     d = len(shp)
     size = np.asarray(shp, dtype=np.float64)
-
-    def _default(value: float | Sequence[float] | None, frac: float, name: str) -> NDArray[Any]:
-        arr = frac * size if value is None else _per_axis(value, d, name)
-        if np.any(arr < 0):
-            raise ValueError(f"{name} must be >= 0, got {value!r}")
-        return arr
-
-    max_t = _default(max_translation, 0.1, "max_translation")
-    tps_s = _default(tps_scale, 0.05, "tps_scale")
-    bump_s = _default(bump_scale, 0.05, "bump_scale")
-    sig = _default(bump_sigma, 0.1, "bump_sigma")
-    if np.any(sig <= 0):
-        raise ValueError(f"bump_sigma must be > 0, got {bump_sigma!r}")
+    max_t, tps_s, bump_s, sig = _ddf_scales(shp, max_translation, tps_scale, bump_scale, bump_sigma)
     if n_points < 0:
         raise ValueError(f"n_points must be >= 0, got {n_points}")
 
+    # every draw happens here, before any field is built, in the documented order
     matrix, angle, axis = random_rotation(d, rng, max_angle)
     translation = rng.uniform(-max_t, max_t)
     centre = grid_centre(shp)
@@ -321,15 +357,6 @@ def random_ddf(
     tps_disp = rng.uniform(-tps_s, tps_s, size=(n_points, d))
     bump_vec = rng.uniform(-bump_s, bump_s, size=(n_points, d))
 
-    deform = np.zeros((d, *shp), dtype=np.float64)
-    if n_points > 0 and np.any(tps_s > 0):
-        deform += tps_ddf(shp, points, tps_disp)
-    if n_points > 0 and np.any(bump_s > 0):
-        deform += gaussian_bumps_ddf(shp, points, bump_vec, sig)
-
-    # ddf(x) = (A - I)(x - c) + t + A u_D(x)
-    ddf = affine_ddf(shp, matrix, translation, centre).astype(np.float64)
-    ddf += np.tensordot(matrix, deform, axes=(1, 0))
     params: dict[str, Any] = {
         "angle": angle,
         "axis": axis,
@@ -342,4 +369,4 @@ def random_ddf(
         "bump_sigma": sig,
         "composition": "rigid(x + deform(x))",
     }
-    return ddf.astype(np.float32), params
+    return _compose_field(shp, params, tps_s, bump_s), params

@@ -365,16 +365,17 @@ def train(
     ``max_steps``/``time_limit`` (seconds) end this invocation early with a checkpoint, so
     long trainings run in chunks (``--resume`` continues). ``on_step(global_step)`` is
     called after every optimizer step (tests use it to simulate a crash). ``state``: a
-    folder that keeps the run across machines (:mod:`ranreg.training_state`): read when
-    the run folder has no checkpoint, replaced at the end of the chunk; ``command`` is
-    logged with the chunk.
+    folder that keeps the run across machines (:mod:`ranreg.training_state`): the run
+    continues from it or from the run folder's checkpoint, whichever is further, and it is
+    replaced at the end of the chunk; ``command`` is logged with the chunk.
     """
     out = Path(out_dir)
     started = (time.time(), time.monotonic())
     run = _Run(cfg, out, progress)
     state_dir = None if state is None else Path(state)
-    if run.main and state_dir is not None and restore_state(state_dir, out):
-        resume = True
+    if run.main and state_dir is not None:  # the kept run goes on, from the newer copy
+        restore_state(state_dir, out)
+        resume = resume or (out / CHECKPOINT_DIR).exists()
     if run.main:
         check_run_folder(out, run.ckpt, resume, overwrite)
         out.mkdir(parents=True, exist_ok=True)

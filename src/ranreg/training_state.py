@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import platform
 import shutil
@@ -58,11 +59,23 @@ def machine() -> str:
     return f"{cpu} ({flags or 'no bf16 units'}, {cores} cores){gpu}, torch {torch.__version__}"
 
 
+def _step(checkpoint: Path) -> int:
+    """The step a checkpoint folder reached (-1 without a readable one)."""
+    try:
+        return int(json.loads((checkpoint / "model.json").read_text())["trained_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
 def restore_state(state_dir: Path, out: Path) -> bool:
-    """Copy a kept state into a run folder that has no checkpoint; returns whether it did."""
+    """Copy a kept state into a run folder whose checkpoint is missing or older (another
+    machine went on); returns whether it did."""
     recover_checkpoint(state_dir)  # a chunk killed while replacing the state
-    if (out / "checkpoint").exists() or not (state_dir / "checkpoint").is_dir():
+    recover_checkpoint(out / "checkpoint")
+    kept = _step(state_dir / "checkpoint")
+    if kept < 0 or _step(out / "checkpoint") >= kept:
         return False
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     for name in _KEPT:
         source = state_dir / name

@@ -60,8 +60,9 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--state",
-        help="keep the run's latest state here across machines (training-state/NAME): "
-        "resumed from when OUT has no checkpoint, replaced after the chunk",
+        help="keep the run's latest state here across machines (training-state/NAME): the "
+        "run goes on from it or from OUT's checkpoint, whichever is further; replaced "
+        "after the chunk",
     )
     p.add_argument("--max-steps", type=int, help="stop after this many steps (a chunk)")
     p.add_argument("--time-limit", type=float, help="stop after this many minutes (a chunk)")

@@ -217,6 +217,82 @@ def body_mask(
     return body, fat_layer
 
 
+def _paint(
+    lab: np.ndarray,
+    rng: np.random.Generator,
+    spacing: tuple[float, ...],
+    organ_hu: np.ndarray,
+    body_axis: int,
+    texture: float,
+) -> np.ndarray:
+    """Organs, body and background of :func:`labels_to_image`, before the degradations.
+
+    Draws the tissue and fat HU, the body mask and the coarse and fine textures (in
+    this order) from ``rng``.
+    """
+    tissue_hu = rng.uniform(20.0, 40.0)
+    fat_hu = rng.normal(-100.0, 8.0)
+    body, fat = body_mask(lab, spacing, rng, body_axis=body_axis)
+
+    shape = lab.shape
+    coarse_tex = smooth_field(shape, spacing, 25.0, rng)
+    fine_tex = smooth_field(shape, spacing, 8.0, rng)
+
+    mean_lut = np.nan_to_num(organ_hu, nan=0.0).astype(np.float32)
+    tex_lut = np.array(
+        [0.0] + [ORGAN_HU.get(k, _OTHER).texture for k in range(1, len(mean_lut))],
+        dtype=np.float32,
+    )
+    mean_lut[0] = 0.0
+    organs = lab > 0
+    img = mean_lut[lab]
+    img += (np.float32(texture) * tex_lut[lab]) * fine_tex
+    # background: soft tissue 0..60 HU inside, fat rim, air outside
+    background = np.float32(tissue_hu) + np.float32(12.0 * texture) * coarse_tex
+    background += np.float32(4.0 * texture) * fine_tex
+    np.clip(background, 0.0, 60.0, out=background)
+    background[fat] = np.float32(fat_hu) + np.float32(8.0 * texture) * coarse_tex[fat]
+    background[~body] = np.float32(AIR_HU)
+    return np.where(organs, img, background)
+
+
+def _add_bias_and_noise(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    spacing: tuple[float, ...],
+    *,
+    noise_sd: float,
+    bias_mult: float,
+    bias_add: float,
+) -> None:
+    """Multiplicative bias, additive bias, then noise, in place on ``img`` (float32).
+
+    A term that is switched off draws nothing from ``rng``. In place because the
+    volumes are large.
+    """
+    shape = img.shape
+    if bias_mult:
+        mult = smooth_field(shape, spacing, 100.0, rng)
+        np.clip(mult, -2.5, 2.5, out=mult)
+        mult *= np.float32(bias_mult)
+        mult += np.float32(1.0)
+        # the bias scales attenuation (HU + 1000), not HU: air stays at -1000
+        img += np.float32(-AIR_HU)
+        img *= mult
+        img -= np.float32(-AIR_HU)
+        del mult
+    if bias_add:
+        add = smooth_field(shape, spacing, 60.0, rng)
+        np.clip(add, -2.5, 2.5, out=add)
+        add *= np.float32(bias_add)
+        img += add
+        del add
+    if noise_sd > 0:
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        noise *= np.float32(noise_sd)
+        img += noise
+
+
 def labels_to_image(
     labels: np.ndarray,
     rng: np.random.Generator,
@@ -262,54 +338,13 @@ def labels_to_image(
         organ_hu = np.asarray(organ_hu, dtype=np.float64)
         if organ_hu.shape[0] < int(lab.max()) + 1:
             raise ValueError(f"organ_hu has {organ_hu.shape[0]} entries, labels go to {lab.max()}")
-    tissue_hu = rng.uniform(20.0, 40.0)
-    fat_hu = rng.normal(-100.0, 8.0)
-    body, fat = body_mask(lab, spacing, rng, body_axis=body_axis)
-
-    shape = lab.shape
-    coarse_tex = smooth_field(shape, spacing, 25.0, rng)
-    fine_tex = smooth_field(shape, spacing, 8.0, rng)
-
-    mean_lut = np.nan_to_num(organ_hu, nan=0.0).astype(np.float32)
-    tex_lut = np.array(
-        [0.0] + [ORGAN_HU.get(k, _OTHER).texture for k in range(1, len(mean_lut))],
-        dtype=np.float32,
-    )
-    mean_lut[0] = 0.0
-    organs = lab > 0
-    img = mean_lut[lab]
-    img += (np.float32(texture) * tex_lut[lab]) * fine_tex
-    # background: soft tissue 0..60 HU inside, fat rim, air outside
-    background = np.float32(tissue_hu) + np.float32(12.0 * texture) * coarse_tex
-    background += np.float32(4.0 * texture) * fine_tex
-    np.clip(background, 0.0, 60.0, out=background)
-    background[fat] = np.float32(fat_hu) + np.float32(8.0 * texture) * coarse_tex[fat]
-    background[~body] = np.float32(AIR_HU)
-    img = np.where(organs, img, background)
-    del background, coarse_tex, fine_tex
-
+    img = _paint(lab, rng, spacing, organ_hu, body_axis, texture)
+    # degradations: partial-volume blur, then bias fields and noise
     if blur_mm > 0:
         img = ndimage.gaussian_filter(img, [blur_mm / s for s in spacing], mode="nearest")
-    if bias_mult:
-        mult = smooth_field(shape, spacing, 100.0, rng)
-        np.clip(mult, -2.5, 2.5, out=mult)
-        mult *= np.float32(bias_mult)
-        mult += np.float32(1.0)
-        img += np.float32(-AIR_HU)
-        img *= mult
-        img -= np.float32(-AIR_HU)
-        del mult
-    if bias_add:
-        add = smooth_field(shape, spacing, 60.0, rng)
-        np.clip(add, -2.5, 2.5, out=add)
-        add *= np.float32(bias_add)
-        img += add
-        del add
-    if noise_sd > 0:
-        noise = rng.standard_normal(shape, dtype=np.float32)
-        noise *= np.float32(noise_sd)
-        img += noise
-        del noise
+    _add_bias_and_noise(
+        img, rng, spacing, noise_sd=noise_sd, bias_mult=bias_mult, bias_add=bias_add
+    )
     np.clip(img, -1024.0, 3071.0, out=img)
     return img.astype(np.float32, copy=False)
 
