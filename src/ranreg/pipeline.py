@@ -314,13 +314,12 @@ def register_volumes(
     moving_label = align_labels(moving_label, moving, "moving")
     fixed_label = align_labels(fixed_label, fixed, "fixed")
     spacing, window = model_settings(model.config)
-    neural = is_neural(model)
-    refine_settings = opts.refine_settings(neural)
+    refine_settings = opts.refine_settings(is_neural(model))
     model = model.to(dev).eval()
 
     # step 1: affine pre-alignment in world space
     t_affine = time.perf_counter()
-    affine_settings = opts.affine_settings(neural)
+    affine_settings = opts.affine_settings(is_neural(model))
     optimised = affine_settings.mode != "none" or refine_settings.steps > 0
     images = normalised_volumes(fixed, moving) if optimised else None
     world_map = register_affine(fixed, moving, affine_settings, images)
@@ -339,19 +338,10 @@ def register_volumes(
     refine_s = time.perf_counter() - t_refine if report is not None else 0.0
 
     # step 5: outputs on the fixed grid
-    warped, moving_on_fixed, warped_label, label_before = _warp_outputs(
-        inputs, v, moving_label, moving
-    )
-    a_f = np.asarray(fixed.affine, dtype=np.float64)
-    ddf_mm, jac = _whole_map(v, a_f, world_map)
-    to_voxels = torch.as_tensor(np.linalg.inv(a_f[:3, :3]), dtype=torch.float32, device=dev)
-    ddf_vox = torch.einsum("ij,...j->...i", to_voxels, ddf_mm)
+    arrays = _fixed_grid_outputs(inputs, v, moving_label, moving, fixed, world_map)
     synchronize(dev)
     return RegistrationResult(
-        warped=warped.cpu().numpy().astype(np.float32),
-        ddf_mm=ddf_mm.cpu().numpy().astype(np.float32),
-        jacobian=jac.cpu().numpy().astype(np.float32),
-        warped_label=warped_label,
+        **arrays,
         runtime_s=time.perf_counter() - start,
         network_s=network_s,
         refine_s=refine_s,
@@ -359,15 +349,44 @@ def register_volumes(
         world_map=world_map,
         refine_report=report,
         fixed_affine=np.asarray(fixed.affine, dtype=np.float64).copy(),
-        ddf_vox=ddf_vox.cpu().numpy().astype(np.float32),
-        moving_on_fixed=moving_on_fixed.cpu().numpy().astype(np.float32),
-        moving_label_on_fixed=label_before,
         fixed_label=None if fixed_label is None else np.asarray(fixed_label.array),
         network_shape=shape_g,
         network_spacing=tuple(float(s * st) for s, st in zip(fixed.spacing, step, strict=True)),
         network_fixed=fixed_n[0, 0].cpu().numpy() if return_levels else None,
         levels=levels,
     )
+
+
+def _fixed_grid_outputs(
+    inputs: _Inputs,
+    v: Tensor,
+    moving_label: Volume | None,
+    moving: Volume,
+    fixed: Volume,
+    world_map: np.ndarray,
+) -> dict[str, Any]:
+    """Step 5: warped image and labels, the whole mapping in mm and in fixed voxels, its
+    Jacobian determinant, and the moving image before registration, as float32 arrays."""
+    warped, moving_on_fixed, warped_label, label_before = _warp_outputs(
+        inputs, v, moving_label, moving
+    )
+    a_f = np.asarray(fixed.affine, dtype=np.float64)
+    ddf_mm, jac = _whole_map(v, a_f, world_map)
+    to_voxels = torch.as_tensor(np.linalg.inv(a_f[:3, :3]), dtype=torch.float32, device=v.device)
+    ddf_vox = torch.einsum("ij,...j->...i", to_voxels, ddf_mm)
+
+    def array(t: Tensor) -> np.ndarray:
+        return t.cpu().numpy().astype(np.float32)
+
+    return {
+        "warped": array(warped),
+        "ddf_mm": array(ddf_mm),
+        "jacobian": array(jac),
+        "warped_label": warped_label,
+        "ddf_vox": array(ddf_vox),
+        "moving_on_fixed": array(moving_on_fixed),
+        "moving_label_on_fixed": label_before,
+    }
 
 
 def _timed_network(
