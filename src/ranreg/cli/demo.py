@@ -6,7 +6,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ranreg.cli.options import add_registration_options, options_from_args
+from ranreg.cli.options import (
+    add_device_option,
+    add_registration_options,
+    options_from_args,
+)
 from ranreg.cli.register import print_report
 from ranreg.demo import demo_files, run_demo
 
@@ -35,6 +39,6 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--out", default="ranreg-demo", help="output folder (default ranreg-demo)")
     p.add_argument("--model", default=None, help="model (default: the packaged default)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    add_device_option(p)
     add_registration_options(p)
     p.set_defaults(func=_run)

@@ -107,3 +107,26 @@ def add_precision_options(p: Any) -> None:
         default=None,
         help="channels-last memory layout for the network (default: on for the CPU and for bf16)",
     )
+
+
+def add_device_option(p: Any) -> None:
+    """``--device`` of the commands that register."""
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+
+
+def add_label_options(p: Any) -> None:
+    """``--labels`` and ``--label-names``: which label values are scored, and their names."""
+    p.add_argument(
+        "--labels",
+        type=int,
+        nargs="+",
+        metavar="L",
+        help="label values to score (default the paper's 9 organs)",
+    )
+    p.add_argument(
+        "--label-names",
+        metavar="NAME|FILE",
+        help="names of label values in reports: abdomen (default), totalseg, totalseg-mr, "
+        "or a JSON/CSV file of id,name; with a table other than abdomen, every label of the "
+        "fixed map is scored unless --labels says otherwise",
+    )

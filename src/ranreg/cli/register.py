@@ -6,7 +6,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ranreg.cli.options import add_registration_options, options_from_args
+from ranreg.cli.options import (
+    add_device_option,
+    add_label_options,
+    add_registration_options,
+    options_from_args,
+)
 from ranreg.data.formats import OUTPUT_FORMATS
 from ranreg.errors import RanregError
 from ranreg.infer import register_files
@@ -142,13 +147,6 @@ def add_parser(sub: Any) -> None:
         "pairs are skipped when run again",
     )
     p.add_argument(
-        "--label-names",
-        metavar="NAME|FILE",
-        help="names of label values in reports: abdomen (default), totalseg, totalseg-mr, "
-        "or a JSON/CSV file of id,name; with a table other than abdomen, every label of the "
-        "fixed map is scored unless --labels says otherwise",
-    )
-    p.add_argument(
         "--model",
         default=None,
         help="model file or folder, 'identity', or a packaged model name (default: the "
@@ -164,14 +162,8 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--moving-labels", help="moving label map (warped with nearest neighbour)")
     p.add_argument("--fixed-labels", help="fixed label map (Dice/ASD/HD95 before and after)")
-    p.add_argument(
-        "--labels",
-        type=int,
-        nargs="+",
-        metavar="L",
-        help="label values to score (default the paper's 9 organs)",
-    )
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    add_label_options(p)
+    add_device_option(p)
     add_registration_options(p)
     p.add_argument(
         "--head-masks", action="store_true", help="also draw the RA head masks (RAN models)"
