@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from ranreg.data.preprocess import ABDOMEN_ORGANS, DEFAULT_WINDOW
 from ranreg.errors import RanregError
 from ranreg.nn import MODEL_NAMES
 
@@ -43,8 +44,8 @@ class DataConfig:
     train: int | None = None  # first N subjects train, the next `val` validate ...
     val: int = 0  # ... when the data have no train/val folders
     factor: float | None = 0.5
-    window: list[float] | None = field(default_factory=lambda: [-100.0, 300.0])
-    organs: list[int] | None = field(default_factory=lambda: [1, 2, 3, 5, 6, 8, 9, 10, 11])
+    window: list[float] | None = field(default_factory=lambda: list(DEFAULT_WINDOW))
+    organs: list[int] | None = field(default_factory=lambda: list(ABDOMEN_ORGANS))
     crop: list[int] | None = None  # random-crop margin per side for training
     #: real scans (paths) registered to copies of themselves under known fields at every
     #: validation: the learning curve's end-point error on real texture (never trained on)
@@ -218,8 +219,8 @@ def _parse_data(source: str, raw: Any, base: Path, ndim: int) -> DataConfig:
         train=d.get("train", None, "int", positive=True),
         val=d.get("val", 0, "int"),
         factor=d.get("factor", 0.5, "float", positive=True, allow_none=True),
-        window=d.get("window", [-100.0, 300.0], "list", allow_none=True),
-        organs=d.get("organs", [1, 2, 3, 5, 6, 8, 9, 10, 11], "list", allow_none=True),
+        window=d.get("window", list(DEFAULT_WINDOW), "list", allow_none=True),
+        organs=d.get("organs", list(ABDOMEN_ORGANS), "list", allow_none=True),
         crop=d.get("crop", None, "list"),
         val_scans=d.get("val_scans", None, "list"),
         model_window=d.get("model_window", "window", "str"),

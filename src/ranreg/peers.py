@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ranreg.data.preprocess import DEFAULT_WINDOW
 from ranreg.errors import RanregError
 from ranreg.registry import get_method, register_method
 
@@ -100,7 +101,7 @@ class AntsSyN(torch.nn.Module):
             "name": ANTS_SYN,
             "ndim": 3,
             "spacing": [4.0, 4.0, 4.0],
-            "window": [-100.0, 300.0],
+            "window": list(DEFAULT_WINDOW),
             "type_of_transform": type_of_transform,
             "random_seed": int(random_seed),
             "itk_threads": _itk_threads(),

@@ -10,11 +10,8 @@ from torch import nn
 from ranreg.nn.aligner import LevelOutput, PlainAligner, ResidualAligner
 from ranreg.nn.baselines import VoxelMorphUNet
 from ranreg.nn.ran import RAN, RegistrationOutput
-from ranreg.nn.variants import VARIANTS, Variant, capturable_range, get_variant
+from ranreg.nn.variants import NO_RA_SUFFIX, VARIANTS, Variant, capturable_range, get_variant
 from ranreg.registry import get_method, register_method
-
-#: Suffix that turns a RAN variant name into its "without RA" ablation.
-NO_RA_SUFFIX = "-noRA"
 
 MODEL_NAMES: tuple[str, ...] = (
     *VARIANTS,

@@ -12,7 +12,14 @@ from ranreg.nn.blocks import resize
 from ranreg.nn.decoder import Decoder
 from ranreg.nn.encoder import Encoder
 from ranreg.nn.padding import crop_to, pad_to_multiple, validate_pair
-from ranreg.nn.variants import DECODER_CHANNELS, DEFAULT_HEADS, MAX_SCALE, Variant, get_variant
+from ranreg.nn.variants import (
+    DECODER_CHANNELS,
+    DEFAULT_HEADS,
+    MAX_SCALE,
+    NO_RA_SUFFIX,
+    Variant,
+    get_variant,
+)
 from ranreg.spatial import resize_ddf
 
 
@@ -72,7 +79,7 @@ class RAN(nn.Module):
             for k in range(len(DECODER_CHANNELS))
         )
         self.config = {
-            "name": self.variant.name + ("" if aligner == "ra" else "-noRA"),
+            "name": self.variant.name + ("" if aligner == "ra" else NO_RA_SUFFIX),
             "ndim": ndim,
             "heads": heads,
             "in_channels": in_channels,

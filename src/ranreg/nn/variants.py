@@ -42,6 +42,9 @@ RA_DDF_HIDDEN = 27
 RA_ATTR_HIDDEN = 18
 RA_FUSE_CHANNELS = 9
 
+#: Suffix that turns a RAN variant name into its "without RA" ablation.
+NO_RA_SUFFIX = "-noRA"
+
 #: Default number of heads m (the authors' release uses 6).
 DEFAULT_HEADS = 6
 
