@@ -45,7 +45,7 @@ from torch import nn
 
 from ranreg.nn import MODEL_NAMES
 from ranreg.nn.ran import RegistrationOutput
-from ranreg.nn.variants import VARIANTS, Variant, capturable_range
+from ranreg.nn.variants import NO_RA_SUFFIX, VARIANTS, Variant, capturable_range
 from ranreg.sliding import shapes_regions, sliding_ddf
 
 __all__ = [
@@ -68,8 +68,6 @@ DEFAULT_DISTANCES: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 
 #: Half-jumps s (voxels) of the sliding probes: the halves move by -s and +s.
 DEFAULT_SHIFTS: tuple[float, ...] = (2.0, 4.0, 8.0)
-
-_NO_RA_SUFFIX = "-noRA"
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,8 +99,8 @@ def resolve_variant(variant_or_name: str | Variant | nn.Module) -> Variant:
     canonical = lookup.get(variant_or_name.lower())
     if canonical is None:
         raise ValueError(f"unknown model {variant_or_name!r}; known: {', '.join(MODEL_NAMES)}")
-    if canonical.endswith(_NO_RA_SUFFIX):
-        canonical = canonical[: -len(_NO_RA_SUFFIX)]
+    if canonical.endswith(NO_RA_SUFFIX):
+        canonical = canonical[: -len(NO_RA_SUFFIX)]
     if canonical not in VARIANTS:
         raise ValueError(
             f"{canonical}: Theorem 1 needs a coarse-to-fine RAN variant with pooling levels; "
@@ -359,6 +357,39 @@ def empirical_separability(
         float64 array, one value per distance (voxels); NaN where the grid holds no pair
         at that distance (``p >= S_axis``).
     """
+    shp, axis, slide, dist = _check_probe(
+        ndim, shape, axis, slide_axis, distances, n_pairs, shifts, batch_size
+    )
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    channels = int(getattr(model, "in_channels", 1))
+    probes = _probe_pairs(shp, ndim, shifts, axis, slide, n_pairs, seed)
+
+    best = np.full(len(dist), np.nan)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(probes), batch_size):
+                chunk = probes[start : start + batch_size]
+                ddf = _probe_ddf(model, chunk, channels, device, ndim, shp)
+                best = np.fmax(best, boundary_jumps(ddf.float(), axis, dist))
+    finally:
+        model.train(was_training)
+    return best
+
+
+def _check_probe(
+    ndim: int,
+    shape: Sequence[int],
+    axis: int,
+    slide_axis: int | None,
+    distances: Sequence[int] | np.ndarray,
+    n_pairs: int,
+    shifts: Sequence[float],
+    batch_size: int,
+) -> tuple[tuple[int, ...], int, int, list[int]]:
+    """The checked arguments of :func:`empirical_separability`: ``(shape, axis, slide, dist)``."""
     if ndim not in (2, 3):
         raise ValueError(f"ndim must be 2 or 3, got {ndim}")
     shp = _check_shape(shape, ndim)
@@ -370,10 +401,19 @@ def empirical_separability(
         raise ValueError("shifts must hold at least one value")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    channels = int(getattr(model, "in_channels", 1))
+    return shp, axis, slide, dist
 
+
+def _probe_pairs(
+    shp: tuple[int, ...],
+    ndim: int,
+    shifts: Sequence[float],
+    axis: int,
+    slide: int,
+    n_pairs: int,
+    seed: int,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (moving, fixed) probes: texture j (``default_rng([seed, j])``) at every shift."""
     probes = []
     for j in range(n_pairs):
         for s in shifts:
@@ -381,25 +421,25 @@ def empirical_separability(
                 shp, s, axis, ndim, slide_axis=slide, rng=np.random.default_rng([seed, j])
             )
             probes.append((moving, fixed))
+    return probes
 
-    best = np.full(len(dist), np.nan)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(probes), batch_size):
-                chunk = probes[start : start + batch_size]
-                moving = torch.cat([m for m, _ in chunk]).repeat_interleave(channels, 1)
-                fixed = torch.cat([f for _, f in chunk]).repeat_interleave(channels, 1)
-                out = model(moving.to(device), fixed.to(device))
-                ddf = out.ddf if isinstance(out, RegistrationOutput) else out
-                if ddf.shape[1:] != (ndim, *shp):
-                    raise ValueError(
-                        f"model returned a DDF of shape {tuple(ddf.shape)}, "
-                        f"expected (B, {ndim}, {', '.join(map(str, shp))})"
-                    )
-                jumps = boundary_jumps(ddf.float(), axis, dist)
-                best = np.fmax(best, jumps)
-    finally:
-        model.train(was_training)
-    return best
+
+def _probe_ddf(
+    model: nn.Module,
+    chunk: list[tuple[torch.Tensor, torch.Tensor]],
+    channels: int,
+    device: torch.device,
+    ndim: int,
+    shp: tuple[int, ...],
+) -> torch.Tensor:
+    """The model's (B, ndim, *S) DDF for one batch of probes (shape checked)."""
+    moving = torch.cat([m for m, _ in chunk]).repeat_interleave(channels, 1)
+    fixed = torch.cat([f for _, f in chunk]).repeat_interleave(channels, 1)
+    out = model(moving.to(device), fixed.to(device))
+    ddf = out.ddf if isinstance(out, RegistrationOutput) else out
+    if ddf.shape[1:] != (ndim, *shp):
+        raise ValueError(
+            f"model returned a DDF of shape {tuple(ddf.shape)}, "
+            f"expected (B, {ndim}, {', '.join(map(str, shp))})"
+        )
+    return ddf

@@ -25,10 +25,6 @@ format is asked for; DICOM inputs give NIfTI outputs. The displacement field sta
 from __future__ import annotations
 
 import os
-import re
-import sys
-import tempfile
-import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -37,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ranreg.atomic import atomic_file
+from ranreg.data.sitk_runtime import QuietITK, import_simpleitk, itk_reason
 from ranreg.errors import RanregError
 
 __all__ = [
@@ -213,108 +210,6 @@ def itk_geometry(
 
 
 # ----------------------------------------------------------------------------- reading
-def import_simpleitk(path: str | os.PathLike[str] | None = None) -> ModuleType:
-    """SimpleITK, imported on first use; a :class:`RanregError` saying how to install it."""
-    try:
-        import SimpleITK as sitk
-    except ImportError as exc:
-        where = "" if path is None else f"{path}: "
-        what = "NRRD, MetaImage and DICOM files are read and written"
-        if path is not None and Path(path).is_dir():
-            where += "is a directory; "
-            what = "DICOM series are read"
-        raise RanregError(
-            f"{where}{what} with SimpleITK, which is not installed: pip install SimpleITK"
-        ) from exc
-    return sitk
-
-
-def _reason(exc: BaseException) -> str:
-    """The useful part of a SimpleITK/ITK exception on one line, with what the C++ readers
-    printed on stderr meanwhile (MetaIO and GDCM explain failures there)."""
-    lines = []
-    for raw in [*str(exc).splitlines(), *_QuietITK.printed().splitlines()]:
-        line = raw.strip()
-        if not line or line.startswith("Exception thrown in SimpleITK"):
-            continue
-        line = re.sub(r"^(sitk::ERROR|itk::ERROR|ITK ERROR):\s*", "", line)
-        line = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", line).rstrip(":").strip()
-        # drop teem's call-chain lines ("[nrrd] nrrdRead: trouble") and ITK's "Reason: "
-        # (strerror of a stale errno, e.g. "Success")
-        if re.fullmatch(r"\[\w+\] \w+(: trouble.*)?", line) or line.startswith("Reason:"):
-            continue
-        if line and line not in lines:
-            lines.append(line)
-    if len(lines) > 3:  # the summary and the innermost cause
-        lines = [lines[0], *lines[-2:]]
-    text = "; ".join(lines) or type(exc).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
-
-
-class _QuietITK:
-    """Keep ITK's and its readers' console output (warnings on stderr, MetaIO's and GDCM's
-    messages) off the terminal while reading: ranreg reports what matters as one line.
-
-    ITK warnings are switched off, and file descriptor 2 goes to a temporary file whose
-    text :func:`_reason` adds to an error. One reader at a time (a lock), so that the
-    descriptor is always restored to what it was.
-    """
-
-    _lock = threading.RLock()
-    _active: _QuietITK | None = None
-
-    def __init__(self, sitk: ModuleType) -> None:
-        self.sitk = sitk
-        self.before = True
-        self.saved_fd: int | None = None
-        self.capture: Any = None
-
-    def __enter__(self) -> _QuietITK:
-        self._lock.acquire()
-        process = self.sitk.ProcessObject
-        self.before = bool(process.GetGlobalWarningDisplay())
-        process.SetGlobalWarningDisplay(False)
-        if hasattr(os, "pread"):
-            try:
-                sys.stderr.flush()
-                self.capture = tempfile.TemporaryFile()
-                self.saved_fd = os.dup(2)
-                os.dup2(self.capture.fileno(), 2)
-            except (OSError, ValueError, AttributeError):
-                self._restore()
-        type(self)._active = self
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            type(self)._active = None
-            self._restore()
-            self.sitk.ProcessObject.SetGlobalWarningDisplay(self.before)
-        finally:
-            self._lock.release()
-
-    def _restore(self) -> None:
-        if self.saved_fd is not None:
-            os.dup2(self.saved_fd, 2)
-            os.close(self.saved_fd)
-            self.saved_fd = None
-        if self.capture is not None:
-            self.capture.close()
-            self.capture = None
-
-    @classmethod
-    def printed(cls) -> str:
-        """What was printed on stderr so far inside the active block ('' outside one)."""
-        quiet = cls._active
-        if quiet is None or quiet.capture is None:
-            return ""
-        try:
-            fd = quiet.capture.fileno()
-            return os.pread(fd, min(os.fstat(fd).st_size, 4096), 0).decode(errors="replace")
-        except (OSError, ValueError):
-            return ""
-
-
 def read_itk_image(path: str | os.PathLike[str]) -> tuple[Path, np.ndarray, np.ndarray]:
     """Read an NRRD or MetaImage file or a DICOM series folder through SimpleITK.
 
@@ -335,7 +230,7 @@ def read_itk_image(path: str | os.PathLike[str]) -> tuple[Path, np.ndarray, np.n
             f"{p}: is one file of a DICOM series; pass the folder that holds the whole series"
         )
     sitk = import_simpleitk(p)
-    with _QuietITK(sitk):
+    with QuietITK(sitk):
         image = _read_dicom_folder(sitk, p) if p.is_dir() else _read_file(sitk, p)
     return p, *_to_array_affine(sitk, p, image)
 
@@ -351,7 +246,7 @@ def _read_file(sitk: ModuleType, p: Path) -> Any:
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise RanregError(f"{p}: cannot read as {fmt} ({_reason(exc)})") from exc
+        raise RanregError(f"{p}: cannot read as {fmt} ({itk_reason(exc)})") from exc
     _check_header(
         sitk,
         p,
@@ -363,7 +258,7 @@ def _read_file(sitk: ModuleType, p: Path) -> Any:
         return reader.Execute()
     except RuntimeError as exc:
         raise RanregError(
-            f"{p}: cannot read voxel data, file truncated or corrupt ({_reason(exc)})"
+            f"{p}: cannot read voxel data, file truncated or corrupt ({itk_reason(exc)})"
         ) from exc
 
 
@@ -411,7 +306,7 @@ def _read_dicom_folder(sitk: ModuleType, p: Path) -> Any:
         uids = list(series_reader.GetGDCMSeriesIDs(str(p)))
         series = {uid: list(series_reader.GetGDCMSeriesFileNames(str(p), uid)) for uid in uids}
     except RuntimeError as exc:
-        raise RanregError(f"{p}: cannot list DICOM series ({_reason(exc)})") from exc
+        raise RanregError(f"{p}: cannot list DICOM series ({itk_reason(exc)})") from exc
     if not series:
         hint = ""
         if any(image_suffix(f) in IMAGE_SUFFIXES for f in p.iterdir() if f.is_file()):
@@ -428,7 +323,7 @@ def _read_dicom_folder(sitk: ModuleType, p: Path) -> Any:
         image = reader.Execute()
     except RuntimeError as exc:
         raise RanregError(
-            f"{p}: cannot read DICOM series {_shown(uid)} ({len(files)} files; {_reason(exc)})"
+            f"{p}: cannot read DICOM series {_shown(uid)} ({len(files)} files; {itk_reason(exc)})"
         ) from exc
     _check_slice_positions(p, reader, image, len(files))
     return image
@@ -529,5 +424,5 @@ def write_itk_image(path: str | os.PathLike[str], array: np.ndarray, affine: np.
         try:
             writer.Execute(image)
         except RuntimeError as exc:
-            raise OSError(f"{p}: cannot write ({_reason(exc)})") from exc
+            raise OSError(f"{p}: cannot write ({itk_reason(exc)})") from exc
     return p
