@@ -14,7 +14,8 @@ from scipy import ndimage
 from ranreg import build_model
 from ranreg.checkpoint import save_model
 from ranreg.cli import main
-from ranreg.evaluate import FIELDS, wilcoxon_table
+from ranreg.evaluate import FIELDS
+from ranreg.evaluate_report import wilcoxon_table
 
 SHAPE = (24, 20, 28)
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ranreg.cli.options import add_registration_options, options_from_args
-from ranreg.evaluate import _fmt, evaluate
+from ranreg.cli.options import (
+    add_device_option,
+    add_label_options,
+    add_registration_options,
+    options_from_args,
+)
+from ranreg.evaluate import evaluate
+from ranreg.evaluate_report import _fmt
 from ranreg.refine import DEFAULT_STEPS
 
 
@@ -60,20 +66,8 @@ def add_parser(sub: Any) -> None:
         "+noaffine, +affine and +diffeo change one model's pipeline",
     )
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    p.add_argument(
-        "--labels",
-        type=int,
-        nargs="+",
-        metavar="L",
-        help="label values to score (default the paper's 9 organs)",
-    )
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument(
-        "--label-names",
-        metavar="NAME|FILE",
-        help="names of the label values: abdomen (default), totalseg, totalseg-mr or a "
-        "JSON/CSV file of id,name",
-    )
+    add_label_options(p)
+    add_device_option(p)
     add_registration_options(p, progress_flag=False)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
