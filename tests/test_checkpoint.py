@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -118,3 +119,26 @@ def test_training_state_file_keeps_nested_tensors_int_keys_and_numbers(tmp_path:
     torch.testing.assert_close(inner["exp_avg"], torch.arange(4.0))
     assert float(inner["step"]) == 3.0
     assert back["optimizer"]["param_groups"][0]["betas"] == [0.9, 0.999]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [1, 2, 3],
+        {"global_step": "7"},
+        {"global_step": -1},
+        {"global_step": 3, "stage_index": 1.5},
+        {"global_step": 3, "optimizer": {"state": {}}},
+        {"global_step": 3, "best_val": "high"},
+    ],
+)
+def test_resume_state_with_the_wrong_structure_is_one_error(tmp_path: Path, bad: object) -> None:
+    """A crafted train state (right file format, wrong structure) is refused with one
+    RanregError naming the checkpoint, before training reads it."""
+    from ranreg.checkpoint import STATE_FILE, load_checkpoint, save_checkpoint
+
+    model = build_model("RAN0", ndim=2)
+    ckpt = save_checkpoint(tmp_path / "checkpoint", model, {"global_step": 1})
+    save_file({}, str(ckpt / STATE_FILE), metadata={"layout": json.dumps(bad)})
+    with pytest.raises(RanregError, match="incomplete or unsafe training checkpoint"):
+        load_checkpoint(ckpt, model)

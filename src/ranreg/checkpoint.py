@@ -155,9 +155,27 @@ def load_checkpoint(directory: str | os.PathLike[str], model: torch.nn.Module) -
         else:
             train_state = torch.load(d / LEGACY_STATE_FILE, map_location="cpu", weights_only=True)
         restore_rng(json.loads((d / RNG_FILE).read_text()))
-    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as exc:
+        _check_train_state(train_state)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise RanregError(f"{d}: incomplete or unsafe training checkpoint ({exc})") from None
     return train_state
+
+
+def _check_train_state(state: Any) -> None:
+    """The structure :func:`ranreg.train.train` reads back, checked before it is used."""
+    if not isinstance(state, dict):
+        raise TypeError(f"train state is a {type(state).__name__}, not a mapping")
+    step = state.get("global_step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"global_step must be a non-negative integer, got {step!r}")
+    index = state.get("stage_index", 0)
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"stage_index must be a non-negative integer, got {index!r}")
+    if not isinstance(state.get("best_val", 0.0), int | float):
+        raise ValueError(f"best_val must be a number, got {state.get('best_val')!r}")
+    optimizer = state.get("optimizer", {"state": {}, "param_groups": []})
+    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer):
+        raise ValueError("optimizer state lacks 'state' or 'param_groups'")
 
 
 def _flatten(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:

@@ -275,7 +275,10 @@ class _Run:
         end, total = start + stage.steps, sum(s.steps for s in cfg.stages)
         optimizer = torch.optim.Adam(self.net.parameters(), lr=stage.lr)
         if state.get("stage_index") == index and "optimizer" in state:
-            optimizer.load_state_dict(state["optimizer"])
+            try:
+                optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+                raise RanregError(f"{self.ckpt}: optimizer state does not fit ({exc})") from None
         samples = StepSamples(cfg, index, self.train_subjects, self.rank)
         b = stage.batch_size
         sampler = range((self.step - start) * b, len(samples))
