@@ -17,6 +17,7 @@ from ranreg.cli import main
 from ranreg.data.io import Volume, load_nifti
 from ranreg.errors import RanregError
 from ranreg.infer import register_files
+from tests.helpers import write_nifti
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
@@ -47,11 +48,11 @@ def make_pair(folder: Path) -> None:
         a, b = _blob(p, (-8 + shift, 0, 0), 9.0), _blob(p, (10 + shift, 5, 2), 7.0)
         image = (20 + 80 * a + 50 * b).astype(np.float32)
         labels = ((a > 0.5) * 1 + (b > 0.5) * 2).astype(np.uint8)
-        nib.save(nib.Nifti1Image(image, affine), str(folder / f"{role}.nii.gz"))
-        nib.save(nib.Nifti1Image(labels, affine), str(folder / f"{role}_labels.nii.gz"))
+        write_nifti(folder / f"{role}.nii.gz", image, affine)
+        write_nifti(folder / f"{role}_labels.nii.gz", labels, affine)
         if role == "moving":
             dose = (0.9 * a + 0.3 * b).astype(np.float32)
-            nib.save(nib.Nifti1Image(dose, affine), str(folder / "moving_dose.nii.gz"))
+            write_nifti(folder / "moving_dose.nii.gz", dose, affine)
 
 
 def doc_blocks(language: str) -> list[str]:

@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -17,6 +16,7 @@ from ranreg.data.io import load_label_volume, load_nifti
 from ranreg.errors import RanregError
 from ranreg.infer import register_files, save_ddf
 from ranreg.transform import Grid, Transform
+from tests.helpers import write_nifti
 
 FIXED_SHAPE = (24, 20, 28)
 BLOBS = (  # centre (world mm), amplitude, sigma (mm)
@@ -69,11 +69,6 @@ def labels_at(points: np.ndarray) -> np.ndarray:
     return out
 
 
-def save(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
-    nib.save(nib.Nifti1Image(array, affine), str(path))
-    return path
-
-
 class Wavy(torch.nn.Module):
     """Oracle 'network': a fixed smooth DDF (fixed voxels) whatever the images."""
 
@@ -104,12 +99,12 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     a_o = centred_affine(rotation((1, 2, 3), 25), (1.7, 2.2, 1.9), (83, 65, 75), (-30, -2, 24.37))
     p_f, p_m, p_o = world(FIXED_SHAPE, a_f), world((46, 28, 26), a_m), world((83, 65, 75), a_o)
     files = {
-        "fixed": save(d / "fixed.nii.gz", image_at(p_f), a_f),
-        "moving": save(d / "moving.nii.gz", image_at(p_m), a_m),
-        "labels": save(d / "moving_labels.nii.gz", labels_at(p_m), a_m),
-        "oblique": save(d / "moving_oblique.nii.gz", image_at(p_o), a_o),
-        "oblique_labels": save(d / "labels_oblique.nii.gz", labels_at(p_o), a_o),
-        "dose": save(d / "dose.nii.gz", (image_at(p_m) - 10.0) / 90.0, a_m),
+        "fixed": write_nifti(d / "fixed.nii.gz", image_at(p_f), a_f),
+        "moving": write_nifti(d / "moving.nii.gz", image_at(p_m), a_m),
+        "labels": write_nifti(d / "moving_labels.nii.gz", labels_at(p_m), a_m),
+        "oblique": write_nifti(d / "moving_oblique.nii.gz", image_at(p_o), a_o),
+        "oblique_labels": write_nifti(d / "labels_oblique.nii.gz", labels_at(p_o), a_o),
+        "dose": write_nifti(d / "dose.nii.gz", (image_at(p_m) - 10.0) / 90.0, a_m),
     }
     files["result"] = d / "result"
     register_files(
@@ -202,9 +197,9 @@ def analytic(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         save_ddf(folder / "ddf.nii.gz", forward_map(p) - p, fixed.affine)
         (folder / "metrics.json").write_text(json.dumps({"fixed": "f.nii.gz", **info}))
         folders[name] = folder
-    save(d / "moving.nii.gz", np.zeros(moving.shape, np.float32), moving.affine)
+    write_nifti(d / "moving.nii.gz", np.zeros(moving.shape, np.float32), moving.affine)
     fixed_labels = (np.linalg.norm(p, axis=-1) < 20).astype(np.uint8) * 5
-    save(d / "fixed_labels.nii.gz", fixed_labels, fixed.affine)
+    write_nifti(d / "fixed_labels.nii.gz", fixed_labels, fixed.affine)
     return {"dir": d, "fixed": fixed, "moving": moving, **folders}
 
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -17,6 +16,7 @@ from scipy import ndimage
 from ranreg.cli import main
 from ranreg.errors import RanregError
 from ranreg.labelnames import label_name, load_label_names
+from tests.helpers import write_nifti
 
 
 def _volume(path: Path, seed: int, labels: bool = False) -> Path:
@@ -26,9 +26,9 @@ def _volume(path: Path, seed: int, labels: bool = False) -> Path:
         lab = np.zeros(image.shape, np.uint8)
         lab[4:10, 4:10, 4:10] = 5
         lab[11:16, 9:15, 6:12] = 63
-        nib.save(nib.Nifti1Image(lab, np.diag([3.0, 3.0, 3.0, 1.0])), path)
+        write_nifti(path, lab, np.diag([3.0, 3.0, 3.0, 1.0]))
     else:
-        nib.save(nib.Nifti1Image(image.astype(np.float32), np.diag([3.0, 3.0, 3.0, 1.0])), path)
+        write_nifti(path, image.astype(np.float32), np.diag([3.0, 3.0, 3.0, 1.0]))
     return path
 
 

@@ -16,6 +16,7 @@ from ranreg.checkpoint import save_model
 from ranreg.cli import main
 from ranreg.evaluate import FIELDS
 from ranreg.evaluate_report import wilcoxon_table
+from tests.helpers import write_nifti
 
 SHAPE = (24, 20, 28)
 
@@ -44,8 +45,8 @@ def _dataset(root: Path, shifts: tuple[int, ...] = (0, 1, 3)) -> Path:
         (root / folder).mkdir(parents=True)
     for i, shift in enumerate(shifts):
         image, label = _subject(shift)
-        nib.save(nib.Nifti1Image(image, _affine()), str(root / "images" / f"s{i}.nii.gz"))
-        nib.save(nib.Nifti1Image(label, _affine()), str(root / "labels" / f"s{i}.nii.gz"))
+        write_nifti(root / "images" / f"s{i}.nii.gz", image, _affine())
+        write_nifti(root / "labels" / f"s{i}.nii.gz", label, _affine())
     return root
 
 
@@ -76,7 +77,7 @@ def test_evaluate_identity_and_ran0(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert float(one[0]["dice"]) == pytest.approx(12 / 14)
     assert float(one[0]["hd95_mm"]) == pytest.approx(1.5)
 
-    summary = (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text(encoding="utf-8")
     for text in ("identity", "RAN0 (ran0)", "mean over organs", "Wilcoxon", "spleen"):
         assert text in summary
     assert "identity vs RAN0 (ran0) | 6 |" in summary
@@ -96,7 +97,7 @@ def test_evaluate_split_layout_default_test(tmp_path: Path) -> None:
     with (out / "results.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2  # identity only, the 2 ordered pairs of test/, one organ
-    assert "Only one model" in (out / "summary.md").read_text()
+    assert "Only one model" in (out / "summary.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("case", ["missing", "no-labels", "one-subject", "bad-image"])
@@ -165,7 +166,7 @@ def test_evaluate_refine_suffix_adds_instance_optimisation(tmp_path: Path) -> No
 
     # the pairs differ by 2 voxels (3 mm) along axis 0: optimisation alone recovers much of it
     assert mean_dice("identity+refine60") > mean_dice("identity") + 0.05
-    summary = (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text(encoding="utf-8")
     row = "| identity+refine60 | `identity` | identity | n/a | model + optimisation 60 x 2 |"
     assert row in summary
     assert "| identity | `identity` | identity | n/a | model |" in summary

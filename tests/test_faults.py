@@ -23,7 +23,7 @@ from ranreg.cli import main
 from ranreg.config import parse_config
 from ranreg.errors import RanregError
 from ranreg.train import train
-from tests.test_train import shapes_config
+from tests.helpers import shapes_config
 
 #: the filesystem operations a checkpoint or kept-state write is made of
 OPERATIONS = [

@@ -21,6 +21,7 @@ from ranreg.errors import RanregError
 from ranreg.figures import head_mask_figure
 from ranreg.infer import IdentityModel, register_files, register_volumes, resolve_model
 from ranreg.nn import LevelOutput, RegistrationOutput
+from tests.helpers import write_nifti
 
 SHAPE = (24, 20, 28)
 
@@ -50,11 +51,6 @@ def subject_arrays(seed: int = 0, shift: int = 0) -> tuple[np.ndarray, np.ndarra
     image = ndimage.gaussian_filter(image, 0.7)
     sl = (slice(shift, shift + SHAPE[0]), slice(None), slice(None))
     return image[sl].astype(np.float32), label[sl]
-
-
-def save(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
-    nib.save(nib.Nifti1Image(array, affine), str(path))
-    return path
 
 
 class ConstantShift(torch.nn.Module):
@@ -103,10 +99,10 @@ def pair(tmp_path: Path) -> dict[str, Path]:
     stored_img = np.ascontiguousarray(mov_img.transpose(1, 0, 2)[:, :, ::-1])
     stored_lab = np.ascontiguousarray(mov_lab.transpose(1, 0, 2)[:, :, ::-1])
     return {
-        "fixed": save(tmp_path / "fixed.nii.gz", fix_img, a),
-        "fixed_labels": save(tmp_path / "fixed_labels.nii.gz", fix_lab, a),
-        "moving": save(tmp_path / "moving.nii.gz", stored_img, a_m),
-        "moving_labels": save(tmp_path / "moving_labels.nii.gz", stored_lab, a_m),
+        "fixed": write_nifti(tmp_path / "fixed.nii.gz", fix_img, a),
+        "fixed_labels": write_nifti(tmp_path / "fixed_labels.nii.gz", fix_lab, a),
+        "moving": write_nifti(tmp_path / "moving.nii.gz", stored_img, a_m),
+        "moving_labels": write_nifti(tmp_path / "moving_labels.nii.gz", stored_lab, a_m),
     }
 
 
@@ -289,20 +285,20 @@ def _bad_case(case: str, pair: dict[str, Path], tmp: Path) -> tuple[list[str], s
         (tmp / "cut.nii.gz").write_bytes(raw[: len(raw) // 2])
         return ["--moving", str(tmp / "cut.nii.gz")], "cut.nii.gz"
     if case == "4d":
-        save(tmp / "four.nii.gz", np.stack([img, img], axis=-1), a)
+        write_nifti(tmp / "four.nii.gz", np.stack([img, img], axis=-1), a)
         return ["--fixed", str(tmp / "four.nii.gz")], "four.nii.gz"
     if case == "2d":
-        save(tmp / "flat.nii.gz", img[:, :, 0], np.eye(4))
+        write_nifti(tmp / "flat.nii.gz", img[:, :, 0], np.eye(4))
         return ["--moving", str(tmp / "flat.nii.gz")], "flat.nii.gz"
     if case == "nan":
         bad = img.copy()
         bad[3, 4, 5] = np.nan
-        save(tmp / "nan.nii.gz", bad, a)
+        write_nifti(tmp / "nan.nii.gz", bad, a)
         return ["--fixed", str(tmp / "nan.nii.gz")], "nan.nii.gz"
     if case == "label-shape":  # another grid, 500 mm away: nothing of it inside the image
         far = a.copy()
         far[:3, 3] += 500.0
-        save(tmp / "lab.nii.gz", np.ones((24, 20, 27), np.uint8), far)
+        write_nifti(tmp / "lab.nii.gz", np.ones((24, 20, 27), np.uint8), far)
         return ["--fixed-labels", str(tmp / "lab.nii.gz")], "lab.nii.gz"
     if case == "torch-pickle":
         torch.save(build_model("RAN0", ndim=3).state_dict(), tmp / "weights.pt")

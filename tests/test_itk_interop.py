@@ -14,6 +14,7 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from ranreg.infer import register_files
+from tests.helpers import write_nifti
 
 sitk = pytest.importorskip("SimpleITK")
 
@@ -57,8 +58,8 @@ def result(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("interop")
     a_f = oblique((2.0, 2.5, 3.0), (0.15, -0.1, 0.2), (80.0, 60.0, -40.0), flip=(-1, -1, 1))
     a_m = oblique((2.5, 2.0, 2.5), (-0.1, 0.2, 0.1), (75.0, 70.0, -45.0), flip=(-1, -1, 1))
-    nib.save(nib.Nifti1Image(body((40, 36, 30), 0), a_f), tmp / "fixed.nii.gz")
-    nib.save(nib.Nifti1Image(body((40, 44, 36), 1), a_m), tmp / "moving.nii.gz")
+    write_nifti(tmp / "fixed.nii.gz", body((40, 36, 30), 0), a_f)
+    write_nifti(tmp / "moving.nii.gz", body((40, 44, 36), 1), a_m)
     out = tmp / "out"
     register_files(
         tmp / "fixed.nii.gz", tmp / "moving.nii.gz", out, SmoothField(), affine="rigid", fast=True

@@ -22,6 +22,7 @@ from ranreg.errors import RanregError  # noqa: E402
 from ranreg.infer import model_label, resolve_model  # noqa: E402
 from ranreg.peers import ANTS_SYN, AntsSyN  # noqa: E402
 from ranreg.spatial import warp  # noqa: E402
+from tests.helpers import write_nifti
 
 SHAPE = (32, 28, 36)
 #: Centres (voxels) and sigmas of the gaussian blobs of the test image.
@@ -87,11 +88,6 @@ def test_deterministic_and_zero_without_contrast(model: AntsSyN) -> None:
         model(moving[..., :-1], fixed)
 
 
-def save(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
-    nib.save(nib.Nifti1Image(array, affine), str(path))
-    return path
-
-
 def test_register_cli_with_ants_syn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # 4 mm voxels (the network grid is the image grid) with permuted and flipped axes and an
     # origin: the DDF must come back in world mm through the affine.
@@ -102,10 +98,10 @@ def test_register_cli_with_ants_syn(tmp_path: Path, capsys: pytest.CaptureFixtur
     label = lambda a: (a > 0.5).astype(np.uint8)  # noqa: E731
     fixed_img, moving_img = blob_image(), blob_image((3.0, 0.0, -2.0))
     files = {
-        "fixed": save(tmp_path / "f.nii.gz", hu(fixed_img), affine),
-        "moving": save(tmp_path / "m.nii.gz", hu(moving_img), affine),
-        "fixed-labels": save(tmp_path / "fl.nii.gz", label(fixed_img), affine),
-        "moving-labels": save(tmp_path / "ml.nii.gz", label(moving_img), affine),
+        "fixed": write_nifti(tmp_path / "f.nii.gz", hu(fixed_img), affine),
+        "moving": write_nifti(tmp_path / "m.nii.gz", hu(moving_img), affine),
+        "fixed-labels": write_nifti(tmp_path / "fl.nii.gz", label(fixed_img), affine),
+        "moving-labels": write_nifti(tmp_path / "ml.nii.gz", label(moving_img), affine),
     }
     out = tmp_path / "out"
     args = ["register", "--model", ANTS_SYN, "--out", str(out), "--labels", "1"]

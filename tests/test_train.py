@@ -22,38 +22,9 @@ from ranreg.errors import RanregError
 from ranreg.train import train
 from ranreg.train_data import load_subjects
 from ranreg.validation import validate, validation_pairs
+from tests.helpers import shapes_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def shapes_config(steps=(3, 3), name="RAN0", size=(40, 48), **extra) -> dict:
-    cfg = {
-        "seed": 0,
-        "model": {"name": name, "ndim": 2, "heads": 4},
-        "data": {"shapes": {"size": list(size), "count": 6}, "val": 2, "organs": None},
-        "stages": [
-            {
-                "kind": "synthetic",
-                "steps": steps[0],
-                "lr": 1e-3,
-                "batch_size": 2,
-                "deformation": {"max_angle": 0.2},
-            },
-            {
-                "kind": "unsupervised",
-                "steps": steps[1],
-                "lr": 1e-3,
-                "batch_size": 2,
-                "ncc_window": 5,
-                "weights": {"dice": 0.5},
-            },
-        ],
-        "checkpoint_every": 2,
-        "val_every": 100,
-        "val_pairs": 2,
-    }
-    cfg.update(extra)
-    return cfg
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:

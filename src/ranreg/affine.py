@@ -318,7 +318,7 @@ def write_itk_affine(path: str | Path, matrix_ras: np.ndarray) -> Path:
 def read_itk_affine(path: str | Path) -> np.ndarray:
     """Read an ITK affine transform file back as a world (RAS+) 4x4 matrix."""
     fields: dict[str, list[float]] = {}
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
         key, _, rest = line.partition(":")
         if key in ("Parameters", "FixedParameters"):
             fields[key] = [float(v) for v in rest.split()]

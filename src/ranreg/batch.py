@@ -65,7 +65,7 @@ def read_pairs(path: str | os.PathLike[str]) -> list[Pair]:
     """The pairs of a CSV file, checked: columns, unique safe names, files that exist."""
     p = Path(path)
     try:
-        with p.open(newline="") as fh:
+        with p.open(newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise RanregError(f"{p}: cannot read the pairs file ({exc})") from None
@@ -116,7 +116,7 @@ def _summary_row(pair: Pair, metrics: dict[str, Any] | None, error: str | None) 
 
 def _write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
     """``summary.csv`` rewritten whole through a temporary file (never half-written)."""
-    with atomic_file(out / "summary.csv") as tmp, tmp.open("w", newline="") as fh:
+    with atomic_file(out / "summary.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(SUMMARY_FIELDS))
         writer.writeheader()
         for r in rows:
@@ -164,7 +164,7 @@ def _done_metrics(folder: Path) -> dict[str, Any] | None:
             folder.rmdir()  # an empty folder (e.g. made by hand): register into it
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         raise RanregError(
             f"{folder}: a finished pair folder with an unreadable metrics.json; remove it "

@@ -154,7 +154,7 @@ def load_checkpoint(directory: str | os.PathLike[str], model: torch.nn.Module) -
             train_state = load_state(d / STATE_FILE)
         else:
             train_state = torch.load(d / LEGACY_STATE_FILE, map_location="cpu", weights_only=True)
-        restore_rng(json.loads((d / RNG_FILE).read_text()))
+        restore_rng(json.loads((d / RNG_FILE).read_text(encoding="utf-8")))
         _check_train_state(train_state)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise RanregError(f"{d}: incomplete or unsafe training checkpoint ({exc})") from None

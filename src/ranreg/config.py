@@ -377,7 +377,7 @@ def load_config(path: str | Path) -> TrainConfig:
     if not p.is_file():
         raise RanregError(f"{p}: config file not found")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise RanregError(f"{p}: not valid YAML ({first})") from None

@@ -252,7 +252,7 @@ def _run_all(
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """``results.csv``: floats with 6 significant digits."""
-    with path.open("w", newline="") as fh:
+    with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(FIELDS))
         writer.writeheader()
         for r in rows:

@@ -20,7 +20,7 @@ __all__ = ["plot_training"]
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open() as fh:
+    with path.open(encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 

@@ -108,7 +108,7 @@ def load_label_names(spec: str | Path | None = None) -> dict[int, str]:
         known = ", ".join(BUILTIN_TABLES)
         raise RanregError(f"label names {spec}: not a file, nor a built-in table ({known})")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RanregError(f"{path}: cannot read label names ({exc})") from None
     table = _parse_json(path, text) if path.suffix.lower() == ".json" else _parse_csv(path, text)

@@ -30,9 +30,9 @@ class TrainLogs:
             return
         for path in self.paths.values():
             if path.exists():
-                rows = list(csv.DictReader(path.open()))
+                rows = list(csv.DictReader(path.open(encoding="utf-8")))
                 keep = [r for r in rows if int(r["step"]) <= step]
-                with path.open("w", newline="") as fh:
+                with path.open("w", newline="", encoding="utf-8") as fh:
                     if keep:
                         writer = csv.DictWriter(fh, fieldnames=list(keep[0]))
                         writer.writeheader()
@@ -51,18 +51,18 @@ class TrainLogs:
         new = not path.exists() or path.stat().st_size == 0
         fields = list(row)
         if not new:
-            with path.open() as fh:
+            with path.open(encoding="utf-8") as fh:
                 fields = next(csv.reader(fh))
             for key in row:
                 if key not in fields:  # a later stage logs other terms: widen the file
-                    rows = list(csv.DictReader(path.open()))
+                    rows = list(csv.DictReader(path.open(encoding="utf-8")))
                     fields = [*fields, *(k for k in row if k not in fields)]
-                    with path.open("w", newline="") as fh:
+                    with path.open("w", newline="", encoding="utf-8") as fh:
                         writer = csv.DictWriter(fh, fieldnames=fields)
                         writer.writeheader()
                         writer.writerows(rows)
                     break
-        with path.open("a", newline="") as fh:
+        with path.open("a", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields, restval="")
             if new:
                 writer.writeheader()

@@ -42,7 +42,7 @@ def machine() -> str:
     """The CPU model (and GPU, where one is used) and the torch build, for the chunk log."""
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
@@ -50,7 +50,7 @@ def machine() -> str:
         pass
     flags = ""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
         flags = ",".join(f for f in ("amx_bf16", "avx512_bf16") if f in text)
     except OSError:
         pass
@@ -62,7 +62,9 @@ def machine() -> str:
 def _step(checkpoint: Path) -> int:
     """The step a checkpoint folder reached (-1 without a readable one)."""
     try:
-        return int(json.loads((checkpoint / "model.json").read_text())["trained_steps"])
+        return int(
+            json.loads((checkpoint / "model.json").read_text(encoding="utf-8"))["trained_steps"]
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return -1
 
@@ -121,7 +123,7 @@ def export_state(out: Path, state_dir: Path, chunk: dict[str, Any]) -> Path:
 
 
 def _chunk_log(path: Path, row: dict[str, Any]) -> str:
-    rows = list(csv.DictReader(path.open())) if path.is_file() else []
+    rows = list(csv.DictReader(path.open(encoding="utf-8"))) if path.is_file() else []
     rows.append({k: str(v) for k, v in row.items()})
     fields: list[str] = []
     for r in rows:

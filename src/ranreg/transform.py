@@ -367,7 +367,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise RanregError(f"{path}: cannot read ({exc})") from None
     return data if isinstance(data, dict) else {}

@@ -20,7 +20,7 @@ from ranreg.objectives import inverse_consistency
 from ranreg.spatial import warp_labels
 from ranreg.synth import affine_ddf
 from ranreg.train import train
-from tests.test_train import shapes_config
+from tests.helpers import shapes_config
 
 
 def _labels(shape=(24, 20, 28)) -> np.ndarray:
