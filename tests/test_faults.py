@@ -185,6 +185,17 @@ def test_model_file_asking_for_ten_million_heads_is_refused_before_allocating(
     [
         ({"model": {"name": "RAN3", "ndim": 3, "heads": 100000}}, "heads: must be at most 64"),
         ({"data": {"labels": "x", "factor": 40}}, "factor: must be at most 4"),
+        (
+            {"stages": [{"kind": "synthetic", "steps": 1, "lr": 1e-4, "batch_size": 10**6}]},
+            "batch_size: must be at most 256",
+        ),
+        (
+            {
+                "model": {"name": "RAN0", "ndim": 2},
+                "data": {"shapes": {"size": [100000, 100000], "count": 8}},
+            },
+            "exceed 2e\\+08 voxels",
+        ),
     ],
 )
 def test_training_configs_with_absurd_sizes_are_refused(change: dict, message: str) -> None:

@@ -21,6 +21,10 @@ from ranreg.nn import MODEL_NAMES
 STAGE_KINDS = ("synthetic", "unsupervised")
 #: largest data.factor: x4 upsampling already turns a 2 mm CT into 0.5 mm voxels
 MAX_FACTOR = 4.0
+#: upper bounds a crafted config must not pass before anything is allocated
+MAX_BATCH = 256
+MAX_SHAPES = 10_000
+MAX_SHAPES_VOXELS = 200_000_000
 SIMILARITIES = ("ncc", "mse")
 
 
@@ -258,8 +262,14 @@ def _parse_data(source: str, raw: Any, base: Path, ndim: int) -> DataConfig:
             and all(isinstance(v, int) and v >= 8 for v in size)
         ):
             raise d.fail("shapes", f"size must be {ndim} integers >= 8, got {size!r}")
-        if not isinstance(count, int) or count < 2:
-            raise d.fail("shapes", f"count must be an integer >= 2, got {count!r}")
+        if not isinstance(count, int) or not 2 <= count <= MAX_SHAPES:
+            raise d.fail(
+                "shapes", f"count must be an integer from 2 to {MAX_SHAPES}, got {count!r}"
+            )
+        if math.prod(size) * count > MAX_SHAPES_VOXELS:
+            raise d.fail(
+                "shapes", f"{count} subjects of {size} exceed {MAX_SHAPES_VOXELS:.0e} voxels"
+            )
     elif ndim != 3:
         raise RanregError(f"{source}: model.ndim: NIfTI data are 3D; 2D needs data.shapes")
     return data
@@ -296,6 +306,8 @@ def _parse_stage(source: str, raw: Any, index: int) -> StageConfig:
         augment=s.get("augment", False, "bool"),
     )
     s.finish()
+    if stage.batch_size > MAX_BATCH:
+        raise s.fail("batch_size", f"must be at most {MAX_BATCH}, got {stage.batch_size}")
     _check_pairs(s, stage)
     if stage.steps is None:
         raise s.fail("steps", "is required")
