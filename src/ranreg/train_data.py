@@ -27,7 +27,6 @@ from ranreg.data.preprocess import preprocess_subject, select_labels
 from ranreg.data.shapes import shapes_subjects
 from ranreg.data.synth_images import synthesize_dataset
 from ranreg.errors import RanregError
-from ranreg.spatial import warp_labels
 from ranreg.synth import random_ddf
 
 __all__ = ["StepSamples", "SubjectData", "load_subjects"]
@@ -197,9 +196,10 @@ class StepSamples(Dataset):
                 rng,
                 self.recipe,
             )
-            if s.label is not None and tissue is not None:  # Dice and losses see the organs
-                pair["moving_label"] = np.ascontiguousarray(s.label[sl])
-                pair["fixed_label"] = _warped_labels(pair["moving_label"], pair["ddf_true"])
+            if "moving_label" in pair:  # Dice and losses see the organs only; selecting
+                # after the nearest-neighbour warp equals warping the selected map
+                for key in ("moving_label", "fixed_label"):
+                    pair[key] = select_labels(pair[key], self.cfg.data.organs)
             self._cache = (key, pair)
         pair = self._cache[1]
         if self.stage.swap and slot % 2:
@@ -213,11 +213,6 @@ class StepSamples(Dataset):
 
 def _uses_pairs(stage: StageConfig) -> bool:
     return bool(stage.pairs) or stage.swap or stage.augment
-
-
-def _warped_labels(labels: np.ndarray, ddf: np.ndarray) -> np.ndarray:
-    lab = torch.from_numpy(labels)[None, None]
-    return warp_labels(lab, torch.from_numpy(ddf)[None])[0, 0].numpy()
 
 
 def _tensors(pair: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

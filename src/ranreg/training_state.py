@@ -42,18 +42,14 @@ def machine() -> str:
     """The CPU model (and GPU, where one is used) and the torch build, for the chunk log."""
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = ""
-    try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-        flags = ",".join(f for f in ("amx_bf16", "avx512_bf16") if f in text)
     except OSError:
-        pass
+        text = ""
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    flags = ",".join(f for f in ("amx_bf16", "avx512_bf16") if f in text)
     gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     cores = os.cpu_count()
     return f"{cpu} ({flags or 'no bf16 units'}, {cores} cores){gpu}, torch {torch.__version__}"
