@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -321,3 +322,41 @@ def test_an_earlier_run_is_never_overwritten_by_accident(tmp_path: Path) -> None
     (tmp_path / "file").write_text("x")
     with pytest.raises(RanregError, match="not a directory"):
         train(cfg, tmp_path / "file", progress=False)
+
+
+def test_select_epe_keeps_the_model_of_the_lowest_real_scan_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``select: epe`` keeps the lowest end-point error (not the highest Dice); a run whose
+    selection changes starts its best afresh instead of comparing Dice with millimetres."""
+    import ranreg.train as train_module
+
+    errors = iter([9.0, 7.0, 8.0, 5.0, 6.0, 4.0, 4.5])
+    dice = iter([0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6])
+
+    def fake_measure(self, row):
+        return {**row, "dice": next(dice), "epe_mm": next(errors)}
+
+    monkeypatch.setattr(train_module._Run, "measure", fake_measure)
+    raw = shapes_config(steps=(2, 2), val_every=1)
+    out = tmp_path / "r"
+    train(parse_config(raw), out, max_steps=2, progress=False)  # steps 0-2 by Dice
+    assert load_model(out / "model-best").config["trained_steps"] == 0
+    with pytest.raises(RanregError, match="val_scans"):
+        parse_config({**raw, "select": "epe"})
+    with pytest.raises(RanregError, match="dice or epe"):
+        parse_config({**raw, "select": "loss"})
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(b"")  # never read: measure is replaced
+    cfg = parse_config({**raw, "select": "epe", "data": {**raw["data"], "val_scans": [str(scan)]}})
+    monkeypatch.setattr(train_module._Run, "prepare_validation", _no_scan_cases)
+    train(cfg, out, resume=True, progress=False)  # steps 3-4: errors 5.0, 6.0
+    best = load_model(out / "model-best").config
+    assert best["trained_steps"] == 3 and best["val_epe_mm"] == 5.0
+    rows = list(csv.DictReader((out / "val_log.csv").open()))
+    assert [float(r["epe_mm"]) for r in rows] == [9.0, 7.0, 8.0, 5.0, 6.0]
+
+
+def _no_scan_cases(self) -> None:
+    self.vpairs = validation_pairs(self.val_subjects, self.cfg.val_pairs)
+    self.cases = []

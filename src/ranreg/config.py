@@ -103,6 +103,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     val_every: int = 100
     val_pairs: int = 6
+    # which validation score keeps model-best: "dice" (inter-subject, higher is better) or
+    # "epe" (real-scan end-point error under known fields, lower is better; needs val_scans)
+    select: str = "dice"
     source: str = "<dict>"
 
     def to_dict(self) -> dict[str, Any]:
@@ -346,9 +349,14 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: Path | None = None)
         checkpoint_every=top.get("checkpoint_every", 100, "int", positive=True),
         val_every=top.get("val_every", 100, "int", positive=True),
         val_pairs=top.get("val_pairs", 6, "int"),
+        select=top.get("select", "dice", "str"),
         source=source,
     )
     top.finish()
+    if cfg.select not in ("dice", "epe"):
+        raise top.fail("select", f"must be dice or epe, not {cfg.select!r}")
+    if cfg.select == "epe" and not data.val_scans:
+        raise top.fail("select", "epe needs data.val_scans (the scans it is measured on)")
     return cfg
 
 

@@ -169,7 +169,9 @@ class _Run:
             self.step = int(state["global_step"])
         elif cfg.init is not None:
             init_weights(self.model, cfg.init)
-        self.best_val = float(state.get("best_val", -math.inf))
+        # a best score of another metric (the run's selection changed) is not comparable
+        same = state.get("best_metric", "dice") == cfg.select
+        self.best_val = float(state.get("best_val", -math.inf)) if same else -math.inf
         self.net: torch.nn.Module = self.model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -216,12 +218,18 @@ class _Run:
         if self.cases:  # no registration: the error is the true field itself
             row["epe_mm_identity"] = float(np.mean([c.identity_error() for c in self.cases]))
         self.logs.write("val", row)
-        self.best_val = row["dice"]
-        self.save_best(0, self.best_val)
+        self.keep_if_best(row)
 
-    def save_best(self, step: int, val_dice: float) -> None:
-        """Keep the model of the best validation Dice so far in ``out/model-best``."""
-        extra = {"trained_steps": step, "val_dice": val_dice, **self.provenance()}
+    def keep_if_best(self, row: dict[str, Any]) -> None:
+        """Keep the model in ``out/model-best`` when the validation row beats the best so
+        far by the run's ``select`` metric (Dice up, or real-scan end-point error down)."""
+        score = -row["epe_mm"] if self.cfg.select == "epe" else row["dice"]
+        if not score > self.best_val:  # NaN never wins
+            return
+        self.best_val = score
+        extra = {"trained_steps": row["step"], "val_dice": row["dice"], **self.provenance()}
+        if "epe_mm" in row:
+            extra["val_epe_mm"] = row["epe_mm"]
         save_model(self.model, self.out / BEST_DIR, extra=extra)
 
     # ---- steps
@@ -263,6 +271,7 @@ class _Run:
                 "stage_index": stage_index,
                 "optimizer": optimizer.state_dict(),
                 "best_val": self.best_val,
+                "best_metric": self.cfg.select,
             }
             extra = {"trained_steps": self.step, **self.provenance()}
             save_checkpoint(self.ckpt, self.model, train_state, extra=extra)
@@ -289,10 +298,7 @@ class _Run:
             self.bar.update(1)
             self.bar.set_postfix(stage=stage.name, loss=f"{self.last_loss:.4f}")
             if self.main and self.vpairs and (self.step % cfg.val_every == 0 or self.step == total):
-                val_dice = self.logs.write("val", self.measure({"step": self.step}))["dice"]
-                if val_dice > self.best_val:
-                    self.best_val = val_dice
-                    self.save_best(self.step, val_dice)
+                self.keep_if_best(self.logs.write("val", self.measure({"step": self.step})))
             out_of_budget = budget()
             if self.step % cfg.checkpoint_every == 0 or self.step == end or out_of_budget:
                 self.checkpoint(index, optimizer)
@@ -340,7 +346,9 @@ class _Run:
             "wall_s": round(time.monotonic() - started[1], 1),
             "s_per_step": round((time.monotonic() - self.started) / n, 3),
             "last_loss": round(self.last_loss, 5),
-            "best_val_dice": round(self.best_val, 4),
+            # the best validation score: Dice, or minus the end-point error in mm
+            "best_val": round(self.best_val, 4),
+            "best_metric": self.cfg.select,
             "bf16": self.bf16,
             "machine": machine(),
             "command": command,
