@@ -88,10 +88,13 @@ def make_pair(
     spacing: tuple[float, ...],
     rng: np.random.Generator,
     recipe: PairRecipe,
+    tissues: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """One pair: ``moving``, ``fixed`` (float32 (*S), [0, 1]), ``ddf_true`` (d, *S) and,
     with labels, ``moving_label``/``fixed_label`` (int64, the fixed one warped exactly as
-    the image: nearest neighbour)."""
+    the image: nearest neighbour). ``tissues``: the tissue map that random-contrast pairs
+    are painted from (default: a fresh :func:`~ranreg.data.contrast.tissue_map` of the
+    labels, which needs 3D; 2D slices pass a slice of a 3D map)."""
     shape = tuple(image.shape)
     ddf_np = _draw_field(shape, labels, rng, recipe)
     ddf = torch.from_numpy(ddf_np)[None]
@@ -99,7 +102,8 @@ def make_pair(
     out: dict[str, np.ndarray] = {"ddf_true": ddf_np}
     if style == "random":
         assert labels is not None
-        tissues = tissue_map(labels, spacing, rng)
+        if tissues is None:
+            tissues = tissue_map(labels, spacing, rng)
         seeds = rng.integers(2**62, size=2)
         if rng.random() < recipe.same_contrast:
             seeds[1] = seeds[0]

@@ -1,0 +1,289 @@
+"""The paper's claims at a scale that converges on a CPU: every variant trained in 2D.
+
+    python benchmarks/study_2d.py --time-limit 60      # a chunk of the full study; rerun
+    python benchmarks/study_2d.py --report             # evaluate what is trained, write it
+    python benchmarks/study_2d.py --quick              # < 10 min: 2 networks, 40 steps
+
+Data: axial and coronal planes of the shared abdomen subjects at 4 mm with known fields,
+sliding organ groups and smooth warps (benchmarks/study_2d_data.py). Every network (RAN0,
+RAN3, RAN4, RAN4+, RAN4+ without RA modules, the voxelmorph package's U-Net) trains with
+one recipe: :data:`STEPS` Adam steps (learning rate :data:`LR`) of :data:`BATCH` pairs,
+loss = MSE to the true field (the paper's Eq. 11) + :data:`W_SMOOTH` |grad u|^2, float32,
+one CPU thread per run, :data:`SEEDS` seeds each (three for RAN4+ and its ablation). Every
+:data:`VAL_EVERY` steps the validation planes (subjects 0025, 0026) are registered; the
+model of the lowest validation end-point error is the one tested. A run keeps its state
+(weights, Adam, step, validation log, chunk log) in ``--state``/NAME (a few MB), so the
+study continues on another machine from the committed state; batches depend only on
+(seed, step), so a resumed run is the uninterrupted run.
+
+Test: the planes of subjects 0027-0030 (one sliding and one smooth field each), every
+trained network next to ANTs SyN (2D, default settings) and no registration: per-organ
+Dice, end-point error in the body and within 2 pixels of the sliding boundaries, folding,
+SD log J; paired Wilcoxon tests over the test pairs; the motion separability of each
+trained network against its Theorem-1 bound. Writes docs/results/study-2d.md (+ .json,
+figures) with the command, date and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import ROOT, machine
+
+HERE = Path(__file__).resolve()
+#: network -> seeds; the comparison that matters most (RA modules or not) gets three
+SEEDS: dict[str, tuple[int, ...]] = {
+    "RAN4+": (0, 1, 2),
+    "RAN4+-noRA": (0, 1, 2),
+    "RAN4": (0,),
+    "RAN3": (0,),
+    "RAN0": (0,),
+    "VoxelMorph-pkg": (0,),
+}
+#: rough seconds per step on one thread (AMD EPYC, 2 cores busy): the order runs start in
+COST = {"RAN4+": 2.4, "RAN4": 2.3, "RAN4+-noRA": 2.1, "RAN3": 0.9, "RAN0": 0.5}
+STEPS, BATCH, LR, W_SMOOTH, VAL_EVERY = 2500, 4, 1e-3, 0.1, 250
+#: the learning rate drops tenfold for the last fifth of the steps (a fixed-budget schedule)
+DECAY_AT = 0.8
+VAL_SEED, TEST_SEED = 1, 2
+QUICK = {"models": ("RAN3", "VoxelMorph-pkg"), "steps": 40, "val_every": 20, "test_pairs": 8}
+
+
+def run_name(model: str, seed: int) -> str:
+    return f"{model}-s{seed}"
+
+
+def build(model: str, seed: int) -> Any:
+    import torch
+
+    from ranreg.nn import build_model
+
+    torch.manual_seed(seed)
+    options = {"heads": 6} if model.startswith("RAN") else {}
+    return build_model(model, ndim=2, **options).to(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- one run
+def predict(net: Any, pairs: list[dict[str, Any]], chunk: int = 8) -> list[np.ndarray]:
+    """The network's field for every pair (batched by plane shape)."""
+    import torch
+
+    net.eval()
+    out: dict[int, np.ndarray] = {}
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(pairs):
+        by_shape.setdefault(p["moving"].shape, []).append(i)
+    with torch.no_grad():
+        for idx in by_shape.values():
+            for k in range(0, len(idx), chunk):
+                part = idx[k : k + chunk]
+                m = torch.from_numpy(np.stack([pairs[i]["moving"] for i in part]))[:, None]
+                f = torch.from_numpy(np.stack([pairs[i]["fixed"] for i in part]))[:, None]
+                for i, d in zip(part, net(m, f).float().numpy(), strict=True):
+                    out[i] = d
+    net.train()
+    return [out[i] for i in range(len(pairs))]
+
+
+def _validate(net: Any, pairs: list[dict[str, Any]]) -> dict[str, float]:
+    from study_2d_data import score
+
+    rows = [score(p, d) for p, d in zip(pairs, predict(net, pairs), strict=True)]
+    return {
+        k: float(np.nanmean([r.get(k, math.nan) for r in rows]))
+        for k in ("epe_mm", "epe_boundary_mm", "dice")
+    }
+
+
+def _append_csv(path: Path, row: dict[str, Any], keep_below: int | None = None) -> None:
+    """Add ``row``; with ``keep_below``, rows of steps at or past it (written after the
+    last checkpoint of a killed chunk) are dropped first."""
+    rows = list(csv.DictReader(path.open(encoding="utf-8"))) if path.is_file() else []
+    if keep_below is not None:
+        rows = [r for r in rows if int(r["step"]) < keep_below]
+    rows.append({k: str(v) for k, v in row.items()})
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def train_run(
+    model: str, seed: int, run: Path, cache: Path, steps: int, val_every: int, minutes: float
+) -> int:
+    """Train (or continue) one network until ``steps`` or ``minutes``; returns the step."""
+    import torch
+    from study_2d_data import known_pairs, load_split, training_batch
+
+    from ranreg.checkpoint import load_checkpoint, save_checkpoint, save_model
+    from ranreg.losses import gradient_l2, mse_loss
+
+    torch.set_num_threads(1)
+    train, val = load_split("train", cache), known_pairs(load_split("val", cache), VAL_SEED)
+    net = build(model, seed)
+    opt = torch.optim.Adam(net.parameters(), lr=LR)
+    ckpt, step, best = run / "checkpoint", 0, math.inf
+    run.mkdir(parents=True, exist_ok=True)
+    if ckpt.is_dir():
+        state = load_checkpoint(ckpt, net)
+        opt.load_state_dict(state["optimizer"])
+        step, best = int(state["global_step"]), float(state["best_epe_mm"])
+    first, started, losses = step, time.monotonic(), []
+    log = run / "val_log.csv"
+
+    def checkpoint() -> None:
+        state = {
+            "global_step": step,
+            "stage_index": 0,
+            "optimizer": opt.state_dict(),
+            "best_val": -best,
+            "best_epe_mm": best,
+        }
+        save_checkpoint(ckpt, net, state, extra={"trained_steps": step, "seed": seed})
+
+    def validate() -> None:
+        nonlocal best
+        row = {"step": step, "train_loss": float(np.mean(losses)) if losses else math.nan}
+        row |= _validate(net, val)
+        _append_csv(log, row, keep_below=step if step == first else None)
+        losses.clear()
+        if row["epe_mm"] < best:
+            best = row["epe_mm"]
+            save_model(net, run / "model-best", extra={"trained_steps": step, **row})
+
+    if step == 0:
+        validate()
+    while step < steps and time.monotonic() - started < 60 * minutes:
+        for group in opt.param_groups:
+            group["lr"] = LR if step < DECAY_AT * steps else LR / 10
+        batch = training_batch(train, seed, step, BATCH)
+        ddf = net(batch["moving"], batch["fixed"]).float()
+        loss = mse_loss(ddf, batch["ddf_true"]) + W_SMOOTH * gradient_l2(ddf)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        losses.append(float(loss.detach()))
+        if step % val_every == 0 or step == steps:
+            validate()
+            checkpoint()
+    if step > first:
+        checkpoint()
+        per_step = (time.monotonic() - started) / (step - first)
+        chunk = {
+            "first_step": first + 1,
+            "last_step": step,
+            "s_per_step": round(per_step, 3),
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": machine(),
+        }
+        _append_csv(run / "chunks.csv", {"step": step, **chunk})
+    return step
+
+
+# ----------------------------------------------------------------------------- all runs
+def runs_of(models: tuple[str, ...]) -> list[tuple[str, int]]:
+    """Every network's first seed before any second one (a complete one-seed comparison
+    comes first), the longest runs first within a seed."""
+    out = [(m, s) for m in models for s in SEEDS[m]]
+    return sorted(out, key=lambda r: (r[1], -COST.get(r[0], 0.1)))
+
+
+def trained_steps(run: Path) -> int:
+    rows = (
+        list(csv.DictReader((run / "chunks.csv").open())) if (run / "chunks.csv").is_file() else []
+    )
+    return int(rows[-1]["last_step"]) if rows else 0
+
+
+def train_all(args: argparse.Namespace, runs: list[tuple[str, int]]) -> None:
+    """The unfinished runs, ``--jobs`` at a time, each a process on one thread, until
+    ``--time-limit`` minutes from now."""
+    deadline = time.monotonic() + 60 * args.time_limit
+    queue = [r for r in runs if trained_steps(args.state / run_name(*r)) < args.steps]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    active: list[subprocess.Popen] = []
+    while queue or active:
+        active = [p for p in active if p.poll() is None]
+        left = (deadline - time.monotonic()) / 60
+        while queue and len(active) < args.jobs and left > 1:
+            model, seed = queue.pop(0)
+            cmd = [
+                sys.executable,
+                str(HERE),
+                "--worker",
+                model,
+                str(seed),
+                "--steps",
+                str(args.steps),
+                "--val-every",
+                str(args.val_every),
+                "--state",
+                str(args.state),
+                "--work",
+                str(args.work),
+                "--time-limit",
+                f"{left:.2f}",
+            ]
+            print(f"training {run_name(model, seed)} ({left:.0f} min left)", flush=True)
+            active.append(subprocess.Popen(cmd, env=env))
+        if not queue and not active:
+            break
+        time.sleep(2)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--state", type=Path, default=ROOT / "training-state" / "study-2d")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "study-2d")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "study-2d.md")
+    p.add_argument("--time-limit", type=float, default=60.0, help="minutes of training")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained at once")
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--val-every", type=int, default=VAL_EVERY)
+    p.add_argument("--models", nargs="+", default=list(SEEDS), choices=list(SEEDS))
+    p.add_argument("--report", action="store_true", help="evaluate and write, no training")
+    p.add_argument("--quick", action="store_true", help="2 networks, 40 steps, 8 test pairs")
+    p.add_argument("--worker", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    sys.path.insert(0, str(HERE.parent))
+    cache = args.work / "data"
+    if args.worker:
+        model, seed = args.worker[0], int(args.worker[1])
+        run = args.state / run_name(model, seed)
+        train_run(model, seed, run, cache, args.steps, args.val_every, args.time_limit)
+        return 0
+    if args.quick:
+        args.state, args.out = args.work / "quick", args.out.with_name("study-2d-quick.md")
+        args.models, args.steps, args.val_every = (
+            QUICK["models"],
+            QUICK["steps"],
+            QUICK["val_every"],
+        )
+    from study_2d_data import load_split
+
+    for split in ("train", "val", "test"):
+        load_split(split, cache)  # painted and cut once, before the workers read them
+    runs = runs_of(tuple(args.models))
+    if not args.report:
+        train_all(args, runs)
+    from study_2d_report import report
+
+    report(args, runs, cache, QUICK["test_pairs"] if args.quick else None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,330 @@
+"""Evaluation and report of the 2D study (benchmarks/study_2d.py): test scores of every
+trained network, ANTs SyN and no registration; paired tests; separability; figures."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import provenance
+
+#: metrics of the tables: (key, heading, lower is better)
+METRICS = (
+    ("dice", "mean Dice", False),
+    ("epe_mm", "EPE (mm)", True),
+    ("epe_boundary_mm", "EPE near sliding boundary (mm)", True),
+    ("folding_percent", "folding %", True),
+    ("sd_log_jacobian", "SD log J", True),
+)
+#: the paper's claims as paired comparisons: (better?, than, metric)
+CLAIMS = (
+    ("RAN4+", "RAN4+-noRA", "epe_boundary_mm"),
+    ("RAN4+", "RAN4+-noRA", "dice"),
+    ("RAN4+", "RAN4", "dice"),
+    ("RAN4", "RAN3", "dice"),
+    ("RAN3", "RAN0", "dice"),
+    ("RAN4+", "RAN4", "epe_boundary_mm"),
+    ("RAN4", "RAN3", "epe_boundary_mm"),
+    ("RAN3", "RAN0", "epe_boundary_mm"),
+    ("RAN4+", "VoxelMorph-pkg", "epe_boundary_mm"),
+    ("RAN4+", "VoxelMorph-pkg", "dice"),
+    ("RAN4+", "ants-syn", "epe_boundary_mm"),
+    ("RAN4+", "ants-syn", "dice"),
+)
+ORGAN_NAMES = {
+    1: "spleen",
+    2: "r kidney",
+    3: "l kidney",
+    5: "esophagus",
+    6: "liver",
+    8: "aorta",
+    9: "IVC",
+    10: "portal/splenic v",
+    11: "pancreas",
+}
+
+
+def _test_pairs(cache: Path, limit: int | None) -> list[dict[str, Any]]:
+    from study_2d import TEST_SEED
+    from study_2d_data import known_pairs, load_split
+
+    pairs = known_pairs(load_split("test", cache), TEST_SEED)
+    if limit is not None:  # spread over subjects; pairs alternate sliding, smooth
+        step = max(len(pairs) // limit, 1) & ~1
+        pairs = [pairs[i * step + i % 2] for i in range(min(limit, len(pairs) // max(step, 1)))]
+    return pairs
+
+
+def _syn_fields(pairs: list[dict[str, Any]], work: Path) -> list[np.ndarray]:
+    """ANTs SyN's fields, computed once per pair and kept in ``work/syn``."""
+    from ranreg.peers import AntsSyN
+
+    folder = work / "syn"
+    folder.mkdir(parents=True, exist_ok=True)
+    syn, out = None, []
+    for p in pairs:
+        file = folder / f"{p['name']}.npy"
+        if not file.is_file():
+            syn = syn or AntsSyN()
+            np.save(file, syn.register_arrays(p["moving"], p["fixed"]))
+        out.append(np.load(file))
+    return out
+
+
+def evaluate(
+    args: argparse.Namespace, runs: list[tuple[str, int]], cache: Path, limit: int | None
+) -> dict[str, Any]:
+    """Per-pair scores: ``{method: {seed: [row per pair]}}`` and the runs' progress."""
+    from study_2d import predict, run_name, trained_steps
+    from study_2d_data import score
+
+    from ranreg.checkpoint import load_model
+
+    pairs = _test_pairs(cache, limit)
+    zero = [np.zeros_like(p["ddf"]) for p in pairs]
+    scores: dict[str, dict[int, list[dict[str, float]]]] = {
+        "identity": {0: [score(p, d) for p, d in zip(pairs, zero, strict=True)]},
+        "ants-syn": {
+            0: [score(p, d) for p, d in zip(pairs, _syn_fields(pairs, args.work), strict=True)]
+        },
+    }
+    progress = []
+    for model, seed in runs:
+        run = args.state / run_name(model, seed)
+        if not (run / "model-best").is_dir():
+            continue
+        net = load_model(run / "model-best")
+        fields = predict(net, pairs)
+        scores.setdefault(model, {})[seed] = [
+            score(p, d) for p, d in zip(pairs, fields, strict=True)
+        ]
+        val = list(csv.DictReader((run / "val_log.csv").open()))
+        progress.append(
+            {
+                "run": run_name(model, seed),
+                "steps": trained_steps(run),
+                "best_step": net.config["trained_steps"],
+                "val": [
+                    (int(r["step"]), float(r["epe_mm"]), float(r["epe_boundary_mm"])) for r in val
+                ],
+            }
+        )
+    return {
+        "pairs": [p["name"] for p in pairs],
+        "kinds": [p["kind"] for p in pairs],
+        "scores": scores,
+        "progress": progress,
+    }
+
+
+def _per_pair(seeds: dict[int, list[dict[str, float]]], key: str) -> np.ndarray:
+    """One value per test pair, the mean over seeds."""
+    values = np.array([[r.get(key, math.nan) for r in rows] for rows in seeds.values()])
+    if not values.size:
+        return values
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # organs absent from a plane
+        return np.nanmean(values, axis=0)
+
+
+def _cell(seeds: dict[int, list[dict[str, float]]], key: str) -> str:
+    means = [np.nanmean([r.get(key, math.nan) for r in rows]) for rows in seeds.values()]
+    if not np.isfinite(means).any():
+        return "–"
+    text = f"{np.nanmean(means):.3f}" if key != "folding_percent" else f"{np.nanmean(means):.2f}"
+    return text + (f" ± {np.std(means):.3f}" if len(means) > 1 else "")
+
+
+def results_table(scores: dict[str, Any]) -> list[str]:
+    head = "| method | seeds | " + " | ".join(h for _, h, _ in METRICS) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(METRICS)]
+    for method, seeds in scores.items():
+        cells = " | ".join(_cell(seeds, k) for k, _, _ in METRICS)
+        lines.append(f"| {method} | {len(seeds)} | {cells} |")
+    return lines
+
+
+def claims_table(scores: dict[str, Any]) -> list[str]:
+    """Paired Wilcoxon signed-rank tests over the test pairs (seed means per pair)."""
+    from scipy.stats import wilcoxon
+
+    lines = [
+        "| claim | metric | mean difference | pairs | Wilcoxon p | holds (p < 0.05) |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    lower = {k: low for k, _, low in METRICS}
+    for better, worse, key in CLAIMS:
+        if better not in scores or worse not in scores:
+            continue
+        a, b = _per_pair(scores[better], key), _per_pair(scores[worse], key)
+        ok = np.isfinite(a) & np.isfinite(b)
+        diff = a[ok] - b[ok]
+        p = wilcoxon(diff).pvalue if ok.sum() > 1 and np.any(diff != 0) else 1.0
+        wins = diff.mean() < 0 if lower[key] else diff.mean() > 0
+        verdict = "yes" if wins and p < 0.05 else ("no: the reverse" if p < 0.05 else "no: n.s.")
+        lines.append(
+            f"| {better} better than {worse} | {key} | {diff.mean():+.3f} | "
+            f"{ok.sum()} | {p:.2g} | {verdict} |"
+        )
+    return lines
+
+
+def organ_table(scores: dict[str, Any]) -> list[str]:
+    organs = list(ORGAN_NAMES)
+    lines = [
+        "| method | " + " | ".join(ORGAN_NAMES.values()) + " |",
+        "|---|" + "---:|" * len(organs),
+    ]
+    for method, seeds in scores.items():
+        values = [_per_pair(seeds, f"dice_{o}") for o in organs]
+        cells = [f"{np.nanmean(v):.3f}" if np.isfinite(v).any() else "–" for v in values]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _figures(result: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = result["scores"]
+    methods = list(scores)
+    fig, ax = plt.subplots(figsize=(14, 4.5))
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        data = [
+            v[np.isfinite(v)] for v in (_per_pair(scores[method], f"dice_{o}") for o in ORGAN_NAMES)
+        ]
+        pos = np.arange(len(ORGAN_NAMES)) + (j - (len(methods) - 1) / 2) * width
+        box = ax.boxplot(
+            data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=False
+        )
+        for patch in box["boxes"]:
+            patch.set_facecolor(plt.cm.tab10(j % 10))
+        ax.plot([], [], "s", color=plt.cm.tab10(j % 10), label=method)
+    ax.set_xticks(np.arange(len(ORGAN_NAMES)), list(ORGAN_NAMES.values()))
+    ax.set_ylabel("Dice (test pairs)")
+    ax.legend(ncol=len(methods), fontsize=8, loc="lower center")
+    fig.tight_layout()
+    dice_png = out.with_name(out.stem + "-dice.png")
+    fig.savefig(dice_png, dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for run in result["progress"]:
+        steps, epe, boundary = zip(*run["val"], strict=True)
+        line = axes[0].plot(steps, epe, label=run["run"])[0]
+        axes[1].plot(steps, boundary, color=line.get_color())
+    for ax, title in zip(
+        axes, ("validation EPE (mm)", "validation EPE near boundary (mm)"), strict=True
+    ):
+        ax.set_xlabel("step")
+        ax.set_title(title)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    curve_png = out.with_name(out.stem + "-curves.png")
+    fig.savefig(curve_png, dpi=110)
+    plt.close(fig)
+    return [f"![per-organ Dice]({dice_png.name})", "", f"![learning curves]({curve_png.name})"]
+
+
+def _separability(args: argparse.Namespace, result: dict[str, Any], out: Path) -> list[str]:
+    from ranreg.separability_report import format_separability, plot_separability, run_separability
+
+    checkpoints = [
+        (r["run"], str(args.state / r["run"] / "model-best")) for r in result["progress"]
+    ]
+    if not checkpoints:
+        return []
+    distances = [1, 2, 4, 8, 16, 32]
+    sep = run_separability([], checkpoints, 2, [96, 96], distances)
+    png = out.with_name(out.stem + "-separability.png")
+    plot_separability(
+        {r["name"]: (distances, r["empirical"], r["bound"]) for r in sep["models"]},
+        png,
+        title="2D study: motion separability vs Theorem 1",
+        reference=sep["true_jump"],
+    )
+    result["separability"] = sep
+    return ["```text", format_separability(sep), "```", "", f"![separability]({png.name})"]
+
+
+def _progress_table(result: dict[str, Any]) -> list[str]:
+    lines = [
+        "| run | steps trained | model tested (step) | val EPE at the last three "
+        "validations (mm) |",
+        "|---|---:|---:|---|",
+    ]
+    for r in result["progress"]:
+        last = ", ".join(f"{e:.2f}" for _, e, _ in r["val"][-3:])
+        lines.append(f"| {r['run']} | {r['steps']} | {r['best_step']} | {last} |")
+    return lines
+
+
+def report(
+    args: argparse.Namespace, runs: list[tuple[str, int]], cache: Path, limit: int | None
+) -> None:
+    from study_2d import BATCH, DECAY_AT, LR, W_SMOOTH
+
+    result = evaluate(args, runs, cache, limit)
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sliding = sum(k == "sliding" for k in result["kinds"])
+    lines = [
+        "# 2D study: every variant on sliding motion (issue 14)",
+        "",
+        *provenance(),
+        "",
+        f"Recipe: {args.steps} steps planned per run, batch {BATCH}, Adam lr {LR} (a tenth "
+        f"from {DECAY_AT:.0%} of the steps), loss MSE "
+        f"to the true field + {W_SMOOTH} |grad u|^2, float32, one thread per run; the model "
+        "of the lowest validation EPE is tested. Test: "
+        f"{len(result['pairs'])} pairs of subjects 0027-0030 ({sliding} sliding, "
+        f"{len(result['pairs']) - sliding} smooth), 4 mm planes. Multi-seed networks: mean "
+        "± SD over seeds of the mean over pairs.",
+        "",
+        "## Training",
+        "",
+        *_progress_table(result),
+        "",
+        "## Test scores",
+        "",
+        *results_table(result["scores"]),
+        "",
+        "## Per-organ Dice (test, mean over pairs and seeds)",
+        "",
+        *organ_table(result["scores"]),
+        "",
+        "## The paper's claims, paired over test pairs",
+        "",
+        *claims_table(result["scores"]),
+        "",
+        "## Motion separability of the trained networks",
+        "",
+        *_separability(args, result, out),
+        "",
+        "## Figures",
+        "",
+        *_figures(result, out),
+        "",
+    ]
+    out.write_text("\n".join(lines), encoding="utf-8")
+    out.with_suffix(".json").write_text(
+        json.dumps(result, indent=1, default=_json) + "\n", encoding="utf-8"
+    )
+    print("\n".join(lines))
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(type(value).__name__)
