@@ -92,22 +92,33 @@ def subject_volumes(name: str) -> dict[str, np.ndarray]:
 def load_split(split: str, cache: Path) -> list[Any]:
     """The planes of one split (:class:`ranreg.data.slices.Slice`), cut once into
     ``cache/<split>.npz`` and read from there afterwards."""
-    from ranreg.data.slices import Slice, subject_slices
+    from ranreg.data.slices import subject_slices
 
     file = cache / f"{split}.npz"
     if not file.is_file():
         slices = []
         for name in split_subjects()[split]:
             slices += subject_slices(name, subject_volumes(name), COUNTS[split])
-        arrays = {
-            f"{i}|{s.subject}|{s.orientation}|{s.index}|{k}": v
-            for i, s in enumerate(slices)
-            for k, v in s.arrays.items()
-        }
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(file)
+        write_split(file, slices)
+    return read_split(file)
+
+
+def write_split(file: Path, slices: list[Any]) -> None:
+    """Planes in one ``.npz`` (keys ``i|subject|orientation|index|array``), atomically."""
+    arrays = {
+        f"{i}|{s.subject}|{s.orientation}|{s.index}|{k}": v
+        for i, s in enumerate(slices)
+        for k, v in s.arrays.items()
+    }
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(file)
+
+
+def read_split(file: Path) -> list[Any]:
+    from ranreg.data.slices import Slice
+
     grouped: dict[tuple[str, str, str, str], dict[str, np.ndarray]] = {}
     with np.load(file) as data:
         for key in data.files:

@@ -134,7 +134,10 @@ def _per_pair(seeds: dict[int, list[dict[str, float]]], key: str) -> np.ndarray:
 
 
 def _cell(seeds: dict[int, list[dict[str, float]]], key: str) -> str:
-    means = [np.nanmean([r.get(key, math.nan) for r in rows]) for rows in seeds.values()]
+    values = [[r.get(key, math.nan) for r in rows] for rows in seeds.values()]
+    if not np.isfinite(values).any():
+        return "–"
+    means = [np.nanmean(v) for v in values]
     if not np.isfinite(means).any():
         return "–"
     text = f"{np.nanmean(means):.3f}" if key != "folding_percent" else f"{np.nanmean(means):.2f}"

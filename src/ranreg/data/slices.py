@@ -42,9 +42,10 @@ def take_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
 
 
 def pick_slices(labels: np.ndarray, axis: int, count: int, min_share: float = 0.5) -> list[int]:
-    """``count`` plane indices along ``axis``, evenly spread over the planes whose organ
-    area (labels > 0) is at least ``min_share`` of the largest plane's; fewer when fewer
-    planes qualify, none when no plane holds an organ."""
+    """``count`` plane indices along ``axis`` among the planes whose organ area (labels > 0)
+    is at least ``min_share`` of the largest plane's, at the centres of ``count`` equal
+    parts of that range (one plane: its middle); fewer when fewer planes qualify, none when
+    no plane holds an organ."""
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
     lab = np.asarray(labels)
@@ -52,8 +53,9 @@ def pick_slices(labels: np.ndarray, axis: int, count: int, min_share: float = 0.
     if area.max(initial=0) == 0:
         return []
     candidates = np.flatnonzero(area >= min_share * area.max())
-    picks = np.linspace(0, len(candidates) - 1, num=min(count, len(candidates)))
-    return sorted({int(candidates[int(round(p))]) for p in picks})
+    n, k = len(candidates), min(count, len(candidates))
+    centres = (np.arange(k) + 0.5) * n / k - 0.5
+    return sorted({int(candidates[int(np.floor(c + 0.5))]) for c in centres})
 
 
 def subject_slices(

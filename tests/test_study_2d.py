@@ -1,0 +1,97 @@
+"""The 2D study's harness (benchmarks/study_2d*.py): batches, scores, resumed runs, claims."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import study_2d  # noqa: E402
+import study_2d_data as data  # noqa: E402
+import study_2d_report as report  # noqa: E402
+
+
+def _planes() -> list:
+    """Planes of a small synthetic subject: liver (6) and right kidney (2) form one sliding
+    group, spleen (1) and left kidney (3) the other, inside a body (tissue 20)."""
+    from ranreg.data.slices import subject_slices
+
+    lab = np.zeros((32, 32, 32), dtype=np.int64)
+    lab[4:14, 6:20, 4:28], lab[6:12, 20:26, 8:20] = 6, 2
+    lab[18:28, 8:18, 6:26], lab[20:26, 18:24, 10:22] = 1, 3
+    tissues = np.where(lab > 0, lab, 0).astype(np.int32)
+    tissues[1:31, 2:30, :][tissues[1:31, 2:30, :] == 0] = 20
+    image = (tissues.astype(np.float32) / 25.0).astype(np.float32)
+    organs = np.where(np.isin(lab, data.ORGANS), lab, 0).astype(np.uint8)
+    vols = {"image": image, "labels": lab, "organs": organs}
+    vols |= {f"tissues{k}": tissues for k in range(data.TISSUE_DRAWS)}
+    return subject_slices("x", vols, {"axial": 2, "coronal": 2})
+
+
+def test_batches_depend_on_seed_and_step_only() -> None:
+    planes = _planes()
+    a, b = data.training_batch(planes, 0, 5, 3), data.training_batch(planes, 0, 5, 3)
+    for key in ("moving", "fixed", "ddf_true"):
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert a["moving"].shape[:2] == (3, 1) and a["ddf_true"].shape[:2] == (3, 2)
+    c = data.training_batch(planes, 0, 6, 3)
+    assert a["moving"].shape != c["moving"].shape or not torch.equal(a["moving"], c["moving"])
+
+
+def test_true_field_scores_perfectly_and_zero_field_scores_its_size() -> None:
+    pairs = data.known_pairs(_planes(), seed=3)
+    assert [p["kind"] for p in pairs[:2]] == ["sliding", "smooth"]
+    for p in pairs:
+        s = data.score(p, p["ddf"])
+        assert s["epe_mm"] == 0.0 and s["dice"] == 1.0 and s["folding_percent"] >= 0
+        if p["kind"] == "sliding":
+            assert s["epe_boundary_mm"] == 0.0
+        z = data.score(p, np.zeros_like(p["ddf"]))
+        size = np.linalg.norm(p["ddf"], axis=0)[p["body"]].mean() * data.SPACING_MM
+        assert z["epe_mm"] == pytest.approx(size, rel=1e-5)
+        assert z["sd_log_jacobian"] == 0.0
+
+
+def test_a_resumed_run_is_the_uninterrupted_run(tmp_path: Path) -> None:
+    planes = _planes()
+    for cache in (tmp_path / "a", tmp_path / "b"):
+        data.write_split(cache / "train.npz", planes)
+        data.write_split(cache / "val.npz", planes[:2])
+    straight = study_2d.train_run("RAN0", 0, tmp_path / "a" / "run", tmp_path / "a", 2, 1, 5.0)
+    assert straight == 2
+    assert study_2d.train_run("RAN0", 0, tmp_path / "b" / "run", tmp_path / "b", 1, 1, 5.0) == 1
+    assert study_2d.train_run("RAN0", 0, tmp_path / "b" / "run", tmp_path / "b", 2, 1, 5.0) == 2
+    wa = load_file(str(tmp_path / "a" / "run" / "checkpoint" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "run" / "checkpoint" / "model.safetensors"))
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+    rows = (tmp_path / "b" / "run" / "val_log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2"]  # each validation once
+    assert study_2d.trained_steps(tmp_path / "b" / "run") == 2
+
+
+def test_claims_are_paired_tests_in_the_right_direction() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.uniform(2, 4, size=20)
+    rows = lambda v: [{"epe_boundary_mm": x, "dice": 0.5} for x in v]  # noqa: E731
+    scores = {
+        "RAN4+": {0: rows(base - 1.0), 1: rows(base - 0.8)},  # clearly lower error
+        "RAN4+-noRA": {0: rows(base)},
+        "RAN4": {0: rows(base - 1.5)},  # lower still: RAN4+ is not better than it
+    }
+    lines = report.claims_table(scores)
+    noRA = next(line for line in lines if "than RAN4+-noRA | epe_boundary_mm" in line)
+    assert noRA.endswith("| yes |") and "-0.900" in noRA
+    ran4 = next(line for line in lines if "than RAN4 | epe_boundary_mm" in line)
+    assert ran4.endswith("| no: the reverse |")
+    dice = next(line for line in lines if "than RAN4+-noRA | dice" in line)
+    assert dice.endswith("| no: n.s. |")  # equal Dice everywhere
+    table = report.results_table(scores)
+    assert any(r.startswith("| RAN4+ | 2 |") and "±" in r for r in table)
