@@ -360,3 +360,25 @@ def test_select_epe_keeps_the_model_of_the_lowest_real_scan_error(
 def _no_scan_cases(self) -> None:
     self.vpairs = validation_pairs(self.val_subjects, self.cfg.val_pairs)
     self.cases = []
+
+
+def test_a_continued_run_takes_the_learning_rate_of_its_config(tmp_path: Path) -> None:
+    """Adam's state is restored, but the rate is the config's: a user who lowers (or
+    raises) ``lr`` for the next chunk gets it, and the same rate continues exactly."""
+    raw = shapes_config(steps=(4, 1))
+    out = tmp_path / "r"
+    train(parse_config(raw), out, max_steps=2, progress=False)
+    seen: list[float] = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    torch.optim.Adam.step = spy
+    try:
+        raw["stages"][0]["lr"] = 2.5e-4
+        train(parse_config(raw), out, resume=True, max_steps=1, progress=False)
+    finally:
+        torch.optim.Adam.step = real_step
+    assert seen == [2.5e-4]

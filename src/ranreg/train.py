@@ -288,6 +288,8 @@ class _Run:
                 optimizer.load_state_dict(state["optimizer"])
             except (ValueError, KeyError, TypeError, RuntimeError) as exc:
                 raise RanregError(f"{self.ckpt}: optimizer state does not fit ({exc})") from None
+            for group in optimizer.param_groups:  # the config's rate rules a continued run
+                group["lr"] = stage.lr
         samples = StepSamples(cfg, index, self.train_subjects, self.rank)
         b = stage.batch_size
         sampler = range((self.step - start) * b, len(samples))
