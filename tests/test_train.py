@@ -382,3 +382,24 @@ def test_a_continued_run_takes_the_learning_rate_of_its_config(tmp_path: Path) -
     finally:
         torch.optim.Adam.step = real_step
     assert seen == [2.5e-4]
+
+
+def test_2d_bf16_training_does_not_crash_in_dilated_convolutions(tmp_path: Path) -> None:
+    """torch 2.13's oneDNN segfaults in the bf16 channels-last backward of 2D convolutions
+    with dilation >= 8 (RAN3's RA modules); 2D bf16 runs use the contiguous layout. Run in
+    a child process: a crash must fail this test, not end the test session."""
+    cfg = shapes_config(steps=(2, 0), name="RAN3", size=(48, 64), amp=True)
+    cfg["stages"] = cfg["stages"][:1]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code = (
+        "import sys; from ranreg.cli import main; "
+        f"sys.exit(main(['train', '--config', {str(path)!r}, '--out', {str(tmp_path / 'r')!r}, "
+        "'--no-progress']))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "r" / "train_summary.json").read_text())["global_step"] == 2
+    bad = dict(cfg, channels_last=True)
+    path.write_text(yaml.safe_dump(bad))
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "s")]) == 2
