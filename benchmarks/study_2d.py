@@ -105,8 +105,8 @@ def _validate(net: Any, pairs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _append_csv(path: Path, row: dict[str, Any], keep_below: int | None = None) -> None:
-    """Add ``row``; with ``keep_below``, rows of steps at or past it (written after the
-    last checkpoint of a killed chunk) are dropped first."""
+    """Add ``row``; with ``keep_below``, rows of steps at or past it (a validation
+    written after the last checkpoint of a killed chunk, and repeated now) are dropped."""
     rows = list(csv.DictReader(path.open(encoding="utf-8"))) if path.is_file() else []
     if keep_below is not None:
         rows = [r for r in rows if int(r["step"]) < keep_below]
@@ -157,7 +157,7 @@ def train_run(
         nonlocal best
         row = {"step": step, "train_loss": float(np.mean(losses)) if losses else math.nan}
         row |= _validate(net, val)
-        _append_csv(log, row, keep_below=step if step == first else None)
+        _append_csv(log, row, keep_below=step)
         losses.clear()
         if row["epe_mm"] < best:
             best = row["epe_mm"]
