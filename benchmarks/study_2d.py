@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import ROOT, machine
+from common import ROOT, command_line, machine
 
 HERE = Path(__file__).resolve()
 #: network -> seeds; the comparison that matters most (RA modules or not) gets three
@@ -188,6 +188,7 @@ def train_run(
             "s_per_step": round(per_step, 3),
             "date": time.strftime("%Y-%m-%d"),
             "machine": machine(),
+            "command": os.environ.get("STUDY_2D_COMMAND", ""),
         }
         _append_csv(run / "chunks.csv", {"step": step, **chunk})
     return step
@@ -214,6 +215,7 @@ def train_all(args: argparse.Namespace, runs: list[tuple[str, int]]) -> None:
     deadline = time.monotonic() + 60 * args.time_limit
     queue = [r for r in runs if trained_steps(args.state / run_name(*r)) < args.steps]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env["STUDY_2D_COMMAND"] = command_line()  # logged with each run's chunk
     active: list[subprocess.Popen] = []
     while queue or active:
         active = [p for p in active if p.poll() is None]

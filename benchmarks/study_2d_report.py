@@ -105,6 +105,7 @@ def evaluate(
             score(p, d) for p, d in zip(pairs, fields, strict=True)
         ]
         val = list(csv.DictReader((run / "val_log.csv").open()))
+        chunks = list(csv.DictReader((run / "chunks.csv").open()))
         progress.append(
             {
                 "run": run_name(model, seed),
@@ -113,6 +114,7 @@ def evaluate(
                 "val": [
                     (int(r["step"]), float(r["epe_mm"]), float(r["epe_boundary_mm"])) for r in val
                 ],
+                "chunks": chunks,
             }
         )
     return {
@@ -268,6 +270,19 @@ def _progress_table(result: dict[str, Any]) -> list[str]:
     for r in result["progress"]:
         last = ", ".join(f"{e:.2f}" for _, e, _ in r["val"][-3:])
         lines.append(f"| {r['run']} | {r['steps']} | {r['best_step']} | {last} |")
+    lines += [
+        "",
+        "Chunks (each run continues from its kept state):",
+        "",
+        "| run | steps | s/step | date | machine | command |",
+        "|---|---|---:|---|---|---|",
+    ]
+    for r in result["progress"]:
+        for c in r["chunks"]:
+            lines.append(
+                f"| {r['run']} | {c['first_step']}-{c['last_step']} | {c['s_per_step']} | "
+                f"{c['date']} | {c['machine']} | `{c.get('command') or '-'}` |"
+            )
     return lines
 
 
