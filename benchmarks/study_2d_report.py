@@ -289,7 +289,7 @@ def _progress_table(result: dict[str, Any]) -> list[str]:
 def report(
     args: argparse.Namespace, runs: list[tuple[str, int]], cache: Path, limit: int | None
 ) -> None:
-    from study_2d import BATCH, DECAY_AT, LR, W_SMOOTH
+    from study_2d import BATCH, DECAY_AT, LR, W_IMAGE, W_SMOOTH
 
     result = evaluate(args, runs, cache, limit)
     out = args.out
@@ -302,7 +302,8 @@ def report(
         "",
         f"Recipe: {args.steps} steps planned per run, batch {BATCH}, Adam lr {LR} (a tenth "
         f"from {DECAY_AT:.0%} of the steps), loss MSE "
-        f"to the true field + {W_SMOOTH} |grad u|^2, float32, one thread per run; the model "
+        f"to the true field + {W_SMOOTH} |grad u|^2 + {W_IMAGE:g} MSE(warped, fixed), float32, "
+        "one thread per run; the model "
         "of the lowest validation EPE is tested. Test: "
         f"{len(result['pairs'])} pairs of subjects 0027-0030 ({sliding} sliding, "
         f"{len(result['pairs']) - sliding} smooth), 4 mm planes. Multi-seed networks: mean "
