@@ -9,7 +9,7 @@ sliding organ groups and smooth warps (benchmarks/study_2d_data.py). Every netwo
 RAN3, RAN4, RAN4+, RAN4+ without RA modules, the voxelmorph package's U-Net) trains with
 one recipe: :data:`STEPS` Adam steps (learning rate :data:`LR`) of :data:`BATCH` pairs,
 loss = MSE to the true field (the paper's Eq. 11) + :data:`W_SMOOTH` |grad u|^2 +
-:data:`W_IMAGE` MSE(warped moving, fixed), float32,
+:data:`W_IMAGE` MSE(warped moving, fixed) (pairs of one contrast), float32,
 one CPU thread per run, :data:`SEEDS` seeds each (three for RAN4+ and its ablation). Every
 :data:`VAL_EVERY` steps the validation planes (subjects 0025, 0026) are registered; the
 model of the lowest validation end-point error is the one tested. A run keeps its state
@@ -136,6 +136,7 @@ def train_run(
 
     from ranreg.checkpoint import load_checkpoint, save_checkpoint, save_model
     from ranreg.losses import gradient_l2, mse_loss
+    from ranreg.objectives import image_term
     from ranreg.spatial import warp
 
     torch.set_num_threads(1)
@@ -179,7 +180,8 @@ def train_run(
         batch = training_batch(train, seed, step, BATCH)
         ddf = net(batch["moving"], batch["fixed"]).float()
         loss = mse_loss(ddf, batch["ddf_true"]) + W_SMOOTH * gradient_l2(ddf)
-        loss = loss + W_IMAGE * mse_loss(warp(batch["moving"], ddf), batch["fixed"])
+        warped = warp(batch["moving"], ddf)
+        loss = loss + W_IMAGE * image_term(warped, batch["fixed"], batch["image_weight"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -147,6 +147,7 @@ def training_batch(slices: list[Any], seed: int, step: int, size: int) -> dict[s
     batch = {k: torch.from_numpy(np.stack([p[k] for p in pairs])) for k in ("moving", "fixed")}
     batch = {k: v[:, None] for k, v in batch.items()}  # (B, 1, H, W)
     batch["ddf_true"] = torch.from_numpy(np.stack([p["ddf_true"] for p in pairs]))
+    batch["image_weight"] = torch.tensor([float(p["image_weight"]) for p in pairs])
     return batch
 
 

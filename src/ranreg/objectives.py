@@ -16,7 +16,7 @@ from ranreg import losses
 from ranreg.config import StageConfig
 from ranreg.spatial import compose_ddf, one_hot, warp
 
-__all__ = ["inverse_consistency", "organ_classes", "stage_loss"]
+__all__ = ["image_term", "inverse_consistency", "organ_classes", "stage_loss"]
 
 
 def organ_classes(present: Sequence[int], organs: Sequence[int]) -> torch.Tensor:
@@ -50,7 +50,8 @@ def stage_loss(
         terms["ddf"] = losses.mse_loss(ddf, ddf_true, batch.get("ddf_weight"))
         terms["smooth"] = losses.gradient_l2(ddf)
         if w["image"] > 0:
-            terms["image"] = losses.mse_loss(warp(moving, ddf, padding_mode="zeros"), fixed)
+            warped = warp(moving, ddf, padding_mode="zeros")
+            terms["image"] = image_term(warped, fixed, batch.get("image_weight"))
         if stage.swap and w["inverse"] > 0:
             terms["inverse"] = inverse_consistency(ddf)
     else:
@@ -71,6 +72,18 @@ def stage_loss(
             terms["dice"] = losses.dice_loss(moved, one_hot(classes[batch["fixed_label"]], k))
     total = sum(w[k] * v for k, v in terms.items())
     return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def image_term(
+    warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MSE of the warped moving and the fixed image; with ``weight`` (B,), the weighted
+    mean of the pairs' MSEs (pairs of different contrasts weigh 0)."""
+    if weight is None:
+        return losses.mse_loss(warped, fixed)
+    per_pair = (warped - fixed).square().flatten(1).mean(1)
+    w = weight.to(per_pair.dtype).reshape(-1)
+    return (w * per_pair).sum() / w.sum().clamp_min(1.0)
 
 
 def inverse_consistency(ddf: torch.Tensor) -> torch.Tensor:

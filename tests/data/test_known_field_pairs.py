@@ -202,3 +202,29 @@ def test_state_over_the_size_limit_is_refused_and_the_old_state_kept(
     with pytest.raises(RanregError, match="MB a kept state may take"):
         train(cfg, tmp_path / "run", resume=True, progress=False, state=state)
     assert (state / "chunks.csv").read_text() == before
+
+
+def test_the_image_term_counts_only_pairs_of_one_contrast() -> None:
+    """make_pair marks random-contrast pairs of two contrast draws (image_weight 0); the
+    flag survives turning round and augmentation; the term is the weighted mean of the
+    pairs' MSEs."""
+    from ranreg.objectives import image_term
+
+    lab = _labels()
+    image = (lab > 0).astype(np.float32)
+    flags = {}
+    for same in (0.0, 1.0):
+        recipe = PairRecipe(styles={"random": 1.0}, same_contrast=same)
+        pair = make_pair(image, lab, (8.0,) * 3, np.random.default_rng(1), recipe)
+        flags[same] = float(pair["image_weight"])
+        assert float(swapped(pair)["image_weight"]) == flags[same]
+        assert float(augment_batch(pair, np.random.default_rng(2))["image_weight"]) == flags[same]
+    assert flags == {0.0: 0.0, 1.0: 1.0}
+    own = make_pair(image, lab, (8.0,) * 3, np.random.default_rng(1), PairRecipe())
+    assert float(own["image_weight"]) == 1.0
+    warped = torch.zeros(3, 1, 4, 4)
+    fixed = torch.stack([torch.full((1, 4, 4), v) for v in (1.0, 2.0, 3.0)])
+    weight = torch.tensor([1.0, 0.0, 1.0])
+    assert float(image_term(warped, fixed, weight)) == pytest.approx((1 + 9) / 2)
+    assert float(image_term(warped, fixed)) == pytest.approx((1 + 4 + 9) / 3)
+    assert float(image_term(warped, fixed, torch.zeros(3))) == 0.0

@@ -90,7 +90,8 @@ def make_pair(
     recipe: PairRecipe,
     tissues: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """One pair: ``moving``, ``fixed`` (float32 (*S), [0, 1]), ``ddf_true`` (d, *S) and,
+    """One pair: ``moving``, ``fixed`` (float32 (*S), [0, 1]), ``ddf_true`` (d, *S),
+    ``image_weight`` (1, or 0 for random-contrast images of two contrast draws) and,
     with labels, ``moving_label``/``fixed_label`` (int64, the fixed one warped exactly as
     the image: nearest neighbour). ``tissues``: the tissue map that random-contrast pairs
     are painted from (default: a fresh :func:`~ranreg.data.contrast.tissue_map` of the
@@ -99,7 +100,9 @@ def make_pair(
     ddf_np = _draw_field(shape, labels, rng, recipe)
     ddf = torch.from_numpy(ddf_np)[None]
     style = _style(rng, recipe, labels is not None)
-    out: dict[str, np.ndarray] = {"ddf_true": ddf_np}
+    # the image term (MSE of warped moving and fixed) means something only where the two
+    # images share one contrast: 0 for random-contrast pairs painted with two draws
+    out: dict[str, np.ndarray] = {"ddf_true": ddf_np, "image_weight": np.float32(1.0)}
     if style == "random":
         assert labels is not None
         if tissues is None:
@@ -107,6 +110,7 @@ def make_pair(
         seeds = rng.integers(2**62, size=2)
         if rng.random() < recipe.same_contrast:
             seeds[1] = seeds[0]
+        out["image_weight"] = np.float32(seeds[1] == seeds[0])
         paint = [np.random.default_rng(int(s)) for s in seeds]
         out["moving"] = random_contrast_image(tissues, paint[0], spacing=spacing)
         fixed_tissues = _warp_np(tissues.astype(np.int64), ddf, labels=True)
@@ -141,6 +145,8 @@ def swapped(pair: dict[str, np.ndarray], tolerance: float = 0.25) -> dict[str, n
     v, residual = invert_ddf(torch.from_numpy(pair["ddf_true"])[None])
     out = {"moving": pair["fixed"], "fixed": pair["moving"], "ddf_true": v[0].numpy()}
     out["ddf_weight"] = (residual[0] <= tolerance).numpy().astype(np.float32)
+    if "image_weight" in pair:
+        out["image_weight"] = pair["image_weight"]
     if "moving_label" in pair:
         out["moving_label"], out["fixed_label"] = pair["fixed_label"], pair["moving_label"]
     return out
@@ -158,6 +164,9 @@ def augment_batch(
     flips = [a for a in range(d) if rng.random() < 0.5]
     out = {}
     for key, value in sample.items():
+        if np.ndim(value) == 0:  # per-pair numbers (image_weight) have no axes
+            out[key] = value
+            continue
         if key == "ddf_true":
             arr = np.transpose(value[perm], (0, *(1 + perm)))
             for a in flips:
