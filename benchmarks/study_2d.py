@@ -252,7 +252,7 @@ def train_all(args: argparse.Namespace, runs: list[tuple[str, int]]) -> None:
             ]
             print(f"training {run_name(model, seed)} ({left:.0f} min left)", flush=True)
             active.append(subprocess.Popen(cmd, env=env))
-        if not queue and not active:
+        if not active and (not queue or left <= 1):  # done, or no time for another run
             break
         time.sleep(2)
 

@@ -95,3 +95,17 @@ def test_claims_are_paired_tests_in_the_right_direction() -> None:
     assert dice.endswith("| no: n.s. |")  # equal Dice everywhere
     table = report.results_table(scores)
     assert any(r.startswith("| RAN4+ | 2 |") and "±" in r for r in table)
+
+
+def test_a_chunk_out_of_time_ends_with_runs_left_in_the_queue(tmp_path: Path) -> None:
+    """No run starts with under a minute left; the chunk returns instead of waiting."""
+    import argparse
+    import time
+
+    args = argparse.Namespace(
+        state=tmp_path, work=tmp_path, steps=10, val_every=5, time_limit=0.5, jobs=2
+    )
+    started = time.monotonic()
+    study_2d.train_all(args, [("RAN0", 0), ("RAN3", 0)])
+    assert time.monotonic() - started < 10
+    assert not list(tmp_path.iterdir())  # nothing was trained
