@@ -295,6 +295,7 @@ def report(
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     sliding = sum(k == "sliding" for k in result["kinds"])
+    done = sum(r["steps"] >= args.steps for r in result["progress"])
     lines = [
         "# 2D study: every variant on sliding motion (issue 14)",
         "",
@@ -302,12 +303,20 @@ def report(
         "",
         f"Recipe: {args.steps} steps planned per run, batch {BATCH}, Adam lr {LR} (a tenth "
         f"from {DECAY_AT:.0%} of the steps), loss MSE "
-        f"to the true field + {W_SMOOTH} |grad u|^2 + {W_IMAGE:g} MSE(warped, fixed), float32, "
-        "one thread per run; the model "
+        f"to the true field + {W_SMOOTH} |grad u|^2 + {W_IMAGE:g} MSE(warped, fixed) over pairs "
+        "of one contrast, float32, one thread per run; the model "
         "of the lowest validation EPE is tested. Test: "
         f"{len(result['pairs'])} pairs of subjects 0027-0030 ({sliding} sliding, "
         f"{len(result['pairs']) - sliding} smooth), 4 mm planes. Multi-seed networks: mean "
         "± SD over seeds of the mean over pairs.",
+        "",
+        f"**Status: {done} of {len(runs)} runs have their {args.steps} steps**"
+        + (
+            ""
+            if done == len(runs)
+            else "; the rest is partial, not converged, and settles no claim below"
+        )
+        + ".",
         "",
         "## Training",
         "",
