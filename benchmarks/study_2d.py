@@ -157,7 +157,6 @@ def train_run(
             "global_step": step,
             "stage_index": 0,
             "optimizer": opt.state_dict(),
-            "best_val": -best,
             "best_epe_mm": best,
         }
         save_checkpoint(ckpt, net, state, extra={"trained_steps": step, "seed": seed})

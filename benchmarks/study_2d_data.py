@@ -151,17 +151,10 @@ def training_batch(slices: list[Any], seed: int, step: int, size: int) -> dict[s
     return batch
 
 
-def _warp(array: np.ndarray, ddf: np.ndarray, labels: bool) -> np.ndarray:
-    from ranreg.spatial import warp, warp_labels
-
-    t = torch.from_numpy(np.ascontiguousarray(array))[None, None]
-    d = torch.from_numpy(ddf)[None]
-    return (warp_labels(t, d) if labels else warp(t.float(), d))[0, 0].numpy()
-
-
 def known_pairs(slices: list[Any], seed: int) -> list[dict[str, Any]]:
     """One sliding and one smooth pair per plane (CT look, independent noise): the moving
     plane, the fixed one under the known field, organs, body and (sliding) regions."""
+    from ranreg.data.pairs import warp_array
     from ranreg.sliding import random_sliding_ddf
     from ranreg.synth import random_ddf
 
@@ -181,10 +174,10 @@ def known_pairs(slices: list[Any], seed: int) -> list[dict[str, Any]]:
                     "kind": kind,
                     "orientation": s.orientation,
                     "moving": np.clip(a["image"] + noise[0], 0, 1),
-                    "fixed": np.clip(_warp(a["image"], ddf, False) + noise[1], 0, 1),
+                    "fixed": np.clip(warp_array(a["image"], ddf, False) + noise[1], 0, 1),
                     "moving_organs": a["organs"].astype(np.int64),
-                    "fixed_organs": _warp(a["organs"].astype(np.int64), ddf, True),
-                    "body": _warp((a["tissues0"] > 0).astype(np.int64), ddf, True) > 0,
+                    "fixed_organs": warp_array(a["organs"].astype(np.int64), ddf, True),
+                    "body": warp_array((a["tissues0"] > 0).astype(np.int64), ddf, True) > 0,
                     "ddf": ddf.astype(np.float32),
                     "regions": regions,
                 }
@@ -196,6 +189,7 @@ def score(pair: dict[str, Any], ddf: np.ndarray) -> dict[str, float]:
     """End-point error (mm) in the body and, for sliding pairs, within
     :data:`BOUNDARY_WIDTH` pixels of a sliding boundary; Dice of each organ present in the
     fixed plane (warped moving organs, nearest neighbour); folding % and SD log J."""
+    from ranreg.data.pairs import warp_array
     from ranreg.metrics import dice, jacobian_stats
     from ranreg.sliding import sliding_boundary_mask
 
@@ -205,7 +199,7 @@ def score(pair: dict[str, Any], ddf: np.ndarray) -> dict[str, float]:
     if pair["regions"] is not None:
         near = sliding_boundary_mask(pair["regions"], BOUNDARY_WIDTH) & body
         row["epe_boundary_mm"] = float(error[near].mean()) if near.any() else math.nan
-    warped = _warp(pair["moving_organs"], ddf, True)
+    warped = warp_array(pair["moving_organs"], ddf, True)
     present = [o for o in ORGANS if (pair["fixed_organs"] == o).any()]
     for organ, value in dice(warped, pair["fixed_organs"], present).items():
         row[f"dice_{organ}"] = float(value)

@@ -78,12 +78,9 @@ def image_term(
     warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor | None = None
 ) -> torch.Tensor:
     """MSE of the warped moving and the fixed image; with ``weight`` (B,), the weighted
-    mean of the pairs' MSEs (pairs of different contrasts weigh 0)."""
-    if weight is None:
-        return losses.mse_loss(warped, fixed)
-    per_pair = (warped - fixed).square().flatten(1).mean(1)
-    w = weight.to(per_pair.dtype).reshape(-1)
-    return (w * per_pair).sum() / w.sum().clamp_min(1.0)
+    mean of the pairs' MSEs (pairs of different contrasts weigh 0; all 0 gives 0)."""
+    mask = None if weight is None else weight.reshape(-1, *[1] * (warped.dim() - 1))
+    return losses.mse_loss(warped, fixed, mask)
 
 
 def inverse_consistency(ddf: torch.Tensor) -> torch.Tensor:

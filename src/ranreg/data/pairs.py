@@ -24,7 +24,15 @@ from ranreg.sliding import random_sliding_ddf
 from ranreg.spatial import compose_ddf, warp, warp_labels
 from ranreg.synth import random_ddf
 
-__all__ = ["STYLES", "PairRecipe", "augment_batch", "invert_ddf", "make_pair", "swapped"]
+__all__ = [
+    "STYLES",
+    "PairRecipe",
+    "augment_batch",
+    "invert_ddf",
+    "make_pair",
+    "swapped",
+    "warp_array",
+]
 
 #: image styles: the subject's own image (painted CT look or a real scan) or random contrast
 STYLES = ("image", "random")
@@ -75,11 +83,14 @@ def _style(rng: np.random.Generator, r: PairRecipe, has_labels: bool) -> str:
     return names[int(rng.choice(len(names), p=weights / weights.sum()))]
 
 
-def _warp_np(array: np.ndarray, ddf: torch.Tensor, labels: bool) -> np.ndarray:
+def warp_array(array: np.ndarray, ddf: np.ndarray, labels: bool) -> np.ndarray:
+    """One image or label map (*S) warped by one field (d, *S) in voxels: linear, or
+    nearest neighbour for ``labels`` (:func:`ranreg.spatial.warp`, ``warp_labels``)."""
     t = torch.from_numpy(np.ascontiguousarray(array))[None, None]
+    d = torch.from_numpy(np.ascontiguousarray(ddf))[None]
     if labels:
-        return warp_labels(t, ddf)[0, 0].numpy()
-    return warp(t.float(), ddf)[0, 0].numpy()
+        return warp_labels(t, d)[0, 0].numpy()
+    return warp(t.float(), d)[0, 0].numpy()
 
 
 def make_pair(
@@ -98,7 +109,6 @@ def make_pair(
     labels, which needs 3D; 2D slices pass a slice of a 3D map)."""
     shape = tuple(image.shape)
     ddf_np = _draw_field(shape, labels, rng, recipe)
-    ddf = torch.from_numpy(ddf_np)[None]
     style = _style(rng, recipe, labels is not None)
     # the image term (MSE of warped moving and fixed) means something only where the two
     # images share one contrast: 0 for random-contrast pairs painted with two draws
@@ -113,17 +123,17 @@ def make_pair(
         out["image_weight"] = np.float32(seeds[1] == seeds[0])
         paint = [np.random.default_rng(int(s)) for s in seeds]
         out["moving"] = random_contrast_image(tissues, paint[0], spacing=spacing)
-        fixed_tissues = _warp_np(tissues.astype(np.int64), ddf, labels=True)
+        fixed_tissues = warp_array(tissues.astype(np.int64), ddf_np, labels=True)
         out["fixed"] = random_contrast_image(fixed_tissues, paint[1], spacing=spacing)
     else:
         moving = np.asarray(image, dtype=np.float32)
-        fixed = _warp_np(moving, ddf, labels=False)
+        fixed = warp_array(moving, ddf_np, labels=False)
         noise = [recipe.noise * rng.standard_normal(shape, dtype=np.float32) for _ in range(2)]
         out["moving"] = np.clip(moving + noise[0], 0.0, 1.0)
         out["fixed"] = np.clip(fixed + noise[1], 0.0, 1.0)
     if labels is not None:
         out["moving_label"] = labels.astype(np.int64)
-        out["fixed_label"] = _warp_np(out["moving_label"], ddf, labels=True)
+        out["fixed_label"] = warp_array(out["moving_label"], ddf_np, labels=True)
     return out
 
 
