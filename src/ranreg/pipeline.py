@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ranreg.affine import register_affine
 from ranreg.data.io import Volume
-from ranreg.data.preprocess import DEFAULT_WINDOW, HU_THRESHOLD
+from ranreg.data.preprocess import DEFAULT_WINDOW, HU_THRESHOLD, network_intensity
 from ranreg.errors import RanregError
 from ranreg.geometry import (
     apply_affine,
@@ -147,15 +147,9 @@ class RegistrationResult:
 
 
 def _normalise(image: Tensor, window: tuple[float, float] | None | str, raw_min: float) -> Tensor:
-    if window == "auto":
-        window = DEFAULT_WINDOW if raw_min < HU_THRESHOLD else None
-    if window is None:
-        lo, hi = float(image.min()), float(image.max())
-        if hi <= lo:
-            return torch.zeros_like(image)
-        return (image - lo) / (hi - lo)
-    low, high = window  # type: ignore[misc]
-    return (image.clamp(low, high) - low) / (high - low)
+    if window == "auto":  # the window for CT, min-max otherwise
+        return network_intensity(image, DEFAULT_WINDOW, ct_only=True, raw_min=raw_min)
+    return network_intensity(image, window, ct_only=False)  # type: ignore[arg-type]
 
 
 def _volume_name(v: Volume, default: str) -> str:

@@ -101,17 +101,13 @@ def _scan_on_grid(path: Path, spacing: float, window: Sequence[float] | None) ->
     """A scan resampled to ``spacing`` mm, padded to multiples of 16 (the network's), in [0, 1]:
     the training window for CT, min-max otherwise."""
     from ranreg.data.io import load_nifti
-    from ranreg.data.preprocess import resample, window_normalize
-    from ranreg.similarity import is_ct
+    from ranreg.data.preprocess import network_intensity, resample
 
     vol = load_nifti(path)
     voxel = np.linalg.norm(np.asarray(vol.affine)[:3, :3], axis=0)
     array = resample(np.asarray(vol.array, dtype=np.float32), voxel / spacing, order=1).array
-    if window is not None and is_ct(array):
-        image = window_normalize(array, *window)
-    else:  # min-max, as `ranreg register` normalises non-CT images for such models
-        lo, hi = float(array.min()), float(array.max())
-        image = (array - lo) / max(hi - lo, 1e-6)
+    # the rule `ranreg register` applies for models with `model_window: auto`
+    image = network_intensity(array, window, ct_only=True).astype(np.float32)
     pads = [((-n) % 16 // 2, (-n) % 16 - (-n) % 16 // 2) for n in image.shape]
     return np.ascontiguousarray(np.pad(image, pads))
 

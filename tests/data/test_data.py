@@ -23,6 +23,7 @@ from ranreg.data import (
     load_label_volume,
     load_nifti,
     load_subject,
+    network_intensity,
     ordered_pairs,
     preprocess_pair,
     preprocess_subject,
@@ -192,6 +193,37 @@ def test_window_normalize_values():
     np.testing.assert_allclose(window_normalize(hu, -1000, 1000), [0, 0.45, 0.5, 0.55, 0.65, 1])
     with pytest.raises(ValueError):
         window_normalize(hu, 10, 10)
+
+
+def test_network_intensity_rule_numpy_and_torch():
+
+    ct = np.array([-1000.0, -100.0, 100.0, 300.0, 2000.0], dtype=np.float32)
+    mr = np.array([0.0, 250.0, 500.0, 1000.0], dtype=np.float32)
+    for wrap in (np.asarray, torch.from_numpy):
+        as_np = lambda t: np.asarray(t, dtype=np.float64)  # noqa: E731
+        # CT through the window with or without ct_only
+        for ct_only in (True, False):
+            got = network_intensity(wrap(ct), (-100, 300), ct_only)
+            np.testing.assert_allclose(as_np(got), [0, 0, 0.5, 1, 1], atol=1e-7)
+        # an MR: min-max when the window is for CT only, clipped by the window otherwise
+        np.testing.assert_allclose(
+            as_np(network_intensity(wrap(mr), (-100, 300), True)), [0, 0.25, 0.5, 1], atol=1e-7
+        )
+        np.testing.assert_allclose(
+            as_np(network_intensity(wrap(mr), (-100, 300), False)), [0.25, 0.875, 1, 1], atol=1e-7
+        )
+        np.testing.assert_allclose(
+            as_np(network_intensity(wrap(mr), None, False)), [0, 0.25, 0.5, 1], atol=1e-7
+        )
+        # the raw minimum decides CT when the array is a crop that misses the air
+        crop = wrap(ct[1:4].copy())
+        np.testing.assert_allclose(
+            as_np(network_intensity(crop, (-100, 300), True, -1000.0)), [0, 0.5, 1], atol=1e-7
+        )
+        np.testing.assert_allclose(
+            as_np(network_intensity(crop, (-100, 300), True)), [0, 0.5, 1], atol=1e-7
+        )  # min-max of [-100, 300]: same
+        assert not as_np(network_intensity(wrap(np.full(3, 7.0)), None, False)).any()
 
 
 def test_resample_shape_affine_and_values():

@@ -25,6 +25,7 @@ from ranreg.data.preprocess import (
     DEFAULT_FACTOR,
     DEFAULT_WINDOW,
     Resampled,
+    network_intensity,
     preprocess_pair,
     preprocess_subject,
     resample,
@@ -69,5 +70,6 @@ __all__ = [
     "split_subjects",
     "subject_rng",
     "synthesize_dataset",
+    "network_intensity",
     "window_normalize",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -25,6 +26,7 @@ __all__ = [
     "Resampled",
     "resample",
     "window_normalize",
+    "network_intensity",
     "select_labels",
     "preprocess_subject",
     "preprocess_pair",
@@ -116,6 +118,24 @@ def window_normalize(
     out -= np.float32(low)
     out *= np.float32(1.0 / (high - low))
     return out
+
+
+def network_intensity(
+    image: Any, window: Sequence[float] | None, ct_only: bool, raw_min: float | None = None
+) -> Any:
+    """A network's input intensities in [0, 1] (numpy array or torch tensor alike).
+
+    ``window`` (low, high) clips and scales; with ``ct_only`` it applies only to CT (raw
+    minimum, ``raw_min`` or the image's own, below :data:`HU_THRESHOLD`) and any other image
+    is min-max scaled, as for models trained on random contrast; ``window=None`` is min-max
+    for every image. A constant image gives zeros.
+    """
+    raw_min = float(image.min()) if raw_min is None else raw_min
+    if window is None or (ct_only and raw_min >= HU_THRESHOLD):
+        lo, hi = float(image.min()), float(image.max())
+        return image * 0 if hi <= lo else (image - lo) / (hi - lo)
+    low, high = (float(w) for w in window)
+    return (image.clip(low, high) - low) / (high - low)
 
 
 def select_labels(labels: np.ndarray, keep: Sequence[int] | None = ABDOMEN_ORGANS) -> np.ndarray:
