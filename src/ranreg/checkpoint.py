@@ -77,7 +77,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     """Build the model a model file describes and load its weights (strictly)."""
     file = _model_file(path)
     config = read_model_config(file)
-    options = {k: config[k] for k in ("heads", "in_channels") if k in config}
+    options = {k: config[k] for k in ("heads", "in_channels", "inverse_consistent") if k in config}
     try:
         model = build_model(config["name"], ndim=int(config["ndim"]), **options)
     except ValueError as exc:

@@ -33,6 +33,9 @@ class ModelConfig:
     name: str = "RAN4+"
     ndim: int = 3
     heads: int = 6
+    #: RAN only: the output is the flow of an antisymmetric velocity (f(a, a) = 0 and
+    #: f(b, a) = f(a, b)^-1 by construction; see ranreg.nn.ran.RAN)
+    inverse_consistent: bool = False
 
 
 @dataclass
@@ -200,6 +203,7 @@ def _parse_model(source: str, raw: Any) -> ModelConfig:
         name=m.get("name", "RAN4+", "str"),
         ndim=m.get("ndim", 3, "int", positive=True),
         heads=m.get("heads", 6, "int", positive=True),
+        inverse_consistent=m.get("inverse_consistent", False, "bool"),
     )
     m.finish()
     if model.name.lower() not in {n.lower() for n in MODEL_NAMES}:
@@ -210,6 +214,8 @@ def _parse_model(source: str, raw: Any) -> ModelConfig:
         raise m.fail("heads", f"must be at most {MAX_HEADS}, got {model.heads}")
     if model.ndim not in (2, 3):
         raise m.fail("ndim", f"must be 2 or 3, got {model.ndim}")
+    if model.inverse_consistent and not model.name.upper().startswith("RAN"):
+        raise m.fail("inverse_consistent", f"is a RAN option; {model.name} has none")
     return model
 
 

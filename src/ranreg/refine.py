@@ -42,7 +42,7 @@ from ranreg.errors import RanregError
 from ranreg.geometry import apply_affine, area_downsample, cell_centres, cell_grid, sample
 from ranreg.losses import gradient_l2
 from ranreg.similarity import LocalNCC, normalised_volumes
-from ranreg.spatial import resize_ddf, warp
+from ranreg.spatial import integrate_velocity, resize_ddf, warp
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -59,8 +59,6 @@ DEFAULT_STEPS = 50
 DEFAULT_WEIGHT = 1.0
 DEFAULT_WINDOW = 5
 DEFAULT_LR = 0.1
-#: squarings of the scaling-and-squaring integration (velocity / 2^7 per step)
-SQUARINGS = 7
 
 
 def check_refine(steps: int, weight: float) -> None:
@@ -103,15 +101,6 @@ class RefineSettings:
 
     def with_steps(self, steps: int) -> RefineSettings:
         return replace(self, steps=steps)
-
-
-def integrate_velocity(velocity: Tensor, squarings: int = SQUARINGS) -> Tensor:
-    """Displacement of the flow of a stationary velocity field (voxels), by scaling and
-    squaring: ``u <- v / 2^n``, then ``n`` times ``u <- u + u o (id + u)``."""
-    u = velocity / (2**squarings)
-    for _ in range(squarings):
-        u = u + warp(u, u)
-    return u
 
 
 def _fit_level(

@@ -26,6 +26,7 @@ __all__ = [
     "warp_labels",
     "resize_ddf",
     "compose_ddf",
+    "integrate_velocity",
     "jacobian_determinant",
     "folding_fraction",
     "std_log_jacobian",
@@ -341,6 +342,19 @@ def compose_ddf(ddf_first: Tensor, ddf_second: Tensor) -> Tensor:
     # The first field is pulled back along the second (the image is moved by the first warp,
     # then sampled at x + ddf_second(x)).
     return ddf_second + warp(ddf_first, ddf_second, mode="linear", padding_mode="border")
+
+
+#: squarings of the scaling-and-squaring integration (velocity / 2^7 per step)
+SQUARINGS = 7
+
+
+def integrate_velocity(velocity: Tensor, squarings: int = SQUARINGS) -> Tensor:
+    """Displacement of the flow of a stationary velocity field (voxels), by scaling and
+    squaring: ``u <- v / 2^n``, then ``n`` times ``u <- u + u o (id + u)``."""
+    u = velocity / (2**squarings)
+    for _ in range(squarings):
+        u = u + warp(u, u)
+    return u
 
 
 # --------------------------------------------------------------------------------------------

@@ -172,7 +172,12 @@ class _Run:
         """The model (from the checkpoint, ``init`` or scratch); returns the train state."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model.name, ndim=cfg.model.ndim, heads=cfg.model.heads)
+        model = build_model(
+            cfg.model.name,
+            ndim=cfg.model.ndim,
+            heads=cfg.model.heads,
+            inverse_consistent=cfg.model.inverse_consistent,
+        )
         self.model = model.to(self.device)
         # channels-last: oneDNN's fast layout on the CPU (1.5-1.8x faster training steps of
         # RAN3 and RAN4+ at 48x32x64 on 2 cores); safetensors files stay contiguous

@@ -28,12 +28,21 @@ MAX_IN_CHANNELS = 16
 
 
 def _check_options(options: dict[str, Any]) -> None:
+    if not isinstance(options.get("inverse_consistent", False), bool):
+        raise ValueError(
+            f"inverse_consistent must be true or false, got {options['inverse_consistent']!r}"
+        )
     for key, top in (("heads", MAX_HEADS), ("in_channels", MAX_IN_CHANNELS)):
         if key not in options:
             continue
         value = options[key]
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
             raise ValueError(f"{key} must be an integer from 1 to {top}, got {value!r}")
+
+
+def _no_inverse_consistency(name: str, options: dict[str, Any]) -> None:
+    if options.pop("inverse_consistent", False):
+        raise ValueError(f"{name} has no inverse_consistent mode (a RAN option)")
 
 
 def _ran(variant: str, aligner: str) -> Any:
@@ -58,6 +67,7 @@ for _name in VARIANTS:  # Tables 2-4, and the same network with plain DDF heads
 @register_method("VoxelMorph", kind="network", summary="VoxelMorph-style U-Net (ranreg's)")
 def _voxelmorph(ndim: int = 3, **options: Any) -> nn.Module:
     options.pop("heads", None)  # no heads in a direct-regression U-Net
+    _no_inverse_consistency("VoxelMorph", options)
     return VoxelMorphUNet(ndim=ndim, **options)
 
 
@@ -68,6 +78,7 @@ def _voxelmorph_package(ndim: int = 3, **options: Any) -> nn.Module:
     from ranreg.nn.voxelmorph_peer import VxmPackageNet  # imports voxelmorph lazily
 
     options.pop("heads", None)
+    _no_inverse_consistency("VoxelMorph-pkg", options)
     return VxmPackageNet(ndim=ndim, **options)
 
 
@@ -79,8 +90,8 @@ def build_model(name: str, ndim: int = 3, **options: Any) -> nn.Module:
     ``VoxelMorph-pkg`` (the ``voxelmorph`` package's network, see
     :mod:`ranreg.nn.voxelmorph_peer`; raises :class:`ranreg.errors.RanregError` with an
     install hint when that package is missing).
-    Matching ignores case. ``options`` go to the model (``heads``, ``in_channels``;
-    VoxelMorph ignores ``heads``).
+    Matching ignores case. ``options`` go to the model (``heads``, ``in_channels``,
+    ``inverse_consistent`` for RAN networks; VoxelMorph ignores ``heads``).
 
     Every model is called as ``model(moving, fixed)`` with (B, C, *S) tensors and returns
     the DDF (B, ndim, *S) in voxels, ``warped(x) = moving(x + ddf(x))``.

@@ -20,7 +20,7 @@ from ranreg.nn.variants import (
     Variant,
     get_variant,
 )
-from ranreg.spatial import resize_ddf
+from ranreg.spatial import integrate_velocity, resize_ddf
 
 
 @dataclass
@@ -52,6 +52,12 @@ class RAN(nn.Module):
         heads: number of heads m of each RA module.
         aligner: ``"ra"`` (the paper) or ``"plain"`` (the "without RA" ablation).
         in_channels: image channels.
+        inverse_consistent: not in the paper. The aligners run both ways, g(m, f) and
+            g(f, m) (one batch of 2B: the siamese features serve both), and the DDF is the
+            flow of the antisymmetric velocity v = (g(m, f) - g(f, m)) / 2 (scaling and
+            squaring), so by construction f(a, a) = 0, f(b, a) is the inverse of f(a, b)
+            up to the integration's error, and the map folds only where the integration
+            is too coarse. ``return_levels`` gives the levels of the m -> f direction.
     """
 
     def __init__(
@@ -61,6 +67,7 @@ class RAN(nn.Module):
         heads: int = DEFAULT_HEADS,
         aligner: str = "ra",
         in_channels: int = 1,
+        inverse_consistent: bool = False,
     ) -> None:
         super().__init__()
         if ndim not in (2, 3):
@@ -72,6 +79,7 @@ class RAN(nn.Module):
             raise ValueError(f"aligner must be 'ra' or 'plain', got {aligner!r}")
         self.variant = get_variant(variant) if isinstance(variant, str) else variant
         self.ndim, self.heads, self.in_channels = ndim, heads, in_channels
+        self.inverse_consistent = bool(inverse_consistent)
         self.encoder = Encoder(ndim, in_channels)
         self.decoder = Decoder(ndim, self.variant)
         self.aligners = nn.ModuleList(
@@ -84,6 +92,8 @@ class RAN(nn.Module):
             "heads": heads,
             "in_channels": in_channels,
         }
+        if self.inverse_consistent:  # absent from configs of the paper's networks
+            self.config["inverse_consistent"] = True
 
     def forward(
         self, moving: torch.Tensor, fixed: torch.Tensor, return_levels: bool = False
@@ -101,11 +111,20 @@ class RAN(nn.Module):
             if ddf is not None:  # Table 4 "upsample" rows: phi and theta to this level's grid
                 ddf = resize_ddf(ddf, grid) if ddf.shape[2:] != grid else ddf
                 logits = None if logits is None else resize(logits, grid)
-            out = aligner(feat[:b], feat[b:], ddf, logits)
+            if self.inverse_consistent:  # m -> f in the first half, f -> m in the second
+                out = aligner(feat, feat.roll(b, dims=0), ddf, logits)
+            else:
+                out = aligner(feat[:b], feat[b:], ddf, logits)
             ddf, logits = out.ddf, out.head_logits
             levels.append(out)
 
         result = crop_to(ddf, shape)
+        if self.inverse_consistent:
+            result = integrate_velocity(0.5 * (result[:b] - result[b:]).float())
+            for level in levels:
+                for name, value in vars(level).items():
+                    if value is not None:
+                        setattr(level, name, value[:b])
         if not return_levels:
             return result
         scales = self.variant.scales
