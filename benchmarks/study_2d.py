@@ -178,6 +178,8 @@ def train_run(
             group["lr"] = LR if step < DECAY_AT * steps else LR / 10
         batch = training_batch(train, seed, step, BATCH)
         ddf = net(batch["moving"], batch["fixed"]).float()
+        if not bool(torch.isfinite(ddf).all()):  # grid_sample would crash the process on it
+            raise RuntimeError(f"{run.name}: non-finite field at step {step}")
         loss = mse_loss(ddf, batch["ddf_true"]) + W_SMOOTH * gradient_l2(ddf)
         warped = warp(batch["moving"], ddf)
         loss = loss + W_IMAGE * image_term(warped, batch["fixed"], batch["image_weight"])
@@ -228,6 +230,11 @@ def train_all(args: argparse.Namespace, runs: list[tuple[str, int]]) -> None:
     env["STUDY_2D_COMMAND"] = command_line()  # logged with each run's chunk
     active: list[subprocess.Popen] = []
     while queue or active:
+        for p in active:
+            if p.poll() not in (None, 0):  # a crashed run must not pass unnoticed
+                print(
+                    f"error: {p.args[3]}-s{p.args[4]} exited with code {p.returncode}", flush=True
+                )
         active = [p for p in active if p.poll() is None]
         left = (deadline - time.monotonic()) / 60
         while queue and len(active) < args.jobs and left > 1:

@@ -94,6 +94,11 @@ def test_mse_loss_mask() -> None:
         losses.mse_loss(_t(a), _t(b), _t(w)).item(), np.sum(ww * (a - b) ** 2) / np.sum(ww)
     )
     assert losses.mse_loss(_t(a), _t(b), torch.zeros(2, 1, 5, 6, dtype=torch.bool)).item() == 0.0
+    # an empty mask under a large loss weight: zero gradients, not NaN (the 2D study's
+    # all-random-contrast batches under image weight 100 crashed in grid_sample's backward)
+    pred = _t(a).float().requires_grad_()
+    (100.0 * losses.mse_loss(pred, _t(b).float(), torch.zeros(2, 1, 1, 1))).backward()
+    assert pred.grad is not None and bool((pred.grad == 0).all())
 
 
 # ----------------------------------------------------------------------------- local NCC

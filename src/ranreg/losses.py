@@ -88,7 +88,10 @@ def mse_loss(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None)
     if mask is None:
         return sq.mean()
     m = torch.broadcast_to(mask.to(sq.dtype), sq.shape)
-    return (sq * m).sum() / m.sum().clamp_min(torch.finfo(sq.dtype).tiny)
+    total = m.sum()
+    # an empty mask divides by 1, not by a tiny number: 1/tiny times a loss weight
+    # overflows to inf in the backward pass, and inf * 0 makes every gradient NaN
+    return (sq * m).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def synthetic_ddf_loss(ddf: torch.Tensor, ddf_true: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
