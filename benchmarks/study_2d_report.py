@@ -97,7 +97,7 @@ def evaluate(
     progress = []
     for model, seed in runs:
         run = args.state / run_name(model, seed)
-        if not (run / "model-best").is_dir():
+        if trained_steps(run) == 0:  # not started (or no chunk finished yet)
             continue
         net = load_model(run / "model-best")
         fields = predict(net, pairs)
