@@ -10,7 +10,9 @@ crops of configs/ran3-synth.yaml): the forward pass, the loss (MSE to a target f
 * ``fp32``: today's trainer on the CPU before issue 12 (no autocast);
 * ``bf16, ATen norm``: bf16 autocast with PyTorch's own group-norm backward;
 * ``bf16``: bf16 autocast with ranreg's instance norm (float32 statistics, own backward):
-  what `ranreg train` does now where the CPU has AVX512-BF16 or AMX (``amp: null``).
+  what `ranreg train` does now where the CPU has AVX512-BF16 or AMX (``amp: null``);
+* ``bf16, inverse-consistent``: the same with ``model.inverse_consistent`` (the aligners
+  run both ways; configs/ran3-synth.yaml from step 2,239).
 
 The achieved rate (GFLOP/s, counted by torch.utils.flop_counter) is set beside the rate of
 a single 16 -> 16 channel 3x3x3 convolution (forward + backward) at the same size: the
@@ -30,12 +32,13 @@ from common import ROOT, provenance
 SHAPE = (2, 1, 48, 32, 64)
 
 
-def _step_fn(name: str, bf16: bool):
+def _step_fn(name: str, bf16: bool, ic: bool = False):
     from ranreg import losses
     from ranreg.nn import build_model
 
     torch.manual_seed(0)
-    model = build_model(name, ndim=3, heads=6).to(memory_format=torch.channels_last_3d)
+    model = build_model(name, ndim=3, heads=6, inverse_consistent=ic)
+    model = model.to(memory_format=torch.channels_last_3d)
     x = torch.rand(SHAPE).to(memory_format=torch.channels_last_3d)
     y = torch.rand(SHAPE).to(memory_format=torch.channels_last_3d)
     target = torch.zeros(SHAPE[0], 3, *SHAPE[2:])
@@ -59,7 +62,7 @@ def time_steps(name: str, setting: str, repeats: int) -> float:
     if setting == "bf16, ATen norm":
         blocks._REDUCED = ()  # the custom backward off: ATen's group norm throughout
     try:
-        _, _, step = _step_fn(name, bf16=setting != "fp32")
+        _, _, step = _step_fn(name, bf16=setting != "fp32", ic="inverse" in setting)
         for _ in range(2):
             step()
         times = []
@@ -72,10 +75,10 @@ def time_steps(name: str, setting: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-def step_flops(name: str) -> float:
+def step_flops(name: str, ic: bool = False) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    model, x, _ = _step_fn(name, bf16=False)
+    model, x, _ = _step_fn(name, bf16=False, ic=ic)
     with FlopCounterMode(display=False) as counter:
         model(x, x).sum().backward()
     return float(counter.get_total_flops())
@@ -110,7 +113,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "train-speed.md"))
     args = parser.parse_args()
     models = ["RAN3"] if args.quick else ["RAN3", "RAN4+"]
-    settings = ["fp32", "bf16, ATen norm", "bf16"]
+    settings = ["fp32", "bf16, ATen norm", "bf16", "bf16, inverse-consistent"]
     rates = {s: conv_rate(s != "fp32") for s in ("fp32", "bf16")}
     lines = [
         "# Training step time (issue 12)",
@@ -124,9 +127,9 @@ def main() -> None:
         "|---|---|---:|---:|---:|---:|",
     ]
     for name in models:
-        flops = step_flops(name) / 1e9
         base = None
         for setting in settings:
+            flops = step_flops(name, ic="inverse" in setting) / 1e9
             seconds = time_steps(name, setting, args.repeats)
             base = base or seconds
             lines.append(
