@@ -59,7 +59,9 @@ STEPS, BATCH, LR, W_SMOOTH, VAL_EVERY = 2500, 4, 1e-3, 0.1, 250
 #: validation planes among 0, 100, 300, 1000 (RAN0, 300 steps: EPE 11.39, 10.86, 11.22,
 #: 11.53 mm)
 W_IMAGE = 100.0
-#: the learning rate drops tenfold for the last fifth of the steps (a fixed-budget schedule)
+#: the learning rate drops tenfold for the last fifth of each cycle of :data:`STEPS` steps
+#: (a fixed-budget schedule); a longer ``--steps`` restarts it (warm restarts), so every
+#: cycle's end is one more point of a budget comparison and the end of cycle 1 is unchanged
 DECAY_AT = 0.8
 VAL_SEED, TEST_SEED = 1, 2
 QUICK = {"models": ("RAN3", "VoxelMorph-pkg"), "steps": 40, "val_every": 20, "test_pairs": 8}
@@ -67,6 +69,12 @@ QUICK = {"models": ("RAN3", "VoxelMorph-pkg"), "steps": 40, "val_every": 20, "te
 
 def run_name(model: str, seed: int) -> str:
     return f"{model}-s{seed}"
+
+
+def lr_at(step: int, cycle: int = STEPS) -> float:
+    """The learning rate of ``step`` (from 0): :data:`LR`, a tenth in each cycle's last
+    fifth (:data:`DECAY_AT`)."""
+    return LR if step % cycle < DECAY_AT * cycle else LR / 10
 
 
 def build(model: str, seed: int) -> Any:
@@ -128,9 +136,17 @@ def _append_csv(path: Path, row: dict[str, Any], keep_below: int | None = None) 
 
 
 def train_run(
-    model: str, seed: int, run: Path, cache: Path, steps: int, val_every: int, minutes: float
+    model: str,
+    seed: int,
+    run: Path,
+    cache: Path,
+    steps: int,
+    val_every: int,
+    minutes: float,
+    cycle: int = STEPS,
 ) -> int:
-    """Train (or continue) one network until ``steps`` or ``minutes``; returns the step."""
+    """Train (or continue) one network until ``steps`` or ``minutes``, the learning rate
+    restarting every ``cycle`` steps (:func:`lr_at`); returns the step."""
     import torch
     from study_2d_data import known_pairs, load_split, training_batch
 
@@ -175,7 +191,7 @@ def train_run(
         validate()
     while step < steps and time.monotonic() - started < 60 * minutes:
         for group in opt.param_groups:
-            group["lr"] = LR if step < DECAY_AT * steps else LR / 10
+            group["lr"] = lr_at(step, cycle)
         batch = training_batch(train, seed, step, BATCH)
         ddf = net(batch["moving"], batch["fixed"]).float()
         if not bool(torch.isfinite(ddf).all()):  # grid_sample would crash the process on it
@@ -249,6 +265,8 @@ def train_all(args: argparse.Namespace, runs: list[tuple[str, int]]) -> None:
                 str(args.steps),
                 "--val-every",
                 str(args.val_every),
+                "--cycle",
+                str(args.cycle),
                 "--state",
                 str(args.state),
                 "--work",
@@ -270,7 +288,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "study-2d.md")
     p.add_argument("--time-limit", type=float, default=60.0, help="minutes of training")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once")
-    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--steps", type=int, default=STEPS, help="steps per run (all cycles)")
+    p.add_argument("--cycle", type=int, default=STEPS, help="steps per learning-rate cycle")
     p.add_argument("--val-every", type=int, default=VAL_EVERY)
     p.add_argument("--models", nargs="+", default=list(SEEDS), choices=list(SEEDS))
     p.add_argument("--report", action="store_true", help="evaluate and write, no training")
@@ -282,7 +301,8 @@ def main() -> int:
     if args.worker:
         model, seed = args.worker[0], int(args.worker[1])
         run = args.state / run_name(model, seed)
-        train_run(model, seed, run, cache, args.steps, args.val_every, args.time_limit)
+        steps, minutes = args.steps, args.time_limit
+        train_run(model, seed, run, cache, steps, args.val_every, minutes, args.cycle)
         return 0
     if args.quick:
         args.state, args.out = args.work / "quick", args.out.with_name("study-2d-quick.md")
@@ -291,6 +311,7 @@ def main() -> int:
             QUICK["steps"],
             QUICK["val_every"],
         )
+        args.cycle = args.steps
     from study_2d_data import load_split
 
     for split in ("train", "val", "test"):

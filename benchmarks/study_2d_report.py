@@ -286,23 +286,96 @@ def _progress_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+#: a run has reached its plateau when the validation EPE fell by less than this fraction
+#: over the last fifth of its last cycle (the low-rate phase) and, after a restart, from
+#: one cycle's end to the next
+PLATEAU = 0.02
+
+
+def _val_by_model(progress: list[dict[str, Any]], at: int) -> dict[str, dict[int, float]]:
+    """Validation EPE per network and step, the mean over its seeds validated at step
+    ``at`` (one set of seeds along the whole curve)."""
+    seen: dict[str, dict[int, list[float]]] = {}
+    for r in progress:
+        if at not in {step for step, _, _ in r["val"]}:
+            continue
+        model = r["run"].rsplit("-s", 1)[0]
+        for step, epe, _ in r["val"]:
+            seen.setdefault(model, {}).setdefault(step, []).append(epe)
+    return {m: {k: float(np.mean(v)) for k, v in sorted(d.items())} for m, d in seen.items()}
+
+
+def convergence(progress: list[dict[str, Any]], cycle: int) -> dict[str, Any]:
+    """Has each network stopped improving, and does the ranking change late in training?
+
+    Points: the end of every finished cycle, and 40 % and 20 % of a cycle before the last
+    one's end; per network the relative fall of the validation EPE over the last fifth
+    and from the previous cycle's end, and the verdict against :data:`PLATEAU`."""
+    steps = [step for r in progress for step, _, _ in r["val"]]
+    last = max(steps, default=0) // cycle * cycle
+    curves = _val_by_model(progress, last)
+    if last == 0:
+        return {"points": [], "rows": {}, "ranking": {}}
+    points = sorted(
+        {last - int(0.4 * cycle), last - int(0.2 * cycle)} | set(range(cycle, last + 1, cycle))
+    )
+    rows, ranking = {}, {}
+    for model, curve in curves.items():
+        end, fifth = curve[last], curve.get(last - int(0.2 * cycle), math.nan)
+        falls = [(fifth - end) / fifth]
+        if last - cycle in curve and last > cycle:
+            falls.append((curve[last - cycle] - end) / curve[last - cycle])
+        rows[model] = {
+            "epe": [curve.get(k, math.nan) for k in points],
+            "fall_last_fifth": falls[0],
+            "fall_last_cycle": falls[1] if len(falls) > 1 else math.nan,
+            "plateau": bool(all(f < PLATEAU for f in falls)),
+        }
+    for k in points:
+        at = {m: curves[m][k] for m in rows if k in curves[m]}
+        ranking[k] = sorted(at, key=at.get)
+    return {"points": points, "rows": rows, "ranking": ranking}
+
+
+def convergence_table(conv: dict[str, Any]) -> list[str]:
+    if not conv["rows"]:
+        return ["No network has finished a cycle yet."]
+    points = conv["points"]
+    lines = [
+        "| network | "
+        + " | ".join(f"val EPE at {k}" for k in points)
+        + " | fall over the last fifth | fall over the last cycle | plateau |",
+        "|---|" + "---:|" * (len(points) + 2) + "---|",
+    ]
+    for model, r in conv["rows"].items():
+        cells = " | ".join(f"{e:.2f}" for e in r["epe"])
+        cycle = "–" if math.isnan(r["fall_last_cycle"]) else f"{r['fall_last_cycle']:.1%}"
+        verdict = "yes" if r["plateau"] else "no: still falling"
+        lines.append(f"| {model} | {cells} | {r['fall_last_fifth']:.1%} | {cycle} | {verdict} |")
+    lines += ["", "Ranking by validation EPE (best first):", ""]
+    lines += [f"- step {k}: " + " < ".join(order) for k, order in conv["ranking"].items()]
+    return lines
+
+
 def report(
     args: argparse.Namespace, runs: list[tuple[str, int]], cache: Path, limit: int | None
 ) -> None:
-    from study_2d import BATCH, DECAY_AT, LR, W_IMAGE, W_SMOOTH
+    from study_2d import BATCH, DECAY_AT, LR, STEPS, W_IMAGE, W_SMOOTH
 
     result = evaluate(args, runs, cache, limit)
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     sliding = sum(k == "sliding" for k in result["kinds"])
     done = sum(r["steps"] >= args.steps for r in result["progress"])
+    cycle = getattr(args, "cycle", STEPS)
+    result["convergence"] = convergence(result["progress"], cycle)
     lines = [
         "# 2D study: every variant on sliding motion (issue 14)",
         "",
         *provenance(),
         "",
         f"Recipe: {args.steps} steps planned per run, batch {BATCH}, Adam lr {LR} (a tenth "
-        f"from {DECAY_AT:.0%} of the steps), loss MSE "
+        f"from {DECAY_AT:.0%} of each cycle of {cycle} steps), loss MSE "
         f"to the true field + {W_SMOOTH} |grad u|^2 + {W_IMAGE:g} MSE(warped, fixed) over pairs "
         "of one contrast, float32, one thread per run; the model "
         "of the lowest validation EPE is tested. Test: "
@@ -321,6 +394,14 @@ def report(
         "## Training",
         "",
         *_progress_table(result),
+        "",
+        "## Convergence",
+        "",
+        f"A network is at its plateau when its validation EPE (mean over seeds) fell by less "
+        f"than {PLATEAU:.0%} over the last fifth of its last cycle (learning rate a tenth) "
+        "and, after a restart, over the whole last cycle.",
+        "",
+        *convergence_table(result["convergence"]),
         "",
         "## Test scores",
         "",

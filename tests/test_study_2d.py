@@ -103,9 +103,53 @@ def test_a_chunk_out_of_time_ends_with_runs_left_in_the_queue(tmp_path: Path) ->
     import time
 
     args = argparse.Namespace(
-        state=tmp_path, work=tmp_path, steps=10, val_every=5, time_limit=0.5, jobs=2
+        state=tmp_path, work=tmp_path, steps=10, val_every=5, time_limit=0.5, jobs=2, cycle=10
     )
     started = time.monotonic()
     study_2d.train_all(args, [("RAN0", 0), ("RAN3", 0)])
     assert time.monotonic() - started < 10
     assert not list(tmp_path.iterdir())  # nothing was trained
+
+
+def test_the_learning_rate_restarts_each_cycle_and_cycle_one_is_unchanged() -> None:
+    lr, cycle = study_2d.LR, study_2d.STEPS
+    decay = int(study_2d.DECAY_AT * cycle)
+    # the first cycle is the schedule the finished runs trained with (a tenth from 80 %)
+    assert [study_2d.lr_at(k) for k in (0, decay - 1, decay, cycle - 1)] == [
+        lr,
+        lr,
+        lr / 10,
+        lr / 10,
+    ]
+    # a longer budget restarts at the full rate and decays at the same fraction
+    assert study_2d.lr_at(cycle) == lr and study_2d.lr_at(cycle + decay - 1) == lr
+    assert study_2d.lr_at(cycle + decay) == lr / 10
+    assert study_2d.lr_at(7, cycle=10) == lr and study_2d.lr_at(8, cycle=10) == lr / 10
+
+
+def test_convergence_tells_a_plateau_from_a_falling_curve() -> None:
+    def run(name: str, epe: dict[int, float]) -> dict:
+        return {"run": name, "val": [(k, v, 0.0) for k, v in sorted(epe.items())]}
+
+    flat = {0: 10.0, 600: 8.0, 800: 5.0, 1000: 4.95}  # 1 % over the last fifth
+    falling = {0: 10.0, 600: 9.0, 800: 8.0, 1000: 7.0}  # 12.5 %
+    progress = [
+        run("A-s0", flat),
+        run("A-s1", {k: v + 0.1 for k, v in flat.items()}),
+        run("B-s0", falling),
+        run("B-s1", {0: 10.0, 600: 2.0}),  # unfinished seed: left out of B's curve
+    ]
+    conv = report.convergence(progress, cycle=1000)
+    assert conv["points"] == [600, 800, 1000]
+    assert conv["rows"]["A"]["plateau"] and not conv["rows"]["B"]["plateau"]
+    assert conv["rows"]["B"]["epe"] == [9.0, 8.0, 7.0]  # seed 1 did not reach step 1000
+    assert conv["rows"]["A"]["fall_last_fifth"] == pytest.approx((5.05 - 5.0) / 5.05)
+    assert conv["ranking"][600] == ["A", "B"] and conv["ranking"][1000] == ["A", "B"]
+    # a second cycle: A improves 10 % from its first cycle's end, so it is not at its plateau
+    again = [run("A-s0", {**flat, 1600: 4.6, 1800: 4.5, 2000: 4.455})]
+    conv = report.convergence(again, cycle=1000)
+    assert conv["points"] == [1000, 1600, 1800, 2000]
+    row = conv["rows"]["A"]
+    assert row["fall_last_fifth"] < 0.02 and row["fall_last_cycle"] == pytest.approx(0.1)
+    assert not row["plateau"]
+    assert any("no: still falling" in line for line in report.convergence_table(conv))
