@@ -309,27 +309,27 @@ def convergence(progress: list[dict[str, Any]], cycle: int) -> dict[str, Any]:
     """Has each network stopped improving, and does the ranking change late in training?
 
     Points: the end of every finished cycle, and 40 % and 20 % of a cycle before the last
-    one's end; per network the relative fall of the validation EPE over the last fifth
-    and from the previous cycle's end, and the verdict against :data:`PLATEAU`."""
-    steps = [step for r in progress for step, _, _ in r["val"]]
-    last = max(steps, default=0) // cycle * cycle
-    curves = _val_by_model(progress, last)
+    one's end; per network the relative fall of the validation EPE over the last cycle's
+    low-rate phase (from :data:`study_2d.DECAY_AT`) and from the previous cycle's end, and
+    the verdict against :data:`PLATEAU`."""
+    from study_2d import DECAY_AT
+
+    last = max((step for r in progress for step, _, _ in r["val"]), default=0) // cycle * cycle
     if last == 0:
         return {"points": [], "rows": {}, "ranking": {}}
-    points = sorted(
-        {last - int(0.4 * cycle), last - int(0.2 * cycle)} | set(range(cycle, last + 1, cycle))
-    )
+    curves = _val_by_model(progress, last)
+    decay = last - round((1 - DECAY_AT) * cycle)
+    points = sorted({last - int(0.4 * cycle), decay} | set(range(cycle, last + 1, cycle)))
     rows, ranking = {}, {}
     for model, curve in curves.items():
-        end, fifth = curve[last], curve.get(last - int(0.2 * cycle), math.nan)
-        falls = [(fifth - end) / fifth]
-        if last - cycle in curve and last > cycle:
-            falls.append((curve[last - cycle] - end) / curve[last - cycle])
+        end, start = curve[last], curve.get(decay, math.nan)
+        previous = curve.get(last - cycle, math.nan) if last > cycle else math.nan
+        fifth, whole = (start - end) / start, (previous - end) / previous
         rows[model] = {
             "epe": [curve.get(k, math.nan) for k in points],
-            "fall_last_fifth": falls[0],
-            "fall_last_cycle": falls[1] if len(falls) > 1 else math.nan,
-            "plateau": bool(all(f < PLATEAU for f in falls)),
+            "fall_last_fifth": fifth,
+            "fall_last_cycle": whole,
+            "plateau": bool(fifth < PLATEAU and not whole >= PLATEAU),  # NaN: no earlier cycle
         }
     for k in points:
         at = {m: curves[m][k] for m in rows if k in curves[m]}
@@ -360,14 +360,14 @@ def convergence_table(conv: dict[str, Any]) -> list[str]:
 def report(
     args: argparse.Namespace, runs: list[tuple[str, int]], cache: Path, limit: int | None
 ) -> None:
-    from study_2d import BATCH, DECAY_AT, LR, STEPS, W_IMAGE, W_SMOOTH
+    from study_2d import BATCH, DECAY_AT, LR, W_IMAGE, W_SMOOTH
 
     result = evaluate(args, runs, cache, limit)
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     sliding = sum(k == "sliding" for k in result["kinds"])
     done = sum(r["steps"] >= args.steps for r in result["progress"])
-    cycle = getattr(args, "cycle", STEPS)
+    cycle = args.cycle
     result["convergence"] = convergence(result["progress"], cycle)
     lines = [
         "# 2D study: every variant on sliding motion (issue 14)",
