@@ -115,9 +115,10 @@ def _window_provenance(cfg: TrainConfig) -> dict[str, Any]:
 def _channels_last(cfg: TrainConfig, device: torch.device, bf16: bool) -> bool:
     """Channels-last on the CPU by default, except for 2D networks trained in bf16: there
     torch 2.13's oneDNN crashes (segmentation fault) in the backward of dilated
-    convolutions (dilation >= 8 with most channel counts, as in RAN3/RAN4's RA modules), or
-    at dilation 4 returns NaN weight gradients without an error (18 channels, 96x128, an
-    AVX512-BF16 EPYC without AMX, 2026-12-02); 3D convolutions are not affected.
+    convolutions (dilation >= 8 with most channel counts, as in RAN3/RAN4's RA modules);
+    on an AVX512-BF16 EPYC without AMX already from dilation 4 (18 channels, 96x128), where
+    it may instead return NaN weight gradients without an error, while 3D at 48x40x64 and
+    the plain 2D layout stay finite (`python benchmarks/bf16_dilated_conv.py`, 2026-12-02).
     bf16 in the contiguous layout still beats float32 channels-last there (a RAN4+ step,
     batch 4 at 96x128, one thread of an AMD EPYC: 2.4 s against 2.9 s)."""
     risky = device.type == "cpu" and bf16 and cfg.model.ndim == 2
