@@ -97,6 +97,23 @@ def test_claims_are_paired_tests_in_the_right_direction() -> None:
     assert any(r.startswith("| RAN4+ | 2 |") and "±" in r for r in table)
 
 
+def test_the_best_network_is_chosen_by_validation_at_the_last_point() -> None:
+    conv = {"ranking": {2500: ["RAN4", "RAN0"], 5000: ["RAN0", "RAN4"]}}
+    claims = report.best_against_peers(conv)
+    assert {better for better, _, _ in claims} == {"RAN0"}  # the order at 5000, not 2500
+    assert {(peer, key) for _, peer, key in claims} == {
+        (peer, key) for peer in report.PEERS for key in ("epe_boundary_mm", "dice")
+    }
+    assert report.best_against_peers({"ranking": {}}) == ()
+    rows = lambda v: [{"epe_boundary_mm": x, "dice": 0.5} for x in v]  # noqa: E731
+    base = np.random.default_rng(1).uniform(8, 10, size=16)
+    scores = {"RAN0": {0: rows(base - 0.5)}, "identity": {0: rows(base)}}
+    lines = report.claims_table(scores, claims)
+    assert len(lines) == 2 + 2  # header, rule, and the two rows whose peer has scores
+    assert lines[2].startswith("| RAN0 better than identity | epe_boundary_mm | -0.500 |")
+    assert lines[2].endswith("| yes |")
+
+
 def test_a_chunk_out_of_time_ends_with_runs_left_in_the_queue(tmp_path: Path) -> None:
     """No run starts with under a minute left; the chunk returns instead of waiting."""
     import argparse
