@@ -6,6 +6,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage
+
+
+def smooth_image(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Gaussian-smoothed white noise (sigma 2 voxels), float32: texture for registration."""
+    rng = np.random.default_rng(seed)
+    return ndimage.gaussian_filter(rng.normal(size=shape), 2.0).astype(np.float32)
 
 
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None) -> Path:

@@ -24,6 +24,7 @@ from ranreg.options import RegistrationOptions
 from ranreg.pipeline import register_volumes
 from ranreg.refine import RefineSettings, refine_pair
 from ranreg.spatial import identity_grid
+from tests.helpers import smooth_image
 
 
 class ConstantShift(torch.nn.Module):
@@ -47,11 +48,6 @@ def oblique_affine(spacing, rotvec, origin) -> np.ndarray:
     a[:3, :3] = Rotation.from_rotvec(rotvec).as_matrix() @ np.diag(spacing)
     a[:3, 3] = origin
     return a
-
-
-def smooth_image(shape, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return ndimage.gaussian_filter(rng.normal(size=shape), 2.0).astype(np.float32)
 
 
 def test_ddf_is_the_whole_mapping_affine_then_network(monkeypatch) -> None:

@@ -6,6 +6,7 @@ float32/64; these settings only change the forward pass.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -92,7 +93,8 @@ def run_network(
 
     ``precision="bf16"`` runs the network under ``torch.autocast`` with bfloat16
     (convolutions in bf16, reductions and resampling as autocast keeps them); it is fast
-    where the hardware has bf16 units (CPUs with AVX512-BF16 or AMX, recent GPUs). With
+    where the hardware has bf16 units (CPUs with AVX512-BF16 or AMX, recent GPUs) and
+    warns elsewhere, where it is emulated and many times slower than fp32. With
     ``channels_last`` (default :func:`default_channels_last`) the weights and inputs use the
     channels-last memory layout; the model is converted in place. Models without weights
     (identity, classical peers) always run as they are.
@@ -101,6 +103,14 @@ def run_network(
         raise RanregError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     precision = resolve_precision(precision, fixed.device)
     neural = is_neural(model)
+    if neural and precision == "bf16" and not fast_bf16(fixed.device):
+        # measured on an AVX2-only CPU: bf16 convolutions fall back to a reference kernel
+        # (aten::slow_conv3d), ~70x slower than fp32 for RAN3
+        warnings.warn(
+            "bf16 is emulated on this device (no AVX512-BF16, AMX or bf16 GPU): the network "
+            "runs much slower than in fp32; --precision auto picks fp32 here",
+            stacklevel=2,
+        )
     if channels_last is None:
         channels_last = default_channels_last(fixed.device, precision)
     if neural and channels_last:
