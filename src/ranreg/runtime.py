@@ -104,8 +104,8 @@ def run_network(
     precision = resolve_precision(precision, fixed.device)
     neural = is_neural(model)
     if neural and precision == "bf16" and not fast_bf16(fixed.device):
-        # measured on an AVX2-only CPU: bf16 convolutions fall back to a reference kernel
-        # (aten::slow_conv3d), ~70x slower than fp32 for RAN3
+        # AVX2-only CPUs: bf16 3D convolutions fall back to a reference kernel
+        # (aten::slow_conv3d), >15x slower than fp32 for RAN3 (docs/registration.md)
         warnings.warn(
             "bf16 is emulated on this device (no AVX512-BF16, AMX or bf16 GPU): the network "
             "runs much slower than in fp32; --precision auto picks fp32 here",
