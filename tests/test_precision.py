@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 from ranreg import build_model
 from ranreg.cli import main
+from ranreg.data.datasets import crop_offsets
 from ranreg.data.io import Volume, load_label_volume, load_nifti
 from ranreg.demo import demo_files
 from ranreg.errors import RanregError
@@ -20,7 +21,7 @@ from ranreg.evaluate import _models, split_label, split_precision
 from ranreg.infer import IdentityModel, is_neural, register_volumes, resolve_model, run_network
 from ranreg.options import RegistrationOptions
 from ranreg.runtime import fast_bf16
-from tests.helpers import smooth_image
+from tests.helpers import smooth_image, write_nifti
 
 
 def _pair(ndim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,11 +50,10 @@ def test_bf16_runs_convolutions_in_bf16_and_returns_float32() -> None:
     first_conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv3d))
     hook = first_conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     moving, fixed = _pair(3)
-    if fast_bf16(torch.device("cpu")):
+    # where bf16 is emulated the user is told it is slow
+    emulated = not fast_bf16(torch.device("cpu"))
+    with pytest.warns(UserWarning, match="bf16 is emulated") if emulated else nullcontext():
         ddf, _ = run_network(net, moving, fixed, precision="bf16")
-    else:  # emulated: the user is told it is slow
-        with pytest.warns(UserWarning, match="bf16 is emulated"):
-            ddf, _ = run_network(net, moving, fixed, precision="bf16")
     hook.remove()
     ref, _ = run_network(net, moving, fixed, precision="fp32")
     assert seen == [torch.bfloat16] and ddf.dtype == torch.float32
@@ -73,8 +73,7 @@ def test_precision_does_not_touch_models_without_weights() -> None:
 
 def _central_half(vol: Volume) -> Volume:
     """The middle half of ``vol`` along each axis, with the affine moved to match."""
-    lo = [n // 4 for n in vol.shape]
-    box = tuple(slice(a, a + n // 2) for a, n in zip(lo, vol.shape, strict=True))
+    box, lo = crop_offsets(vol.shape, [n // 4 for n in vol.shape])
     affine = vol.affine.copy()
     affine[:3, 3] = vol.affine[:3, :3] @ np.asarray(lo, dtype=float) + vol.affine[:3, 3]
     return replace(vol, array=np.ascontiguousarray(vol.array[box]), affine=affine)
@@ -84,11 +83,11 @@ def test_bf16_costs_little_on_the_packaged_pair() -> None:
     """The packaged model on the packaged pair: bf16 moves the field by well under a voxel
     on average and changes the mean Dice by less than 0.01.
 
-    Where bf16 is emulated (no AVX512-BF16 or AMX) the network runs ~50x slower in bf16,
-    so there the check runs on the middle half of the pair along each axis (1/8 of it) and
-    without instance optimisation: on the crop, refinement amplifies the small bf16
-    difference at the crop's cut edges into a different local optimum, which says nothing
-    about the precision of the network itself."""
+    Where bf16 is emulated (no AVX512-BF16 or AMX) the network runs many times slower in
+    bf16 (docs/registration.md), so there the check runs on the middle half of the pair
+    along each axis (1/8 of it) and without instance optimisation: on the crop, refinement
+    amplifies the small bf16 difference at the crop's cut edges into a different local
+    optimum, which says nothing about the precision of the network itself."""
     f = demo_files()
     vols = [load_nifti(f["moving_image"]), load_nifti(f["fixed_image"])]
     vols += [load_label_volume(f["moving_labels"]), load_label_volume(f["fixed_labels"])]
@@ -141,8 +140,7 @@ def test_cli_records_precision_and_refuses_unknown(tmp_path: Path, capsys) -> No
     # a small pair: bf16 is emulated (slow) on CPUs without AVX512-BF16 or AMX
     a = np.diag([4.0, 4.0, 4.0, 1.0])
     for name, seed in (("f", 5), ("m", 6)):
-        img = smooth_image((24, 20, 28), seed) * 500
-        nib.save(nib.Nifti1Image(img.astype(np.float32), a), tmp_path / f"{name}.nii.gz")
+        write_nifti(tmp_path / f"{name}.nii.gz", smooth_image((24, 20, 28), seed) * 500, a)
     pair = ["--fixed", str(tmp_path / "f.nii.gz"), "--moving", str(tmp_path / "m.nii.gz")]
     out = tmp_path / "reg"
     args = ["register", *pair, "--out", str(out), "--precision", "bf16", "--no-channels-last"]
