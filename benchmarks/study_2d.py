@@ -89,9 +89,10 @@ def build(model: str, seed: int) -> Any:
 
 # ----------------------------------------------------------------------------- one run
 def predict(net: Any, pairs: list[dict[str, Any]], chunk: int = 8) -> list[np.ndarray]:
-    """The network's field for every pair (batched by plane shape)."""
+    """The network's field for every pair (batched by plane shape), on the net's device."""
     import torch
 
+    device = next(net.parameters()).device
     net.eval()
     out: dict[int, np.ndarray] = {}
     by_shape: dict[tuple[int, ...], list[int]] = {}
@@ -103,7 +104,8 @@ def predict(net: Any, pairs: list[dict[str, Any]], chunk: int = 8) -> list[np.nd
                 part = idx[k : k + chunk]
                 m = torch.from_numpy(np.stack([pairs[i]["moving"] for i in part]))[:, None]
                 f = torch.from_numpy(np.stack([pairs[i]["fixed"] for i in part]))[:, None]
-                for i, d in zip(part, net(m, f).float().numpy(), strict=True):
+                ddf = net(m.to(device), f.to(device)).float().cpu()
+                for i, d in zip(part, ddf.numpy(), strict=True):
                     out[i] = d
     net.train()
     return [out[i] for i in range(len(pairs))]
@@ -144,9 +146,12 @@ def train_run(
     val_every: int,
     minutes: float,
     cycle: int = STEPS,
+    device: str = "cpu",
 ) -> int:
     """Train (or continue) one network until ``steps`` or ``minutes``, the learning rate
-    restarting every ``cycle`` steps (:func:`lr_at`); returns the step."""
+    restarting every ``cycle`` steps (:func:`lr_at`), on ``device``; returns the step.
+    Batches are drawn on the CPU (they depend on seed and step only); on a GPU, TF32 is
+    off so that the recipe stays float32."""
     import torch
     from study_2d_data import known_pairs, load_split, training_batch
 
@@ -156,8 +161,9 @@ def train_run(
     from ranreg.spatial import warp
 
     torch.set_num_threads(1)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     train, val = load_split("train", cache), known_pairs(load_split("val", cache), VAL_SEED)
-    net = build(model, seed)
+    net = build(model, seed).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=LR)
     ckpt, step, best = run / "checkpoint", 0, math.inf
     run.mkdir(parents=True, exist_ok=True)
@@ -192,7 +198,7 @@ def train_run(
     while step < steps and time.monotonic() - started < 60 * minutes:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cycle)
-        batch = training_batch(train, seed, step, BATCH)
+        batch = {k: v.to(device) for k, v in training_batch(train, seed, step, BATCH).items()}
         ddf = net(batch["moving"], batch["fixed"]).float()
         if not bool(torch.isfinite(ddf).all()):  # grid_sample would crash the process on it
             raise RuntimeError(f"{run.name}: non-finite field at step {step}")
@@ -273,6 +279,8 @@ def train_all(args: argparse.Namespace, runs: list[tuple[str, int]]) -> None:
                 str(args.work),
                 "--time-limit",
                 f"{left:.2f}",
+                "--device",
+                args.device,
             ]
             print(f"training {run_name(model, seed)} ({left:.0f} min left)", flush=True)
             active.append(subprocess.Popen(cmd, env=env))
@@ -288,6 +296,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "study-2d.md")
     p.add_argument("--time-limit", type=float, default=60.0, help="minutes of training")
     p.add_argument("--jobs", type=int, default=2, help="runs trained at once")
+    p.add_argument("--device", default="cpu", help="where the runs train: cpu, cuda, cuda:N")
     p.add_argument("--steps", type=int, default=STEPS, help="steps per run (all cycles)")
     p.add_argument("--cycle", type=int, default=STEPS, help="steps per learning-rate cycle")
     p.add_argument("--val-every", type=int, default=VAL_EVERY)
@@ -302,7 +311,7 @@ def main() -> int:
         model, seed = args.worker[0], int(args.worker[1])
         run = args.state / run_name(model, seed)
         steps, minutes = args.steps, args.time_limit
-        train_run(model, seed, run, cache, steps, args.val_every, minutes, args.cycle)
+        train_run(model, seed, run, cache, steps, args.val_every, minutes, args.cycle, args.device)
         return 0
     if args.quick:
         args.state, args.out = args.work / "quick", args.out.with_name("study-2d-quick.md")

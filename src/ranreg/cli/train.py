@@ -13,10 +13,15 @@ from ranreg.train import _is_main, train
 
 def _run(args: Any) -> int:
     from ranreg.config import load_config
+    from ranreg.errors import RanregError
 
     cfg = load_config(args.config)
     if args.device:
         cfg.device = args.device
+    if args.num_workers is not None:  # batches depend on the step alone, not on the workers
+        if args.num_workers < 0:
+            raise RanregError(f"--num-workers must be 0 or more, got {args.num_workers}")
+        cfg.num_workers = args.num_workers
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     try:
         summary = train(
@@ -67,5 +72,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-steps", type=int, help="stop after this many steps (a chunk)")
     p.add_argument("--time-limit", type=float, help="stop after this many minutes (a chunk)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the config)")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        help="processes preparing batches (overrides the config; a GPU needs several)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
