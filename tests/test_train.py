@@ -209,6 +209,25 @@ def test_bad_data_folders_exit_2(tmp_path: Path, capsys, problem: str) -> None:
     assert hint in err[0]
 
 
+def test_loader_workers_do_not_change_a_run(tmp_path: Path, capsys) -> None:
+    """``--num-workers``: batches depend on the step alone, so workers give the same run."""
+    path = _write_cfg(tmp_path, shapes_config(steps=(3, 2)))
+    for name, workers in (("w0", "0"), ("w2", "2")):
+        out = str(tmp_path / name)
+        args = ["train", "--config", str(path), "--out", out, "--no-progress"]
+        assert main([*args, "--num-workers", workers]) == 0
+    w0, w2 = weights(tmp_path / "w0"), weights(tmp_path / "w2")
+    assert w0.keys() == w2.keys()
+    for key in w0:
+        torch.testing.assert_close(w0[key], w2[key], rtol=1e-5, atol=1e-6)
+    capsys.readouterr()
+    bad = ["train", "--config", str(path), "--out", str(tmp_path / "bad"), "--num-workers", "-1"]
+    assert main(bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --num-workers must be 0 or more, got -1"]
+    assert not (tmp_path / "bad").exists()
+
+
 def test_missing_config_file_exit_2(tmp_path: Path, capsys) -> None:
     assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
