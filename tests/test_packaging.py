@@ -33,6 +33,8 @@ def test_wheel_holds_models_demo_data_and_every_module(wheel: Path) -> None:
         "ranreg/pretrained/ran3-abdomen-weak.safetensors",
         "ranreg/pretrained/ran3-abdomen-weak.json",
         "ranreg/pretrained/ran3-abdomen-weak.md",
+        "ranreg/pretrained/ran3-abdomen-synth.safetensors",
+        "ranreg/pretrained/ran3-abdomen-synth.md",
         "ranreg/demo_data/fixed_image.nii.gz",
         "ranreg/demo_data/moving_labels.nii.gz",
         "ranreg/py.typed",

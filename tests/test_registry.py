@@ -34,8 +34,25 @@ def test_every_kind_of_method_is_registered_once() -> None:
         register_method("RAN3", kind="network", summary="again")(lambda **o: None)
 
 
+def test_packaged_synth_weights_are_inverse_consistent() -> None:
+    """``ran3.abdomen-synth``: f(a, a) = 0 exactly and f(b, a) undoes f(a, b)."""
+    from ranreg.spatial import compose_ddf
+
+    model = create_model("ran3.abdomen-synth").eval()
+    assert model.config["inverse_consistent"] and model.config["trained_steps"] >= 10000
+    gen = torch.Generator().manual_seed(0)
+    blur = torch.nn.AvgPool3d(5, stride=1, padding=2)
+    a, b = (blur(torch.rand(1, 1, 32, 24, 40, generator=gen)) for _ in range(2))
+    with torch.no_grad():
+        assert float(model(a, a).abs().max()) == 0.0
+        ab, ba = model(a, b), model(b, a)
+    round_trip = compose_ddf(ab, ba).abs().mean()
+    assert float(ab.abs().mean()) > 0.05  # a real field, not a zero one
+    assert float(round_trip) < 0.1 * float(ab.abs().mean())
+
+
 def test_packaged_weights_are_arch_dot_tag_and_old_names_still_work() -> None:
-    assert list_pretrained() == ["ran3.abdomen-cpu", "ran3.abdomen-weak"]
+    assert list_pretrained() == ["ran3.abdomen-cpu", "ran3.abdomen-weak", "ran3.abdomen-synth"]
     assert list_pretrained("RAN3") == list_pretrained() and list_pretrained("ran4+") == []
     model = create_model("ran3.abdomen-weak")
     stored = load_file(str(path_of("ran3.abdomen-weak")))

@@ -15,6 +15,7 @@ from pathlib import Path
 PRETRAINED: dict[str, str] = {
     "ran3.abdomen-cpu": "ran3-abdomen-cpu.safetensors",
     "ran3.abdomen-weak": "ran3-abdomen-weak.safetensors",
+    "ran3.abdomen-synth": "ran3-abdomen-synth.safetensors",
 }
 
 #: names of ranreg 0.2, still accepted
