@@ -28,12 +28,16 @@ figures) with the command, date and machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +141,26 @@ def _append_csv(path: Path, row: dict[str, Any], keep_below: int | None = None) 
     tmp.replace(path)
 
 
+@contextlib.contextmanager
+def stop_signals(on_stop: Callable[[], None] | None = None) -> Iterator[threading.Event]:
+    """An event set by SIGTERM or SIGINT while inside (then ``on_stop()``), so that a chunk
+    stopped by hand ends after its current step with its state and chunk row kept; the
+    previous handlers come back on exit."""
+    event = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        event.set()
+        if on_stop is not None:
+            on_stop()
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield event
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+
 def train_run(
     model: str,
     seed: int,
@@ -193,9 +217,7 @@ def train_run(
             best = row["epe_mm"]
             save_model(net, run / "model-best", extra={"trained_steps": step, **row})
 
-    if step == 0:
-        validate()
-    while step < steps and time.monotonic() - started < 60 * minutes:
+    def train_step() -> None:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cycle)
         batch = {k: v.to(device) for k, v in training_batch(train, seed, step, BATCH).items()}
@@ -208,11 +230,17 @@ def train_run(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        step += 1
         losses.append(float(loss.detach()))
-        if step % val_every == 0 or step == steps:
-            validate()
-            checkpoint()
+
+    if step == 0:
+        validate()
+    with stop_signals() as stopped:
+        while step < steps and not stopped.is_set() and time.monotonic() - started < 60 * minutes:
+            train_step()
+            step += 1
+            if step % val_every == 0 or step == steps:
+                validate()
+                checkpoint()
     if step > first:
         checkpoint()
         per_step = (time.monotonic() - started) / (step - first)
@@ -243,23 +271,45 @@ def trained_steps(run: Path) -> int:
     return int(rows[-1]["last_step"]) if rows else 0
 
 
-def train_all(args: argparse.Namespace, runs: list[tuple[str, int]]) -> None:
+def train_all(args: argparse.Namespace, runs: list[tuple[str, int]]) -> bool:
     """The unfinished runs, ``--jobs`` at a time, each a process on one thread, until
-    ``--time-limit`` minutes from now."""
+    ``--time-limit`` minutes from now. SIGTERM or SIGINT stops the chunk: the running runs
+    end after their current step with their state and chunk row, no other run starts;
+    returns whether it was stopped so."""
     deadline = time.monotonic() + 60 * args.time_limit
     queue = [r for r in runs if trained_steps(args.state / run_name(*r)) < args.steps]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env["STUDY_2D_COMMAND"] = command_line()  # logged with each run's chunk
     active: list[subprocess.Popen] = []
+
+    def forward() -> None:
+        for p in active:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    with stop_signals(forward) as stopped:
+        _schedule(args, queue, active, deadline, env, stopped)
+    return stopped.is_set()
+
+
+def _schedule(
+    args: argparse.Namespace,
+    queue: list[tuple[str, int]],
+    active: list[subprocess.Popen],
+    deadline: float,
+    env: dict[str, str],
+    stopped: threading.Event,
+) -> None:
+    """Start queued runs while there is time and no stop, until none is left running."""
     while queue or active:
         for p in active:
             if p.poll() not in (None, 0):  # a crashed run must not pass unnoticed
                 print(
                     f"error: {p.args[3]}-s{p.args[4]} exited with code {p.returncode}", flush=True
                 )
-        active = [p for p in active if p.poll() is None]
+        active[:] = [p for p in active if p.poll() is None]  # in place: forward() reads it
         left = (deadline - time.monotonic()) / 60
-        while queue and len(active) < args.jobs and left > 1:
+        while queue and not stopped.is_set() and len(active) < args.jobs and left > 1:
             model, seed = queue.pop(0)
             cmd = [
                 sys.executable,
@@ -284,7 +334,7 @@ def train_all(args: argparse.Namespace, runs: list[tuple[str, int]]) -> None:
             ]
             print(f"training {run_name(model, seed)} ({left:.0f} min left)", flush=True)
             active.append(subprocess.Popen(cmd, env=env))
-        if not active and (not queue or left <= 1):  # done, or no time for another run
+        if not active and (stopped.is_set() or not queue or left <= 1):  # done, or no time
             break
         time.sleep(2)
 
@@ -326,8 +376,9 @@ def main() -> int:
     for split in ("train", "val", "test"):
         load_split(split, cache)  # painted and cut once, before the workers read them
     runs = runs_of(tuple(args.models))
-    if not args.report:
-        train_all(args, runs)
+    if not args.report and train_all(args, runs):
+        print("stopped: every run kept its state and chunk row; rerun to continue", flush=True)
+        return 0
     from study_2d_report import report
 
     report(args, runs, cache, QUICK["test_pairs"] if args.quick else None)

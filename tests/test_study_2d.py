@@ -77,6 +77,43 @@ def test_a_resumed_run_is_the_uninterrupted_run(tmp_path: Path) -> None:
     assert study_2d.trained_steps(tmp_path / "b" / "run") == 2
 
 
+def test_a_chunk_stopped_by_sigterm_keeps_its_state_and_chunk_row(tmp_path: Path) -> None:
+    """SIGTERM to a chunk ends each run after its current step: checkpoint and chunk row
+    agree on that step, no report is written, the exit is clean, and the run continues."""
+    import csv
+    import json
+    import signal
+    import subprocess
+    import time
+
+    planes = _planes()
+    for split, part in (("train", planes), ("val", planes[:2]), ("test", planes[:2])):
+        data.write_split(tmp_path / "data" / f"{split}.npz", part)
+    study = [sys.executable, str(BENCH / "study_2d.py"), "--models", "RAN0", "--jobs", "1"]
+    where = ["--state", str(tmp_path / "state"), "--work", str(tmp_path), "--val-every", "1000"]
+    report_md = tmp_path / "study-2d.md"
+    proc = subprocess.Popen(
+        [*study, *where, "--out", str(report_md), "--steps", "100000", "--time-limit", "5"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    run = tmp_path / "state" / "RAN0-s0"
+    deadline = time.monotonic() + 120
+    while not (run / "val_log.csv").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)  # the step-0 validation is written just before training starts
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)  # to the chunk, which passes it on to its runs
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stopped: every run kept its state" in out, out
+    assert not report_md.exists()
+    step = json.loads((run / "checkpoint" / "model.json").read_text())["trained_steps"]
+    (row,) = list(csv.DictReader((run / "chunks.csv").open()))
+    assert 0 < step < 100000 and int(row["first_step"]) == 1 and int(row["last_step"]) == step
+    assert study_2d.trained_steps(run) == step
+    # the stopped run goes on from there
+    assert study_2d.train_run("RAN0", 0, run, tmp_path / "data", step + 1, 1000, 5.0) == step + 1
+
+
 def test_claims_are_paired_tests_in_the_right_direction() -> None:
     rng = np.random.default_rng(0)
     base = rng.uniform(2, 4, size=20)
