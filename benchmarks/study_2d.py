@@ -28,7 +28,6 @@ figures) with the command, date and machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import math
 import os
@@ -37,12 +36,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from common import ROOT, command_line, machine
+
+from ranreg.signals import stop_signals
 
 HERE = Path(__file__).resolve()
 #: network -> seeds; the comparison that matters most (RA modules or not) gets three
@@ -139,26 +139,6 @@ def _append_csv(path: Path, row: dict[str, Any], keep_below: int | None = None) 
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(path)
-
-
-@contextlib.contextmanager
-def stop_signals(on_stop: Callable[[], None] | None = None) -> Iterator[threading.Event]:
-    """An event set by SIGTERM or SIGINT while inside (then ``on_stop()``), so that a chunk
-    stopped by hand ends after its current step with its state and chunk row kept; the
-    previous handlers come back on exit."""
-    event = threading.Event()
-
-    def handler(signum: int, frame: Any) -> None:
-        event.set()
-        if on_stop is not None:
-            on_stop()
-
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield event
-    finally:
-        for sig, previous in old.items():
-            signal.signal(sig, previous)
 
 
 def train_run(

@@ -209,6 +209,37 @@ def test_bad_data_folders_exit_2(tmp_path: Path, capsys, problem: str) -> None:
     assert hint in err[0]
 
 
+def test_sigterm_ends_a_chunk_after_its_step_with_state_kept(tmp_path: Path) -> None:
+    """A scheduler's SIGTERM stops ``ranreg train`` like its time limit: exit 0, a
+    checkpoint of the last step, the kept state exported, and the run resumes."""
+    import signal
+    import time
+
+    raw = shapes_config(steps=(100000, 1), checkpoint_every=1000, val_every=100000)
+    path = _write_cfg(tmp_path, raw)
+    out, state = tmp_path / "run", tmp_path / "state"
+    args = ["train", "--config", str(path), "--out", str(out), "--state", str(state)]
+    cmd = [sys.executable, "-m", "ranreg.cli", *args, "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = out / "train_log.csv", time.monotonic() + 120
+    while time.monotonic() < deadline and (
+        not log.is_file() or len(log.read_text().splitlines()) < 4
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    step = json.loads((out / "checkpoint" / "model.json").read_text())["trained_steps"]
+    assert 3 <= step < 1000 and f"paused (resume with --resume) at step {step}/" in stdout
+    logged = [int(r["step"]) for r in csv.DictReader(log.open())]
+    assert logged == list(range(1, step + 1))  # every step up to the checkpoint, once
+    (chunk,) = list(csv.DictReader((state / "chunks.csv").open()))
+    assert int(chunk["last_step"]) == step
+    assert main([*args, "--no-progress", "--max-steps", "1"]) == 0
+    resumed = json.loads((state / "checkpoint" / "model.json").read_text())
+    assert resumed["trained_steps"] == step + 1
+
+
 def test_loader_workers_do_not_change_a_run(tmp_path: Path, capsys) -> None:
     """``--num-workers``: batches depend on the step alone, so workers give the same run."""
     path = _write_cfg(tmp_path, shapes_config(steps=(3, 2)))

@@ -36,6 +36,7 @@ from ranreg.nn import build_model
 from ranreg.nn.blocks import channels_last_format
 from ranreg.objectives import organ_classes, stage_loss
 from ranreg.runtime import fast_bf16
+from ranreg.signals import stop_signals
 from ranreg.train_data import StepSamples, load_subjects
 from ranreg.train_logs import BEST_DIR, TrainLogs, check_run_folder
 from ranreg.training_state import export_state, machine, restore_state
@@ -400,8 +401,10 @@ def train(
     ``resume`` (continue it) or ``overwrite`` (start again over it).
 
     ``max_steps``/``time_limit`` (seconds) end this invocation early with a checkpoint, so
-    long trainings run in chunks (``--resume`` continues). ``on_step(global_step)`` is
-    called after every optimizer step (tests use it to simulate a crash). ``state``: a
+    long trainings run in chunks (``--resume`` continues); so does SIGTERM or SIGINT in a
+    single-process run, after the step under way (:mod:`ranreg.signals`).
+    ``on_step(global_step)`` is called after every optimizer step (tests use it to
+    simulate a crash). ``state``: a
     folder that keeps the run across machines (:mod:`ranreg.training_state`): the run
     continues from it or from the run folder's checkpoint, whichever is further, and it is
     replaced at the end of the chunk; ``command`` is logged with the chunk.
@@ -433,16 +436,22 @@ def train(
     shown = progress and run.main
     run.bar = tqdm(total=total, initial=run.step, desc="train", file=sys.stderr, disable=not shown)
 
-    def budget() -> bool:
-        return (max_steps is not None and run.steps_this_run >= max_steps) or (
-            time_limit is not None and time.monotonic() - run.started >= time_limit
-        )
+    with stop_signals() as stopped:
 
-    start = 0
-    for index, stage in enumerate(cfg.stages):
-        if run.step < start + stage.steps and run.run_stage(index, start, train_state, budget):
-            break
-        start += stage.steps
+        def budget() -> bool:
+            # a stop signal ends a single-process chunk like its time limit; replicas of a
+            # data-parallel run would stop at different steps, so they keep the default
+            return (
+                (run.world == 1 and stopped.is_set())
+                or (max_steps is not None and run.steps_this_run >= max_steps)
+                or (time_limit is not None and time.monotonic() - run.started >= time_limit)
+            )
+
+        start = 0
+        for index, stage in enumerate(cfg.stages):
+            if run.step < start + stage.steps and run.run_stage(index, start, train_state, budget):
+                break
+            start += stage.steps
     run.bar.close()
 
     summary = run.summary(total)
