@@ -19,7 +19,6 @@
 # step, 2D RAN4+ 0.09 s, all sharing the GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STUDY_RUNS=${STUDY_RUNS:-"RAN4+ 0,RAN4 0,RAN4+-noRA 0,RAN3 0,RAN0 0,VoxelMorph-pkg 0,RAN4+ 1,RAN4+-noRA 1,RAN4+ 2,RAN4+-noRA 2"}
 DEVICE=${DEVICE:-cuda}  # cpu: a dry run of the same steps
 PY=${PY:-python3}  # the machine's Python with torch
 EXCLUDE=.git/info/exclude
@@ -57,33 +56,33 @@ prepare() {
     du -sh .gpu
 }
 
-run_study() {  # every run below the next cycle end, one process each
-    local minutes=$1 steps cycle=2500 run model seed
-    steps=$(python3 - <<'EOF'
-import csv, glob
-done = [int(list(csv.DictReader(open(f)))[-1]["last_step"])
-        for f in glob.glob("training-state/study-2d/*/chunks.csv")]
-print((min(done) // 2500 + 1) * 2500)
-EOF
-)
-    export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-    export STUDY_2D_COMMAND="bash scripts/gpu-chunk.sh run $minutes study (to step $steps)"
-    "$PY" - <<'EOF'  # the planes are cut once, before the runs read them
+run_study() {  # every run to its next cycle end, one process each
+    local minutes=$1 plan steps runs model seed
+    plan=$("$PY" - <<'EOF'  # cut the planes once; the target step and the runs, from the study
 import sys
 from pathlib import Path
 sys.path.insert(0, "benchmarks")
+from study_2d import SEEDS, STEPS, run_name, runs_of, trained_steps
 from study_2d_data import load_split
 for split in ("train", "val"):
     load_split(split, Path("runs/study-2d/data"))
+runs = runs_of(tuple(SEEDS))
+done = min(trained_steps(Path("training-state/study-2d") / run_name(*r)) for r in runs)
+print((done // STEPS + 1) * STEPS)
+print("\n".join(f"{model} {seed}" for model, seed in runs))
 EOF
-    IFS=, read -ra runs <<<"$STUDY_RUNS"
-    for run in "${runs[@]}"; do
-        read -r model seed <<<"$run"
+)
+    steps=$(head -n 1 <<<"$plan")
+    runs=$(tail -n +2 <<<"$plan")
+    [ -z "${STUDY_RUNS:-}" ] || runs=$(tr , '\n' <<<"$STUDY_RUNS")  # a dry run's subset
+    export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+    export STUDY_2D_COMMAND="bash scripts/gpu-chunk.sh run $minutes study (to step $steps)"
+    while read -r model seed; do
         timeout "$(limit "$minutes" 240)" "$PY" benchmarks/study_2d.py --worker "$model" "$seed" \
-            --steps "$steps" --cycle $cycle --state training-state/study-2d \
-            --work runs/study-2d --time-limit "$minutes" --device "$DEVICE" \
+            --steps "$steps" --state training-state/study-2d --work runs/study-2d \
+            --time-limit "$minutes" --device "$DEVICE" \
             >"$OUT/log/study-${model//+/p}-$seed.log" 2>&1 &
-    done
+    done <<<"$runs"
     wait
 }
 

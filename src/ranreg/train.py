@@ -404,10 +404,10 @@ def train(
     long trainings run in chunks (``--resume`` continues); so does SIGTERM or SIGINT in a
     single-process run, after the step under way (:mod:`ranreg.signals`).
     ``on_step(global_step)`` is called after every optimizer step (tests use it to
-    simulate a crash). ``state``: a
-    folder that keeps the run across machines (:mod:`ranreg.training_state`): the run
-    continues from it or from the run folder's checkpoint, whichever is further, and it is
-    replaced at the end of the chunk; ``command`` is logged with the chunk.
+    simulate a crash). ``state``: a folder that keeps the run across machines
+    (:mod:`ranreg.training_state`): the run continues from it or from the run folder's
+    checkpoint, whichever is further, and it is replaced at the end of the chunk;
+    ``command`` is logged with the chunk.
     """
     out = Path(out_dir)
     started = (time.time(), time.monotonic())
