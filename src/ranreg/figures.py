@@ -208,6 +208,20 @@ def _overlay_legend(
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8)
 
 
+#: smallest colour scale of the difference panels, as a fraction of the display range:
+#: without it a pair that starts aligned (self-registration) is shown on a scale set by
+#: nothing, and interpolation noise after registration saturates the panel
+DIFF_FLOOR = 0.05
+
+
+def difference_scale(fixed_scaled: np.ndarray, moving_scaled: np.ndarray) -> float:
+    """Top of the colour scale of the |difference| panels, both images scaled to [0, 1]:
+    the 99.5th percentile of the difference before registration, at least
+    :data:`DIFF_FLOOR`."""
+    before = float(np.percentile(np.abs(fixed_scaled - moving_scaled), 99.5))
+    return max(before, DIFF_FLOOR)
+
+
 def overlay_figure(
     fixed: np.ndarray,
     moving_on_fixed: np.ndarray,
@@ -251,7 +265,7 @@ def overlay_figure(
     fix_rng, mov_rng = _display_range(fix), _display_range(mov)
     scaled = (_scaled(fix, fix_rng), _scaled(mov, mov_rng), _scaled(wrp, mov_rng))
     # one colour scale for both differences, so that before and after compare directly
-    diff_max = max(float(np.percentile(np.abs(scaled[0] - scaled[1]), 99.5)), 1e-3)
+    diff_max = difference_scale(scaled[0], scaled[1])
     flab: np.ndarray | None = None
     colors: dict[int, Any] = {}
     if fixed_label is not None:
