@@ -240,6 +240,49 @@ def test_sigterm_ends_a_chunk_after_its_step_with_state_kept(tmp_path: Path) -> 
     assert resumed["trained_steps"] == step + 1
 
 
+def _replica_signalled_at_step_2(rank: int, world: int, port: int, raw: dict, out: str) -> None:
+    """One data-parallel replica (spawned); rank 1 alone receives SIGTERM after step 2."""
+    import signal
+
+    import torch.distributed as dist
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+
+    def on_step(step: int) -> None:
+        if rank == 1 and step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    train(parse_config(raw), out, progress=False, on_step=on_step)
+    dist.destroy_process_group()
+
+
+def test_a_signal_to_one_replica_stops_every_replica_after_the_same_step(tmp_path: Path) -> None:
+    """Data-parallel replicas agree each step on stopping: SIGTERM to one of two stops both
+    after the next step, with identical weights and a checkpoint of that step."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    raw = shapes_config(steps=(40, 1), size=(32, 32), checkpoint_every=1000, val_every=1000)
+    out = tmp_path / "run"
+    mp.spawn(_replica_signalled_at_step_2, args=(2, port, raw, str(out)), nprocs=2, join=True)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 3 and not summary["finished"]
+    a, b = summary["replica_checksums"]
+    assert a == b
+    assert json.loads((out / "checkpoint" / "model.json").read_text())["trained_steps"] == 3
+
+
 def test_loader_workers_do_not_change_a_run(tmp_path: Path, capsys) -> None:
     """``--num-workers``: batches depend on the step alone, so workers give the same run."""
     path = _write_cfg(tmp_path, shapes_config(steps=(3, 2)))

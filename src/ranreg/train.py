@@ -92,6 +92,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _any_replica(flag: bool, world: int, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any replica (every replica must call this at the same
+    step): a stop signal or a time limit that one replica sees stops them all at once."""
+    if world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _gather_checksums(model: torch.nn.Module, world: int) -> list[float]:
     with torch.no_grad():
         mine = float(sum((p.double() * (i + 1)).sum() for i, p in enumerate(model.parameters())))
@@ -402,7 +412,8 @@ def train(
 
     ``max_steps``/``time_limit`` (seconds) end this invocation early with a checkpoint, so
     long trainings run in chunks (``--resume`` continues); so does SIGTERM or SIGINT in a
-    single-process run, after the step under way (:mod:`ranreg.signals`).
+    run (every replica of a data-parallel one), after the step under way
+    (:mod:`ranreg.signals`).
     ``on_step(global_step)`` is called after every optimizer step (tests use it to
     simulate a crash). ``state``: a folder that keeps the run across machines
     (:mod:`ranreg.training_state`): the run continues from it or from the run folder's
@@ -439,13 +450,14 @@ def train(
     with stop_signals() as stopped:
 
         def budget() -> bool:
-            # a stop signal ends a single-process chunk like its time limit; replicas of a
-            # data-parallel run would stop at different steps, so they keep the default
-            return (
-                (run.world == 1 and stopped.is_set())
+            # a stop signal ends the chunk like its time limit; data-parallel replicas agree
+            # on it every step, so that all stop after the same one
+            local = (
+                stopped.is_set()
                 or (max_steps is not None and run.steps_this_run >= max_steps)
                 or (time_limit is not None and time.monotonic() - run.started >= time_limit)
             )
+            return _any_replica(local, run.world, run.device)
 
         start = 0
         for index, stage in enumerate(cfg.stages):
