@@ -63,7 +63,7 @@ def test_ddf_is_the_whole_mapping_affine_then_network(monkeypatch) -> None:
     monkeypatch.setattr(pipeline, "register_affine", lambda f, m, s, images=None: world)
     shift = (0.7, -0.4, 0.5)  # fixed voxels (the network runs on the fixed grid)
     res = register_volumes(
-        ConstantShift(shift), moving, fixed, options=RegistrationOptions(fast=True)
+        ConstantShift(shift), moving, fixed, options=RegistrationOptions(fast=True, tta=False)
     )
     x = identity_grid(fixed.shape, dtype=torch.float64).numpy().reshape(3, -1)
     p = a_f[:3, :3] @ x + a_f[:3, 3:]
@@ -78,6 +78,57 @@ def test_ddf_is_the_whole_mapping_affine_then_network(monkeypatch) -> None:
     # Jacobian of the whole map: det of the rotation (1) times det(I + dv/dx) (1)
     np.testing.assert_allclose(res.jacobian, 1.0, atol=1e-5)
     np.testing.assert_allclose(res.world_map, world)
+
+
+class HalfwayByCentroid(torch.nn.Module):
+    """A 'network' that moves by half the offset between the images' centres of mass: it
+    commutes with flips, as a network trained on flipped pairs should."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.config = {"name": "halfway", "ndim": 3, "window": None, "spacing": (4.0,) * 3}
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        grid = identity_grid(fixed.shape[2:], dtype=torch.float32)
+
+        def centre(image: torch.Tensor) -> torch.Tensor:
+            weight = image[0, 0].float()
+            return (grid * weight).flatten(1).sum(1) / weight.sum()
+
+        offset = 0.5 * (centre(moving) - centre(fixed)) * self.w
+        return offset.view(1, 3, 1, 1, 1).expand(1, 3, *fixed.shape[2:]).contiguous()
+
+
+def _blob_pair(d_mm: np.ndarray) -> tuple[Volume, Volume]:
+    """A gaussian blob (2 mm voxels) and a copy moved by ``d_mm``."""
+    a = np.diag([2.0, 2.0, 2.0, 1.0])
+    grid = identity_grid((40, 40, 40), dtype=torch.float64).numpy()
+
+    def blob(centre_vox: np.ndarray) -> np.ndarray:
+        r2 = ((grid - centre_vox[:, None, None, None]) ** 2).sum(0)
+        return np.exp(-r2 / (2 * 4.0**2)).astype(np.float32)
+
+    centre = np.array([19.5, 19.5, 19.5])
+    fixed = Volume(blob(centre), a, (2.0,) * 3)
+    return fixed, Volume(blob(centre + d_mm / 2.0), a, (2.0,) * 3)
+
+
+def test_flip_averaging_keeps_an_equivariant_field_and_cancels_a_fixed_bias() -> None:
+    """``tta``: a flip-equivariant network gives the same field (half of a known shift);
+    a constant output, which turns with no flip, averages to zero."""
+    d_mm = np.array([6.0, -4.0, 5.0])
+    fixed, moving = _blob_pair(d_mm)
+    for tta in (False, True):
+        opts = RegistrationOptions(fast=True, affine="none", tta=tta)
+        res = register_volumes(HalfwayByCentroid(), moving, fixed, options=opts)
+        core = res.ddf_mm[10:-10, 10:-10, 10:-10].reshape(-1, 3)
+        np.testing.assert_allclose(core.mean(0), 0.5 * d_mm, atol=0.15)
+    opts = RegistrationOptions(fast=True, affine="none")  # tta: on with fast by default
+    res = register_volumes(ConstantShift((0.7, -0.4, 0.5)), moving, fixed, options=opts)
+    np.testing.assert_allclose(res.ddf_mm, 0.0, atol=1e-6)
+    assert "flips averaged" in opts.describe(neural=True)
+    assert not RegistrationOptions().use_tta()
 
 
 def known_field_case(shape=(32, 30, 28), scale: float = 1.0) -> tuple[Volume, Volume, np.ndarray]:

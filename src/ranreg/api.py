@@ -169,7 +169,7 @@ def register(
     a model, a model file or folder, a packaged model name, ``identity`` or ``ants-syn``
     (:func:`ranreg.infer.resolve_model`; None: the packaged default). ``options``: the
     settings of :class:`~ranreg.options.RegistrationOptions`, named as there (``affine``,
-    ``similarity``, ``fast``, ``refine``, ``refine_weight``, ``refine_levels``,
+    ``similarity``, ``fast``, ``tta``, ``refine``, ``refine_weight``, ``refine_levels``,
     ``diffeomorphic``, ``precision``, ``channels_last``, ``progress``). With both label
     maps, ``metrics`` scores ``labels_to_score`` named by ``label_names``, with the
     defaults of ``ranreg register`` (:func:`ranreg.infer.register_files`).

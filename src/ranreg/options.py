@@ -35,8 +35,10 @@ class RegistrationOptions:
     ``diffeomorphic``: see :class:`~ranreg.refine.RefineSettings`. ``precision``
     (``auto | fp32 | bf16``; ``auto``: bf16 on CPUs with AVX512-BF16 or AMX and on GPUs with
     bf16, where it costs no measured accuracy) and ``channels_last`` choose how the network
-    runs. ``progress``
-    shows a progress bar while optimising.
+    runs. ``tta``: test-time augmentation, the network's field averaged over the flips of
+    both images along every subset of axes (8 forward passes in 3D); None: on with
+    ``fast``, where it lowered the validation end-point error (docs/registration.md), off
+    before instance optimisation. ``progress`` shows a progress bar while optimising.
     """
 
     affine: str | None = None
@@ -46,6 +48,7 @@ class RegistrationOptions:
     refine_levels: tuple[float, ...] = RefineSettings().levels
     diffeomorphic: bool = False
     fast: bool = False
+    tta: bool | None = None
     precision: str = "auto"
     channels_last: bool | None = None
     progress: bool = False
@@ -79,6 +82,10 @@ class RegistrationOptions:
         mode = self.affine if self.affine is not None else ("affine" if neural else "none")
         return AffineSettings(mode=mode, similarity=self.similarity)
 
+    def use_tta(self) -> bool:
+        """Whether a network's field is averaged over flips (``tta``, default: ``fast``)."""
+        return self.fast if self.tta is None else bool(self.tta)
+
     def refine_steps(self, neural: bool) -> int:
         if self.refine is not None:
             return self.refine
@@ -91,7 +98,9 @@ class RegistrationOptions:
         """The steps this pipeline runs, e.g. ``affine + network + optimisation 50 x 2``."""
         aff = self.affine_settings(neural).mode
         steps = [] if aff == "none" else [aff]
-        steps.append("network" if neural else "model")
+        steps.append(
+            ("network, flips averaged" if self.use_tta() else "network") if neural else "model"
+        )
         rs = self.refine_settings(neural)
         if rs.steps:
             kind = "diffeomorphic optimisation" if rs.diffeomorphic else "optimisation"

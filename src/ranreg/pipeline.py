@@ -390,20 +390,38 @@ def _timed_network(
     opts: RegistrationOptions,
     return_levels: bool,
 ) -> tuple[Tensor, Any, float]:
-    """Step 3: the forward pass, timed alone (device synchronised around it)."""
+    """Step 3: the forward pass (with ``opts.tta``: one per flip, averaged), timed alone
+    (device synchronised around it)."""
     dev = fixed_n.device
     synchronize(dev)
     t_net = time.perf_counter()
-    ddf_g, levels = run_network(
-        model,
-        moving_n,
-        fixed_n,
-        precision=opts.precision,
-        channels_last=opts.channels_last,
-        return_levels=return_levels,
-    )
+    ndim = fixed_n.dim() - 2
+    flips = flip_sets(ndim) if opts.use_tta() and is_neural(model) else [()]
+    total, levels = None, None
+    for axes in flips:
+        dims = [2 + a for a in axes]
+        ddf, out_levels = run_network(
+            model,
+            moving_n.flip(dims) if axes else moving_n,
+            fixed_n.flip(dims) if axes else fixed_n,
+            precision=opts.precision,
+            channels_last=opts.channels_last,
+            return_levels=return_levels and not axes,
+        )
+        if axes:  # back to the unflipped grid: flipped axes' components change sign
+            ddf = ddf.flip(dims)
+            ddf[:, list(axes)] *= -1
+        else:
+            levels = out_levels
+        total = ddf if total is None else total + ddf
     synchronize(dev)
-    return ddf_g, levels, time.perf_counter() - t_net
+    assert total is not None
+    return total / len(flips), levels, time.perf_counter() - t_net
+
+
+def flip_sets(ndim: int) -> list[tuple[int, ...]]:
+    """Every subset of the ``ndim`` spatial axes (``()`` first): the flips of ``--tta``."""
+    return [tuple(a for a in range(ndim) if mask >> a & 1) for mask in range(2**ndim)]
 
 
 def _refined(

@@ -34,6 +34,13 @@ def add_registration_options(p: Any, progress_flag: bool = True) -> None:
         help="skip the instance optimisation: affine + network alone (about 1 s)",
     )
     g.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="test-time augmentation: average the network's field over the flips of both "
+        "images along every subset of axes (8 passes in 3D); default: on with --fast",
+    )
+    g.add_argument(
         "--refine",
         type=int,
         default=None,
@@ -82,6 +89,7 @@ def options_from_args(args: Any) -> RegistrationOptions:
         affine=args.affine,
         similarity=args.similarity,
         fast=args.fast,
+        tta=args.tta,
         refine=args.refine,
         refine_weight=args.refine_weight,
         refine_levels=tuple(args.refine_levels),
