@@ -52,8 +52,9 @@ def test_packaged_default_model_registers_the_demo_pair(tmp_path: Path) -> None:
     model = resolve_model(None)
     cfg = model.config
     assert cfg["name"] == "RAN3" and cfg["spacing"] == [8.0, 8.0, 8.0]
-    assert cfg["window"] == [-100, 300] and cfg["trained_steps"] == 500
-    assert cfg["init"] == "ran3-abdomen-cpu"  # fine-tuned from the first packaged model
+    # no stored window: "auto", the CT window [-100, 300] HU for CT (ranreg.pipeline)
+    assert "window" not in cfg and cfg["trained_steps"] == 10000
+    assert cfg["inverse_consistent"] and cfg["init"] == "ran3-abdomen-weak"
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())

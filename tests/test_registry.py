@@ -60,7 +60,7 @@ def test_packaged_weights_are_arch_dot_tag_and_old_names_still_work() -> None:
         torch.testing.assert_close(value, stored[key])
     old = resolve_model("ran3-abdomen-weak")
     assert old.config["trained_steps"] == model.config["trained_steps"]
-    assert resolve_model(None).source == "ran3.abdomen-weak"  # the packaged default
+    assert resolve_model(None).source == "ran3.abdomen-synth"  # the packaged default
     untrained = create_model("RAN3", ndim=2, heads=4)
     assert untrained.config == {"name": "RAN3", "ndim": 2, "heads": 4, "in_channels": 1}
     with pytest.raises(ValueError, match="no packaged weights"):
@@ -76,8 +76,8 @@ def test_capability_to_return_levels_is_declared_by_the_method() -> None:
 def test_models_command_lists_methods_and_weights(capsys: pytest.CaptureFixture) -> None:
     assert main(["models"]) == 0
     text = capsys.readouterr().out
-    assert "ran3.abdomen-weak  (default)" in text and "ants-syn" in text and "RAN4+-noRA" in text
+    assert "ran3.abdomen-synth  (default)" in text and "ants-syn" in text and "RAN4+-noRA" in text
     assert main(["models", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["default"] == "ran3.abdomen-weak"
+    assert data["default"] == "ran3.abdomen-synth"
     assert {m["kind"] for m in data["methods"]} == {"network", "peer", "reference"}

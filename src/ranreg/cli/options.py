@@ -31,7 +31,8 @@ def add_registration_options(p: Any, progress_flag: bool = True) -> None:
     g.add_argument(
         "--fast",
         action="store_true",
-        help="skip the instance optimisation: affine + network alone (about 1 s)",
+        help="skip the instance optimisation: affine + network alone (its field averaged "
+        "over 8 flips unless --no-tta)",
     )
     g.add_argument(
         "--tta",

@@ -25,7 +25,7 @@ ALIASES: dict[str, str] = {
 }
 
 #: the model used when none is named
-DEFAULT_MODEL = "ran3.abdomen-weak"
+DEFAULT_MODEL = "ran3.abdomen-synth"
 
 
 def path_of(name: str) -> Path:
