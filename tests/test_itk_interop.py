@@ -61,7 +61,7 @@ def result(tmp_path_factory) -> dict:
     write_nifti(tmp / "fixed.nii.gz", body((40, 36, 30), 0), a_f)
     write_nifti(tmp / "moving.nii.gz", body((40, 44, 36), 1), a_m)
     out = tmp / "out"
-    fields = SmoothField()  # not flip-equivariant: flip averaging (tta) would change it
+    fields = SmoothField()
     register_files(
         tmp / "fixed.nii.gz",
         tmp / "moving.nii.gz",

@@ -63,7 +63,7 @@ def test_ddf_is_the_whole_mapping_affine_then_network(monkeypatch) -> None:
     monkeypatch.setattr(pipeline, "register_affine", lambda f, m, s, images=None: world)
     shift = (0.7, -0.4, 0.5)  # fixed voxels (the network runs on the fixed grid)
     res = register_volumes(
-        ConstantShift(shift), moving, fixed, options=RegistrationOptions(fast=True, tta=False)
+        ConstantShift(shift), moving, fixed, options=RegistrationOptions(fast=True)
     )
     x = identity_grid(fixed.shape, dtype=torch.float64).numpy().reshape(3, -1)
     p = a_f[:3, :3] @ x + a_f[:3, 3:]
@@ -124,11 +124,32 @@ def test_flip_averaging_keeps_an_equivariant_field_and_cancels_a_fixed_bias() ->
         res = register_volumes(HalfwayByCentroid(), moving, fixed, options=opts)
         core = res.ddf_mm[10:-10, 10:-10, 10:-10].reshape(-1, 3)
         np.testing.assert_allclose(core.mean(0), 0.5 * d_mm, atol=0.15)
-    opts = RegistrationOptions(fast=True, affine="none")  # tta: on with fast by default
+    opts = RegistrationOptions(fast=True, affine="none", tta=True)
     res = register_volumes(ConstantShift((0.7, -0.4, 0.5)), moving, fixed, options=opts)
     np.testing.assert_allclose(res.ddf_mm, 0.0, atol=1e-6)
     assert "flips averaged" in opts.describe(neural=True)
-    assert not RegistrationOptions().use_tta()
+    assert "flips" not in RegistrationOptions(fast=True).describe(neural=True)
+
+
+def test_the_network_grid_is_the_models_or_finer_with_fast_or_as_asked() -> None:
+    """``--fast`` runs a network at half its trained spacing, ``network_spacing`` anywhere;
+    the field stays in mm (the centroid network gives half the shift at every spacing)."""
+    assert RegistrationOptions().grid_spacing((8.0, 8.0, 8.0)) == (8.0, 8.0, 8.0)
+    assert RegistrationOptions(fast=True).grid_spacing((8.0, 8.0, 8.0)) == (4.0, 4.0, 4.0)
+    assert RegistrationOptions(fast=True).grid_spacing(None) is None
+    asked = RegistrationOptions(network_spacing=6.0)
+    assert asked.grid_spacing((8.0, 8.0, 8.0)) == asked.grid_spacing(None) == (6.0,) * 3
+    d_mm = np.array([6.0, -4.0, 5.0])
+    fixed, moving = _blob_pair(d_mm)  # 2 mm voxels; the centroid network is at 4 mm
+    for opts, grid_mm in (
+        (RegistrationOptions(affine="none", refine=0), 4.0),
+        (RegistrationOptions(affine="none", fast=True), 2.0),
+        (RegistrationOptions(affine="none", fast=True, network_spacing=5.0), 5.0),
+    ):
+        res = register_volumes(HalfwayByCentroid(), moving, fixed, options=opts)
+        assert res.network_spacing == pytest.approx((grid_mm,) * 3)
+        core = res.ddf_mm[10:-10, 10:-10, 10:-10].reshape(-1, 3)
+        np.testing.assert_allclose(core.mean(0), 0.5 * d_mm, atol=0.15)
 
 
 def known_field_case(shape=(32, 30, 28), scale: float = 1.0) -> tuple[Volume, Volume, np.ndarray]:
@@ -198,6 +219,7 @@ def _pair(tmp_path: Path) -> list[str]:
         (["--refine-levels", "8", "0"], "refine levels"),
         (["--fast", "--refine", "5"], "fast"),
         (["--refine-weight", "nan"], "refine weight"),
+        (["--network-spacing", "0"], "network spacing"),
     ],
 )
 def test_bad_pipeline_settings_exit_2_and_write_nothing(tmp_path: Path, capsys, extra, message):

@@ -169,10 +169,10 @@ def register(
     a model, a model file or folder, a packaged model name, ``identity`` or ``ants-syn``
     (:func:`ranreg.infer.resolve_model`; None: the packaged default). ``options``: the
     settings of :class:`~ranreg.options.RegistrationOptions`, named as there (``affine``,
-    ``similarity``, ``fast``, ``tta``, ``refine``, ``refine_weight``, ``refine_levels``,
-    ``diffeomorphic``, ``precision``, ``channels_last``, ``progress``). With both label
-    maps, ``metrics`` scores ``labels_to_score`` named by ``label_names``, with the
-    defaults of ``ranreg register`` (:func:`ranreg.infer.register_files`).
+    ``similarity``, ``fast``, ``tta``, ``network_spacing``, ``refine``, ``refine_weight``,
+    ``refine_levels``, ``diffeomorphic``, ``precision``, ``channels_last``, ``progress``).
+    With both label maps, ``metrics`` scores ``labels_to_score`` named by ``label_names``,
+    with the defaults of ``ranreg register`` (:func:`ranreg.infer.register_files`).
     """
     opts = _options(options)
     net = model if isinstance(model, torch.nn.Module) else resolve_model(model)

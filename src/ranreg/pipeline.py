@@ -307,7 +307,8 @@ def register_volumes(
     _check_inputs(model, moving, fixed)
     moving_label = align_labels(moving_label, moving, "moving")
     fixed_label = align_labels(fixed_label, fixed, "fixed")
-    spacing, window = model_settings(model.config)
+    trained_spacing, window = model_settings(model.config)
+    spacing = opts.grid_spacing(trained_spacing) if is_neural(model) else trained_spacing
     refine_settings = opts.refine_settings(is_neural(model))
     model = model.to(dev).eval()
 
@@ -396,7 +397,7 @@ def _timed_network(
     synchronize(dev)
     t_net = time.perf_counter()
     ndim = fixed_n.dim() - 2
-    flips = flip_sets(ndim) if opts.use_tta() and is_neural(model) else [()]
+    flips = flip_sets(ndim) if opts.tta and is_neural(model) else [()]
     total, levels = None, None
     for axes in flips:
         dims = [2 + a for a in axes]
