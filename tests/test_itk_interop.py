@@ -61,15 +61,8 @@ def result(tmp_path_factory) -> dict:
     write_nifti(tmp / "fixed.nii.gz", body((40, 36, 30), 0), a_f)
     write_nifti(tmp / "moving.nii.gz", body((40, 44, 36), 1), a_m)
     out = tmp / "out"
-    fields = SmoothField()
     register_files(
-        tmp / "fixed.nii.gz",
-        tmp / "moving.nii.gz",
-        out,
-        fields,
-        affine="rigid",
-        fast=True,
-        tta=False,
+        tmp / "fixed.nii.gz", tmp / "moving.nii.gz", out, SmoothField(), affine="rigid", fast=True
     )
     return {"dir": tmp, "out": out}
 

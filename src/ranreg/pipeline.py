@@ -307,14 +307,15 @@ def register_volumes(
     _check_inputs(model, moving, fixed)
     moving_label = align_labels(moving_label, moving, "moving")
     fixed_label = align_labels(fixed_label, fixed, "fixed")
+    neural = is_neural(model)
     trained_spacing, window = model_settings(model.config)
-    spacing = opts.grid_spacing(trained_spacing) if is_neural(model) else trained_spacing
-    refine_settings = opts.refine_settings(is_neural(model))
+    spacing = opts.grid_spacing(trained_spacing) if neural else trained_spacing
+    refine_settings = opts.refine_settings(neural)
     model = model.to(dev).eval()
 
     # step 1: affine pre-alignment in world space
     t_affine = time.perf_counter()
-    affine_settings = opts.affine_settings(is_neural(model))
+    affine_settings = opts.affine_settings(neural)
     optimised = affine_settings.mode != "none" or refine_settings.steps > 0
     images = normalised_volumes(fixed, moving) if optimised else None
     world_map = register_affine(fixed, moving, affine_settings, images)
