@@ -53,7 +53,7 @@ def test_packaged_default_model_registers_the_demo_pair(tmp_path: Path) -> None:
     cfg = model.config
     assert cfg["name"] == "RAN3" and cfg["spacing"] == [8.0, 8.0, 8.0]
     # no stored window: "auto", the CT window [-100, 300] HU for CT (ranreg.pipeline)
-    assert "window" not in cfg and cfg["trained_steps"] == 10000
+    assert "window" not in cfg and cfg["trained_steps"] >= 10000
     assert cfg["inverse_consistent"] and cfg["init"] == "ran3-abdomen-weak"
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
