@@ -134,11 +134,13 @@ def test_flip_averaging_keeps_an_equivariant_field_and_cancels_a_fixed_bias() ->
 def test_the_network_grid_is_the_models_or_finer_with_fast_or_as_asked() -> None:
     """``--fast`` runs a network at half its trained spacing, ``network_spacing`` anywhere;
     the field stays in mm (the centroid network gives half the shift at every spacing)."""
-    assert RegistrationOptions().grid_spacing((8.0, 8.0, 8.0)) == (8.0, 8.0, 8.0)
-    assert RegistrationOptions(fast=True).grid_spacing((8.0, 8.0, 8.0)) == (4.0, 4.0, 4.0)
-    assert RegistrationOptions(fast=True).grid_spacing(None) is None
+    assert RegistrationOptions().grid_spacing((8.0, 8.0, 8.0), True) == (8.0, 8.0, 8.0)
+    assert RegistrationOptions(fast=True).grid_spacing((8.0, 8.0, 8.0), True) == (4.0, 4.0, 4.0)
+    assert RegistrationOptions(fast=True).grid_spacing(None, True) is None
     asked = RegistrationOptions(network_spacing=6.0)
-    assert asked.grid_spacing((8.0, 8.0, 8.0)) == asked.grid_spacing(None) == (6.0,) * 3
+    assert asked.grid_spacing((8.0, 8.0, 8.0), True) == asked.grid_spacing(None, True) == (6.0,) * 3
+    # identity, ants-syn and the like keep their own grid whatever is asked of a network
+    assert asked.grid_spacing((8.0, 8.0, 8.0), False) == (8.0, 8.0, 8.0)
     d_mm = np.array([6.0, -4.0, 5.0])
     fixed, moving = _blob_pair(d_mm)  # 2 mm voxels; the centroid network is at 4 mm
     for opts, grid_mm in (

@@ -97,10 +97,13 @@ class RegistrationOptions:
         return AffineSettings(mode=mode, similarity=self.similarity)
 
     def grid_spacing(
-        self, trained: tuple[float, float, float] | None
+        self, trained: tuple[float, float, float] | None, neural: bool
     ) -> tuple[float, float, float] | None:
-        """The network's grid in mm per axis, from the model's ``trained`` spacing
-        (None: the fixed image's own grid); see ``network_spacing``."""
+        """The grid in mm per axis that a model runs on, from its ``trained`` spacing
+        (None: the fixed image's own grid); a network's follows ``network_spacing`` and
+        ``fast``, any other model's stays ``trained``."""
+        if not neural:
+            return trained
         if self.network_spacing is not None:
             return (float(self.network_spacing),) * 3
         if self.fast and trained is not None:

@@ -309,7 +309,7 @@ def register_volumes(
     fixed_label = align_labels(fixed_label, fixed, "fixed")
     neural = is_neural(model)
     trained_spacing, window = model_settings(model.config)
-    spacing = opts.grid_spacing(trained_spacing) if neural else trained_spacing
+    spacing = opts.grid_spacing(trained_spacing, neural)
     refine_settings = opts.refine_settings(neural)
     model = model.to(dev).eval()
 
