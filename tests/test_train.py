@@ -496,3 +496,55 @@ def test_2d_bf16_training_does_not_crash_in_dilated_convolutions(tmp_path: Path)
     bad = dict(cfg, channels_last=True)
     path.write_text(yaml.safe_dump(bad))
     assert main(["train", "--config", str(path), "--out", str(tmp_path / "s")]) == 2
+
+
+def test_mixed_stage_alternates_known_field_steps_and_resumes_exactly(tmp_path: Path) -> None:
+    raw = shapes_config(steps=(1, 6))
+    raw["stages"][1]["mix"] = {"with": "synthetic", "every": 3}
+    cfg = parse_config(raw)
+    assert cfg.stages[1].mix == "synthetic" and cfg.stages[1].mix_every == 3
+    assert train(cfg, tmp_path / "a", progress=False)["finished"]
+    with (tmp_path / "a" / "train_log.csv").open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    # steps 2-7 are the mixed stage's 0-5: its steps 2 and 5 take the known-field loss
+    kinds = [r["stage"] for r in rows]
+    assert kinds == ["synthetic", "unsupervised", "unsupervised", "synthetic"] + [
+        "unsupervised",
+        "unsupervised",
+        "synthetic",
+    ]
+    assert all(r["ddf"] for r in rows if r["stage"] == "synthetic")
+    assert all(r["similarity"] and not r["ddf"] for r in rows if r["stage"] == "unsupervised")
+    # a chunked run gives the same weights
+    assert not train(cfg, tmp_path / "b", max_steps=3, progress=False)["finished"]
+    assert train(cfg, tmp_path / "b", resume=True, progress=False)["finished"]
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("mix", "message"),
+    [
+        ({"with": "nowhere"}, "not an earlier synthetic stage"),
+        ({"with": "synthetic", "every": 1}, "integer >= 2"),
+        ({"with": "synthetic", "often": 2}, "must be {with"),
+        ({"with": "synthetic", "batch": 4}, "must be {with"),
+    ],
+)
+def test_bad_mix_is_one_clear_error(mix: dict, message: str) -> None:
+    raw = shapes_config()
+    raw["stages"][1]["mix"] = mix
+    with pytest.raises(RanregError, match=message):
+        parse_config(raw)
+
+
+def test_mix_needs_one_batch_size_and_an_unsupervised_stage() -> None:
+    raw = shapes_config()
+    raw["stages"][1].update(mix={"with": "synthetic"}, batch_size=4)
+    with pytest.raises(RanregError, match="one batch size"):
+        parse_config(raw)
+    raw = shapes_config()
+    raw["stages"][0]["mix"] = {"with": "unsupervised"}
+    with pytest.raises(RanregError, match="only an unsupervised stage"):
+        parse_config(raw)

@@ -81,6 +81,11 @@ class StageConfig:
     pairs: dict[str, Any] = field(default_factory=dict)
     swap: bool = False  # batches of (a, b), (b, a): inverse consistency (weights.inverse)
     augment: bool = False  # random axis permutations and flips per batch
+    #: unsupervised stage: every ``mix_every``-th step is a step of the synthetic stage
+    #: named here (its pairs, known fields and loss), so that the inter-subject objective
+    #: does not trade away what the known fields taught (YAML ``mix: {with: NAME, every: K}``)
+    mix: str | None = None
+    mix_every: int = 2
 
 
 DEFAULT_WEIGHTS = {
@@ -313,6 +318,7 @@ def _parse_stage(source: str, raw: Any, index: int) -> StageConfig:
         pairs=s.get("pairs", {}, "dict"),
         swap=s.get("swap", False, "bool"),
         augment=s.get("augment", False, "bool"),
+        **_parse_mix(s.get("mix", None, "dict", allow_none=True), s),
     )
     s.finish()
     if stage.batch_size > MAX_BATCH:
@@ -330,6 +336,45 @@ def _parse_stage(source: str, raw: Any, index: int) -> StageConfig:
     return stage
 
 
+def _parse_mix(raw: dict[str, Any] | None, s: _Reader) -> dict[str, Any]:
+    """``mix: {with: NAME, every: K}`` of a stage (the names are checked across stages)."""
+    if raw is None:
+        return {}
+    unknown = sorted(set(raw) - {"with", "every"})
+    if unknown or not isinstance(raw.get("with"), str):
+        raise s.fail("mix", "must be {with: <name of a synthetic stage>, every: <int >= 2>}")
+    every = raw.get("every", 2)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 2:
+        raise s.fail("mix.every", f"must be an integer >= 2, got {every!r}")
+    return {"mix": raw["with"], "mix_every": every}
+
+
+def mix_source(stages: list[StageConfig], index: int) -> int:
+    """The index of the synthetic stage that stage ``index`` mixes in (the last earlier
+    stage of that name)."""
+    name = stages[index].mix
+    return max(i for i, s in enumerate(stages[:index]) if s.name == name)
+
+
+def _check_mixes(source: str, stages: list[StageConfig]) -> None:
+    """A mixed stage names an earlier synthetic stage of the same batch size."""
+    for i, stage in enumerate(stages):
+        if stage.mix is None:
+            continue
+        where = f"{source}: stages[{i}].mix"
+        earlier = {s.name: s for s in stages[:i]}
+        other = earlier.get(stage.mix)
+        if stage.kind != "unsupervised":
+            raise RanregError(f"{where}: only an unsupervised stage mixes in known fields")
+        if other is None or other.kind != "synthetic":
+            raise RanregError(f"{where}: {stage.mix!r} is not an earlier synthetic stage")
+        if other.batch_size != stage.batch_size:
+            raise RanregError(
+                f"{where}: {stage.mix!r} has batch_size {other.batch_size}, this stage "
+                f"{stage.batch_size}; mixed steps need one batch size"
+            )
+
+
 def parse_config(raw: Any, source: str = "<dict>", base_dir: Path | None = None) -> TrainConfig:
     """Validate a loaded YAML mapping and return a :class:`TrainConfig`."""
     base = base_dir or Path.cwd()
@@ -341,6 +386,7 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: Path | None = None)
     if not stages_raw:
         raise RanregError(f"{source}: stages: give at least one stage")
     stages = [_parse_stage(source, raw_stage, i) for i, raw_stage in enumerate(stages_raw)]
+    _check_mixes(source, stages)
 
     cfg = TrainConfig(
         model=model,

@@ -30,14 +30,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ranreg.checkpoint import load_checkpoint, save_checkpoint, save_model
-from ranreg.config import StageConfig, TrainConfig
+from ranreg.config import StageConfig, TrainConfig, mix_source
 from ranreg.errors import RanregError
 from ranreg.nn import build_model
 from ranreg.nn.blocks import channels_last_format
 from ranreg.objectives import organ_classes, stage_loss
 from ranreg.runtime import fast_bf16
 from ranreg.signals import stop_signals
-from ranreg.train_data import StepSamples, load_subjects
+from ranreg.train_data import load_subjects, stage_samples
 from ranreg.train_logs import BEST_DIR, TrainLogs, check_run_folder
 from ranreg.training_state import export_state, machine, restore_state
 from ranreg.validation import known_field_cases, validate, validate_known_fields, validation_pairs
@@ -325,13 +325,16 @@ class _Run:
                 raise RanregError(f"{self.ckpt}: optimizer state does not fit ({exc})") from None
             for group in optimizer.param_groups:  # the config's rate rules a continued run
                 group["lr"] = stage.lr
-        samples = StepSamples(cfg, index, self.train_subjects, self.rank)
+        samples = stage_samples(cfg, index, self.train_subjects, self.rank)
         b = stage.batch_size
         sampler = range((self.step - start) * b, len(samples))
         loader = DataLoader(samples, batch_size=b, sampler=sampler, num_workers=cfg.num_workers)
         self.net.train()
+        mixed = None if stage.mix is None else cfg.stages[mix_source(cfg.stages, index)]
         for batch in loader:
-            self.optimise(stage, optimizer, batch)
+            # a mixed stage's known-field steps take that stage's loss (and log its name)
+            known = mixed is not None and "ddf_true" in batch
+            self.optimise(mixed if known else stage, optimizer, batch)
             self.bar.update(1)
             self.bar.set_postfix(stage=stage.name, loss=f"{self.last_loss:.4f}")
             if self.main and self.vpairs and (self.step % cfg.val_every == 0 or self.step == total):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ranreg.config import StageConfig, TrainConfig
+from ranreg.config import StageConfig, TrainConfig, mix_source
 from ranreg.data.datasets import crop_offsets, discover_splits, discover_subjects, load_subject
 from ranreg.data.io import max_voxels
 from ranreg.data.pairs import PairRecipe, augment_batch, make_pair, swapped
@@ -29,7 +29,7 @@ from ranreg.data.synth_images import synthesize_dataset
 from ranreg.errors import RanregError
 from ranreg.synth import random_ddf
 
-__all__ = ["StepSamples", "SubjectData", "load_subjects"]
+__all__ = ["MixedSamples", "StepSamples", "SubjectData", "load_subjects", "stage_samples"]
 
 
 @dataclass
@@ -134,20 +134,30 @@ def _synthesised_root(cfg: TrainConfig, out_dir: Path, progress: bool) -> Path:
 
 
 class StepSamples(Dataset):
-    """Item ``step * batch + slot`` of a stage: a deterministic function of its index."""
+    """Item ``step * batch + slot`` of a stage: a deterministic function of its index.
+
+    ``recipe_index``: draw the samples as that stage does (a mixed stage's known-field
+    steps), from the random streams of stage ``stage_index``.
+    """
 
     def __init__(
-        self, cfg: TrainConfig, stage_index: int, subjects: list[SubjectData], rank: int
+        self,
+        cfg: TrainConfig,
+        stage_index: int,
+        subjects: list[SubjectData],
+        rank: int,
+        recipe_index: int | None = None,
     ) -> None:
         self.cfg, self.stage_index, self.rank = cfg, stage_index, rank
-        self.stage = cfg.stages[stage_index]
+        self.length = cfg.stages[stage_index].steps * cfg.stages[stage_index].batch_size
+        self.stage = cfg.stages[stage_index if recipe_index is None else recipe_index]
         self.subjects = subjects
         options = {k: v for k, v in self.stage.pairs.items()}
         self.recipe = PairRecipe(deformation=dict(self.stage.deformation), **options)
         self._cache: tuple[tuple[int, int], dict[str, np.ndarray]] | None = None
 
     def __len__(self) -> int:
-        return self.stage.steps * self.stage.batch_size
+        return self.length
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         step, slot = divmod(index, self.stage.batch_size)
@@ -209,6 +219,33 @@ class StepSamples(Dataset):
             rng = np.random.default_rng([self.cfg.seed, self.stage_index, step, self.rank, 2**31])
             pair = augment_batch(pair, rng)
         return pair
+
+
+class MixedSamples(Dataset):
+    """A mixed stage's items: every ``every``-th step (the last of each group of
+    ``every``) comes from ``mixed`` (the known-field stage it names), the rest from
+    ``own``; all items of one step come from one source, so a batch is of one kind."""
+
+    def __init__(self, own: StepSamples, mixed: StepSamples, every: int, batch: int) -> None:
+        self.own, self.mixed, self.every, self.batch = own, mixed, every, batch
+
+    def __len__(self) -> int:
+        return len(self.own)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        step = index // self.batch
+        source = self.mixed if step % self.every == self.every - 1 else self.own
+        return source[index]
+
+
+def stage_samples(cfg: TrainConfig, index: int, subjects: list[SubjectData], rank: int) -> Dataset:
+    """The samples of stage ``index``, with the known-field steps of a mixed stage."""
+    stage = cfg.stages[index]
+    own = StepSamples(cfg, index, subjects, rank)
+    if stage.mix is None:
+        return own
+    mixed = StepSamples(cfg, index, subjects, rank, recipe_index=mix_source(cfg.stages, index))
+    return MixedSamples(own, mixed, stage.mix_every, stage.batch_size)
 
 
 def _uses_pairs(stage: StageConfig) -> bool:
