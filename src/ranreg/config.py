@@ -362,10 +362,10 @@ def _check_mixes(source: str, stages: list[StageConfig]) -> None:
         if stage.mix is None:
             continue
         where = f"{source}: stages[{i}].mix"
-        earlier = {s.name: s for s in stages[:i]}
-        other = earlier.get(stage.mix)
         if stage.kind != "unsupervised":
             raise RanregError(f"{where}: only an unsupervised stage mixes in known fields")
+        named = any(s.name == stage.mix for s in stages[:i])
+        other = stages[mix_source(stages, i)] if named else None
         if other is None or other.kind != "synthetic":
             raise RanregError(f"{where}: {stage.mix!r} is not an earlier synthetic stage")
         if other.batch_size != stage.batch_size:
