@@ -240,20 +240,17 @@ def test_sigterm_ends_a_chunk_after_its_step_with_state_kept(tmp_path: Path) -> 
     assert resumed["trained_steps"] == step + 1
 
 
-def _replica_signalled_at_step_2(rank: int, world: int, port: int, raw: dict, out: str) -> None:
-    """One data-parallel replica (spawned); rank 1 alone receives SIGTERM after step 2."""
+def _replica_signalled_at_step_2(rank: int, world: int, store: str, raw: dict, out: str) -> None:
+    """One data-parallel replica (spawned); rank 1 alone receives SIGTERM after step 2.
+    The group meets through a file store, not a TCP port: a port found free by the parent
+    can be taken by another process before rank 0 binds it."""
     import signal
 
     import torch.distributed as dist
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-    )
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
     def on_step(step: int) -> None:
         if rank == 1 and step == 2:
@@ -266,16 +263,12 @@ def _replica_signalled_at_step_2(rank: int, world: int, port: int, raw: dict, ou
 def test_a_signal_to_one_replica_stops_every_replica_after_the_same_step(tmp_path: Path) -> None:
     """Data-parallel replicas agree each step on stopping: SIGTERM to one of two stops both
     after the next step, with identical weights and a checkpoint of that step."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    store = str(tmp_path / "group-store")
     raw = shapes_config(steps=(40, 1), size=(32, 32), checkpoint_every=1000, val_every=1000)
     out = tmp_path / "run"
-    mp.spawn(_replica_signalled_at_step_2, args=(2, port, raw, str(out)), nprocs=2, join=True)
+    mp.spawn(_replica_signalled_at_step_2, args=(2, store, raw, str(out)), nprocs=2, join=True)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["global_step"] == 3 and not summary["finished"]
     a, b = summary["replica_checksums"]
