@@ -57,6 +57,9 @@ class DataConfig:
     #: real scans (paths) registered to copies of themselves under known fields at every
     #: validation: the learning curve's end-point error on real texture (never trained on)
     val_scans: list[str] | None = None
+    #: real scans (paths) trained on under known fields: a synthetic stage's
+    #: ``pairs.scans`` share of pairs takes one of them instead of a subject (real texture)
+    train_scans: list[str] | None = None
     #: the intensity rule the trained model asks of `ranreg register`: "window" (the data
     #: window above, for every image) or "auto" (the window for CT, min-max otherwise:
     #: contrast-agnostic models)
@@ -241,10 +244,13 @@ def _parse_data(source: str, raw: Any, base: Path, ndim: int) -> DataConfig:
         organs=d.get("organs", list(ABDOMEN_ORGANS), "list", allow_none=True),
         crop=d.get("crop", None, "list"),
         val_scans=d.get("val_scans", None, "list"),
+        train_scans=d.get("train_scans", None, "list"),
         model_window=d.get("model_window", "window", "str"),
     )
-    if data.val_scans is not None:
-        data.val_scans = [_path(base, str(v)) for v in data.val_scans]  # type: ignore[misc]
+    for key in ("val_scans", "train_scans"):
+        if getattr(data, key) is not None:
+            setattr(data, key, [_path(base, str(v)) for v in getattr(data, key)])
+    _check_scans(d, data)
     if data.model_window not in ("window", "auto"):
         raise d.fail("model_window", f"must be window or auto, got {data.model_window!r}")
     d.finish()
@@ -409,10 +415,24 @@ def parse_config(raw: Any, source: str = "<dict>", base_dir: Path | None = None)
         raise top.fail("select", f"must be dice or epe, not {cfg.select!r}")
     if cfg.select == "epe" and not data.val_scans:
         raise top.fail("select", "epe needs data.val_scans (the scans it is measured on)")
+    for s in stages:
+        if s.pairs.get("scans", 0) > 0 and not data.train_scans:
+            raise top.fail(f"stages.{s.name}.pairs.scans", "needs data.train_scans")
     return cfg
 
 
+def _check_scans(d: _Reader, data: DataConfig) -> None:
+    """Training scans exist and are none of the validation scans (no tuning on them)."""
+    seen = {Path(v).resolve() for v in data.val_scans or []}
+    for path in data.train_scans or []:
+        if not Path(path).is_file():
+            raise d.fail("train_scans", f"{path}: file not found")
+        if Path(path).resolve() in seen:
+            raise d.fail("train_scans", f"{path} is also in val_scans")
+
+
 _PAIR_KEYS = {
+    "scans",
     "styles",
     "identity",
     "sliding",
@@ -432,7 +452,7 @@ def _check_pairs(s: _Reader, stage: StageConfig) -> None:
     for key, value in stage.pairs.items():
         if key not in _PAIR_KEYS:
             raise s.fail("pairs", f"unknown option {key!r}; known: {', '.join(sorted(_PAIR_KEYS))}")
-        if key in ("identity", "sliding", "same_contrast", "stage1") and not (
+        if key in ("identity", "sliding", "same_contrast", "stage1", "scans") and not (
             isinstance(value, int | float) and 0 <= value <= 1
         ):
             raise s.fail(f"pairs.{key}", f"must be a share in [0, 1], got {value!r}")

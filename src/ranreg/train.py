@@ -37,7 +37,7 @@ from ranreg.nn.blocks import channels_last_format
 from ranreg.objectives import organ_classes, stage_loss
 from ranreg.runtime import fast_bf16
 from ranreg.signals import stop_signals
-from ranreg.train_data import load_subjects, stage_samples
+from ranreg.train_data import load_subjects, load_train_scans, stage_samples
 from ranreg.train_logs import BEST_DIR, TrainLogs, check_run_folder
 from ranreg.training_state import export_state, machine, restore_state
 from ranreg.validation import known_field_cases, validate, validate_known_fields, validation_pairs
@@ -174,6 +174,7 @@ class _Run:
                 "or resample them to one grid"
             )
         self.train_subjects, self.val_subjects = train_s, val_s
+        self.train_scans = load_train_scans(cfg, train_s[0])
         present = sorted(
             {int(v) for s in train_s if s.label is not None for v in np.unique(s.label)} - {0}
         )
@@ -325,7 +326,7 @@ class _Run:
                 raise RanregError(f"{self.ckpt}: optimizer state does not fit ({exc})") from None
             for group in optimizer.param_groups:  # the config's rate rules a continued run
                 group["lr"] = stage.lr
-        samples = stage_samples(cfg, index, self.train_subjects, self.rank)
+        samples = stage_samples(cfg, index, self.train_subjects, self.rank, self.train_scans)
         b = stage.batch_size
         sampler = range((self.step - start) * b, len(samples))
         loader = DataLoader(samples, batch_size=b, sampler=sampler, num_workers=cfg.num_workers)

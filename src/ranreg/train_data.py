@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch.utils.data import Dataset
 
 from ranreg.config import StageConfig, TrainConfig, mix_source
@@ -29,7 +30,15 @@ from ranreg.data.synth_images import synthesize_dataset
 from ranreg.errors import RanregError
 from ranreg.synth import random_ddf
 
-__all__ = ["MixedSamples", "StepSamples", "SubjectData", "load_subjects", "stage_samples"]
+__all__ = [
+    "MixedSamples",
+    "StepSamples",
+    "SubjectData",
+    "fit_to_shape",
+    "load_subjects",
+    "load_train_scans",
+    "stage_samples",
+]
 
 
 @dataclass
@@ -111,6 +120,43 @@ def _preprocess(cfg: TrainConfig, subject: Any) -> SubjectData:
     )
 
 
+def load_train_scans(cfg: TrainConfig, like: SubjectData) -> list[SubjectData]:
+    """``data.train_scans`` as subjects without labels on the grid of ``like`` (its voxel
+    size and shape), so that they batch with the painted subjects."""
+    from ranreg.validation import scan_on_grid
+
+    if not cfg.data.train_scans:
+        return []
+    if like.spacing is None or len(set(like.spacing)) != 1:
+        raise RanregError("data.train_scans needs training subjects on one isotropic grid")
+    spacing = float(like.spacing[0])
+    return [
+        SubjectData(
+            Path(path).name,
+            fit_to_shape(scan_on_grid(path, spacing, cfg.data.window), like.image.shape),
+            None,
+            like.spacing,
+        )
+        for path in cfg.data.train_scans
+    ]
+
+
+def fit_to_shape(image: np.ndarray, shape: tuple[int, ...], body: float = 0.05) -> np.ndarray:
+    """``image`` cropped or zero-padded to ``shape``, its body (values above ``body``)
+    centred: a scan's field of view rarely matches the training grid."""
+    inside = image > body
+    centre = ndimage.center_of_mass(inside) if inside.any() else [(n - 1) / 2 for n in image.shape]
+    out = np.zeros(shape, dtype=np.float32)
+    src, dst = [], []
+    for c, n, m in zip(centre, image.shape, shape, strict=True):
+        start = int(round(c - (m - 1) / 2))  # where out's first voxel lies in image
+        lo, hi = max(start, 0), min(start + m, n)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - start, hi - start))
+    out[tuple(dst)] = image[tuple(src)]
+    return out
+
+
 def _synthesised_root(cfg: TrainConfig, out_dir: Path, progress: bool) -> Path:
     """Images painted from ``data.labels`` (cached; built once, atomically)."""
     labels = Path(cfg.data.labels)
@@ -147,12 +193,15 @@ class StepSamples(Dataset):
         subjects: list[SubjectData],
         rank: int,
         recipe_index: int | None = None,
+        scans: list[SubjectData] | None = None,
     ) -> None:
         self.cfg, self.stage_index, self.rank = cfg, stage_index, rank
         self.length = cfg.stages[stage_index].steps * cfg.stages[stage_index].batch_size
         self.stage = cfg.stages[stage_index if recipe_index is None else recipe_index]
         self.subjects = subjects
-        options = {k: v for k, v in self.stage.pairs.items()}
+        self.scans = scans or []
+        options = {k: v for k, v in self.stage.pairs.items() if k != "scans"}
+        self.scan_share = float(self.stage.pairs.get("scans", 0.0))
         self.recipe = PairRecipe(deformation=dict(self.stage.deformation), **options)
         self._cache: tuple[tuple[int, int], dict[str, np.ndarray]] | None = None
 
@@ -196,7 +245,7 @@ class StepSamples(Dataset):
         key = (step, base)
         if self._cache is None or self._cache[0] != key:
             rng = np.random.default_rng([self.cfg.seed, self.stage_index, step, self.rank, base])
-            s = self.subjects[int(rng.integers(len(self.subjects)))]
+            s = self._subject(rng)
             sl = self._crop(s.image.shape, rng)
             tissue = None if s.tissues is None else np.ascontiguousarray(s.tissues[sl])
             pair = make_pair(
@@ -206,6 +255,10 @@ class StepSamples(Dataset):
                 rng,
                 self.recipe,
             )
+            if "moving_label" not in pair and self.subjects[0].tissues is not None:
+                # a real scan has no labels: empty maps, so that it batches with subjects
+                empty = np.zeros(pair["moving"].shape, dtype=np.int64)
+                pair["moving_label"], pair["fixed_label"] = empty, empty.copy()
             if "moving_label" in pair:  # Dice and losses see the organs only; selecting
                 # after the nearest-neighbour warp equals warping the selected map
                 for key in ("moving_label", "fixed_label"):
@@ -219,6 +272,13 @@ class StepSamples(Dataset):
             rng = np.random.default_rng([self.cfg.seed, self.stage_index, step, self.rank, 2**31])
             pair = augment_batch(pair, rng)
         return pair
+
+    def _subject(self, rng: np.random.Generator) -> SubjectData:
+        """A training subject, or with the stage's ``pairs.scans`` share a real scan (no
+        draw without scans, so that runs without them keep their random streams)."""
+        if self.scans and self.scan_share > 0 and rng.random() < self.scan_share:
+            return self.scans[int(rng.integers(len(self.scans)))]
+        return self.subjects[int(rng.integers(len(self.subjects)))]
 
 
 class MixedSamples(Dataset):
@@ -238,13 +298,21 @@ class MixedSamples(Dataset):
         return source[index]
 
 
-def stage_samples(cfg: TrainConfig, index: int, subjects: list[SubjectData], rank: int) -> Dataset:
-    """The samples of stage ``index``, with the known-field steps of a mixed stage."""
+def stage_samples(
+    cfg: TrainConfig,
+    index: int,
+    subjects: list[SubjectData],
+    rank: int,
+    scans: list[SubjectData] | None = None,
+) -> Dataset:
+    """The samples of stage ``index``, with the known-field steps of a mixed stage;
+    ``scans``: real scans for the stages' ``pairs.scans`` share (:func:`load_train_scans`)."""
     stage = cfg.stages[index]
-    own = StepSamples(cfg, index, subjects, rank)
+    own = StepSamples(cfg, index, subjects, rank, scans=scans)
     if stage.mix is None:
         return own
-    mixed = StepSamples(cfg, index, subjects, rank, recipe_index=mix_source(cfg.stages, index))
+    source = mix_source(cfg.stages, index)
+    mixed = StepSamples(cfg, index, subjects, rank, recipe_index=source, scans=scans)
     return MixedSamples(own, mixed, stage.mix_every, stage.batch_size)
 
 

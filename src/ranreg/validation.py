@@ -25,6 +25,7 @@ from ranreg.spatial import warp_labels
 __all__ = [
     "KnownFieldCase",
     "known_field_cases",
+    "scan_on_grid",
     "validate",
     "validate_known_fields",
     "validation_pairs",
@@ -97,17 +98,22 @@ class KnownFieldCase:
         return float(np.linalg.norm(self.ddf, axis=0)[self.body].mean()) * self.spacing
 
 
-def _scan_on_grid(path: Path, spacing: float, window: Sequence[float] | None) -> np.ndarray:
-    """A scan resampled to ``spacing`` mm, padded to multiples of 16 (the network's), in [0, 1]:
-    the training window for CT, min-max otherwise."""
+def scan_on_grid(path: str | Path, spacing: float, window: Sequence[float] | None) -> np.ndarray:
+    """A real scan resampled to ``spacing`` mm on its voxel axes, in [0, 1]: the training
+    window for CT, min-max otherwise (the rule `ranreg register` applies for models with
+    ``model_window: auto``)."""
     from ranreg.data.io import load_nifti
     from ranreg.data.preprocess import network_intensity, resample
 
     vol = load_nifti(path)
     voxel = np.linalg.norm(np.asarray(vol.affine)[:3, :3], axis=0)
     array = resample(np.asarray(vol.array, dtype=np.float32), voxel / spacing, order=1).array
-    # the rule `ranreg register` applies for models with `model_window: auto`
-    image = network_intensity(array, window, ct_only=True).astype(np.float32)
+    return network_intensity(array, window, ct_only=True).astype(np.float32)
+
+
+def _scan_on_grid(path: Path, spacing: float, window: Sequence[float] | None) -> np.ndarray:
+    """:func:`scan_on_grid` padded to multiples of 16 (the network's)."""
+    image = scan_on_grid(path, spacing, window)
     pads = [((-n) % 16 // 2, (-n) % 16 - (-n) % 16 // 2) for n in image.shape]
     return np.ascontiguousarray(np.pad(image, pads))
 
