@@ -41,3 +41,14 @@ def test_4mm_run_is_the_8mm_recipe_in_mm_on_windows_of_the_8mm_size() -> None:
     # trains on 48x32x64 windows; the 4 mm volumes are twice as large, the windows the same
     assert _window(fine) == _window(coarse) == [48, 32, 64]
     assert fine.model == coarse.model and fine.init == "ran3.abdomen-synth"
+
+
+def test_real_ct_run_is_the_8mm_known_field_stage_plus_a_scan_share() -> None:
+    by_name = {p.name: p for p in CONFIGS}
+    base = load_config(by_name["ran3-synth.yaml"])
+    real = load_config(by_name["ran3-realct.yaml"])
+    b, r = base.stages[0], real.stages[0]
+    assert {k: v for k, v in r.pairs.items() if k != "scans"} == b.pairs
+    assert r.pairs["scans"] == 0.5 and r.deformation == b.deformation and r.weights == b.weights
+    assert real.data.train_scans and not set(real.data.train_scans) & set(real.data.val_scans)
+    assert real.init == "ran3.abdomen-synth"
