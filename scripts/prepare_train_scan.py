@@ -1,8 +1,9 @@
 """Convert a CT DICOM series into a training scan for `data.train_scans` (issue 12).
 
-Reads the series with SimpleITK (orientation from the DICOM headers), resamples it to an
-isotropic grid (linear), reorients it to RAS voxel axes (as the shared label maps), crops
-it to the body's bounding box plus a margin and writes int16 HU as NIfTI:
+Reads the series with ranreg's DICOM reader (`ranreg.data.formats.read_itk_image`: the
+largest series, slice positions checked, orientation from the headers), resamples it to an
+isotropic grid with SimpleITK (linear), reorients it to RAS voxel axes (as the shared label
+maps), crops it to the body's bounding box plus a margin and writes int16 HU as NIfTI:
 
     python scripts/prepare_train_scan.py DICOM_DIR OUT.nii.gz [--spacing 3]
 
@@ -12,6 +13,7 @@ Used for data/train-scans/ (its README gives the source commits and checksums).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -19,16 +21,20 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from ranreg.atomic import atomic_file
+from ranreg.data.formats import affine_from_itk, itk_geometry, read_itk_image
+from ranreg.errors import RanregError
+
 
 def read_series(folder: Path) -> sitk.Image:
-    """The largest DICOM series in ``folder``."""
-    reader = sitk.ImageSeriesReader()
-    ids = reader.GetGDCMSeriesIDs(str(folder))
-    if not ids:
-        raise SystemExit(f"error: {folder}: no DICOM series found")
-    files = max((reader.GetGDCMSeriesFileNames(str(folder), i) for i in ids), key=len)
-    reader.SetFileNames(files)
-    return reader.Execute()
+    """The DICOM series in ``folder`` as a SimpleITK image (for its resampler)."""
+    _, array, affine = read_itk_image(folder)
+    origin, spacing, direction = itk_geometry(affine)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image.SetOrigin(origin)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    return image
 
 
 def isotropic(image: sitk.Image, spacing: float) -> sitk.Image:
@@ -60,14 +66,14 @@ def main() -> None:
     p.add_argument("--spacing", type=float, default=3.0)
     p.add_argument("--margin", type=int, default=3, help="voxels around the body")
     args = p.parse_args()
-    image = isotropic(read_series(args.dicom), args.spacing)
-    # SimpleITK arrays are (z, y, x) in LPS; nibabel wants (x, y, z) with an RAS affine
+    try:
+        image = isotropic(read_series(args.dicom), args.spacing)
+    except RanregError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    # SimpleITK arrays are (z, y, x); nibabel wants (x, y, z) with an RAS affine
     array = np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))
-    direction = np.asarray(image.GetDirection()).reshape(3, 3)
-    affine = np.eye(4)
-    affine[:3, :3] = direction * args.spacing
-    affine[:3, 3] = image.GetOrigin()
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # LPS -> RAS world
+    affine = affine_from_itk(image.GetOrigin(), image.GetSpacing(), image.GetDirection())
     nii = nib.as_closest_canonical(nib.Nifti1Image(array, affine))
     hu = np.asarray(nii.dataobj, dtype=np.float32)
     box = body_box(hu, args.margin)
@@ -76,7 +82,8 @@ def main() -> None:
     result = nib.Nifti1Image(data, out.affine)
     result.set_qform(out.affine, code=1)
     result.set_sform(out.affine, code=1)
-    nib.save(result, args.out)
+    with atomic_file(args.out, suffix=".nii.gz") as tmp:  # whole or not at all
+        nib.save(result, tmp)
     print(f"{args.out}: {data.shape} at {args.spacing} mm, HU {data.min()}..{data.max()}")
 
 
