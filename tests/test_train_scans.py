@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import ndimage
+from torch.utils.data import DataLoader
 
 from ranreg.config import parse_config
 from ranreg.errors import RanregError
@@ -83,8 +84,8 @@ def test_the_scan_share_picks_scans_and_a_zero_share_keeps_the_random_streams(
             for key in a:
                 np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
         else:
-            # the scan under noise (sd 0.01): the same image up to an axis permutation and
-            # flips (augment is off here), far from every painted subject
+            # the scan under noise (sd 0.01; augment is off, so no axis permutation or
+            # flip), far from every subject
             assert np.abs(moving - scans[0].image).mean() < 0.02
             assert all(np.abs(moving - s.image).mean() > 0.2 for s in subs)
 
@@ -105,8 +106,6 @@ def test_scan_options_are_checked(tmp_path: Path) -> None:
 
 def test_scans_batch_with_labelled_subjects(tmp_path: Path) -> None:
     """A scan has no labels; in a batch with labelled subjects it gets empty maps."""
-    from torch.utils.data import DataLoader
-
     cfg = parse_config(config_3d(ct_scan(tmp_path / "ct.nii.gz"), 0.5))
     subs = subjects(4)
     for i, s in enumerate(subs):
