@@ -29,6 +29,7 @@ from ranreg.data.shapes import shapes_subjects
 from ranreg.data.synth_images import synthesize_dataset
 from ranreg.errors import RanregError
 from ranreg.synth import random_ddf
+from ranreg.validation import BODY_LEVEL, scan_on_grid
 
 __all__ = [
     "MixedSamples",
@@ -123,8 +124,6 @@ def _preprocess(cfg: TrainConfig, subject: Any) -> SubjectData:
 def load_train_scans(cfg: TrainConfig, like: SubjectData) -> list[SubjectData]:
     """``data.train_scans`` as subjects without labels on the grid of ``like`` (its voxel
     size and shape), so that they batch with the painted subjects."""
-    from ranreg.validation import scan_on_grid
-
     if not cfg.data.train_scans:
         return []
     if like.spacing is None or len(set(like.spacing)) != 1:
@@ -141,7 +140,7 @@ def load_train_scans(cfg: TrainConfig, like: SubjectData) -> list[SubjectData]:
     ]
 
 
-def fit_to_shape(image: np.ndarray, shape: tuple[int, ...], body: float = 0.05) -> np.ndarray:
+def fit_to_shape(image: np.ndarray, shape: tuple[int, ...], body: float = BODY_LEVEL) -> np.ndarray:
     """``image`` cropped or zero-padded to ``shape``, its body (values above ``body``)
     centred: a scan's field of view rarely matches the training grid."""
     inside = image > body

@@ -23,6 +23,7 @@ from ranreg.metrics import dice
 from ranreg.spatial import warp_labels
 
 __all__ = [
+    "BODY_LEVEL",
     "KnownFieldCase",
     "known_field_cases",
     "scan_on_grid",
@@ -41,6 +42,9 @@ VALIDATION_FIELD = {
     "bump_scale": 1.5,
     "bump_sigma": 4.0,
 }
+
+#: a windowed scan's body: values above this (air is 0 after the window)
+BODY_LEVEL = 0.05
 
 
 def validation_pairs(val: Sequence[Any], limit: int) -> list[tuple[int, int]]:
@@ -135,7 +139,7 @@ def known_field_cases(
             pair = make_pair(
                 image, None, (spacing,) * 3, np.random.default_rng([seed, k, j]), recipe
             )
-            body = image > 0.05
+            body = image > BODY_LEVEL
             name = f"{Path(path).name}#{j}"
             cases.append(
                 KnownFieldCase(name, pair["moving"], pair["fixed"], pair["ddf_true"], body, spacing)
