@@ -52,3 +52,13 @@ def test_real_ct_run_is_the_8mm_known_field_stage_plus_a_scan_share() -> None:
     assert r.pairs["scans"] == 0.5 and r.deformation == b.deformation and r.weights == b.weights
     assert real.data.train_scans and not set(real.data.train_scans) & set(real.data.val_scans)
     assert real.init == "ran3.abdomen-synth"
+
+
+def test_small_field_run_is_the_real_ct_run_with_scaled_fields() -> None:
+    by_name = {p.name: p for p in CONFIGS}
+    real = load_config(by_name["ran3-realct.yaml"])
+    small = load_config(by_name["ran3-small-fields.yaml"])
+    r, s = real.stages[0], small.stages[0]
+    assert {k: v for k, v in s.pairs.items() if k != "field_scale"} == r.pairs
+    assert s.pairs["field_scale"] == [0.1, 1.0] and s.deformation == r.deformation
+    assert small.data == real.data and small.init == real.init and small.model == real.model

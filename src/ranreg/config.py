@@ -440,6 +440,7 @@ _PAIR_KEYS = {
     "noise",
     "sliding_deformation",
     "stage1",
+    "field_scale",
 }
 
 
@@ -456,6 +457,14 @@ def _check_pairs(s: _Reader, stage: StageConfig) -> None:
             isinstance(value, int | float) and 0 <= value <= 1
         ):
             raise s.fail(f"pairs.{key}", f"must be a share in [0, 1], got {value!r}")
+    scale = stage.pairs.get("field_scale")
+    if scale is not None and not (
+        isinstance(scale, list | tuple)
+        and len(scale) == 2
+        and all(isinstance(v, int | float) for v in scale)
+        and 0 < scale[0] <= scale[1]
+    ):
+        raise s.fail("pairs.field_scale", f"must be [lo, hi] with 0 < lo <= hi, got {scale!r}")
     styles = stage.pairs.get("styles", {"image": 1.0})
     if not isinstance(styles, dict) or not styles or any(k not in STYLES for k in styles):
         raise s.fail("pairs.styles", f"must map some of {', '.join(STYLES)} to weights")

@@ -84,6 +84,34 @@ def test_known_field_pairs_keep_labels_exact_and_identity_pairs_have_zero_target
     assert 0.02 < noise.std() < 0.1
 
 
+def test_field_scale_shrinks_the_same_field_and_leaves_identity_pairs_zero() -> None:
+    lab = _labels()
+    image = (lab > 0).astype(np.float32)
+    field = {"max_angle": 0.1, "max_translation": 1.5, "tps_scale": 1.0, "bump_scale": 1.0}
+    for sliding in (0.0, 1.0):
+        full = PairRecipe(sliding=sliding, deformation=field)
+        half = PairRecipe(sliding=sliding, deformation=field, field_scale=(0.5, 0.5))
+        a = make_pair(image, lab, (8.0,) * 3, np.random.default_rng(3), full)
+        b = make_pair(image, lab, (8.0,) * 3, np.random.default_rng(3), half)
+        # the scale is drawn after the field: the same field, exactly halved
+        np.testing.assert_allclose(b["ddf_true"], 0.5 * a["ddf_true"], atol=1e-6)
+        np.testing.assert_array_equal(
+            _warp_labels_np(b["moving_label"], b["ddf_true"]), b["fixed_label"]
+        )
+    wide = PairRecipe(deformation=field, field_scale=(0.1, 1.0))
+    plain = PairRecipe(deformation=field)
+    factors = []
+    for seed in range(12):
+        pairs = [
+            make_pair(image, lab, (8.0,) * 3, np.random.default_rng(seed), r) for r in (wide, plain)
+        ]
+        factors.append(np.abs(pairs[0]["ddf_true"]).max() / np.abs(pairs[1]["ddf_true"]).max())
+    # log-uniform over a decade: small and large fields alike
+    assert 0.1 <= min(factors) < 0.25 and 0.5 < max(factors) <= 1.0
+    zero = PairRecipe(identity=1.0, field_scale=(0.1, 1.0))
+    assert not make_pair(image, lab, (8.0,) * 3, np.random.default_rng(0), zero)["ddf_true"].any()
+
+
 def test_swapped_pair_targets_the_inverse_of_an_affine_field() -> None:
     shape = (24, 20, 28)
     angle = 0.1
@@ -153,6 +181,12 @@ def test_config_checks_pair_options() -> None:
     raw["stages"][0]["pairs"] = {"styles": {"photo": 1}}
     with pytest.raises(RanregError, match="pairs.styles"):
         parse_config(raw)
+    for bad in ([0.0, 1.0], [1.0, 0.5], [0.5], "small"):
+        raw["stages"][0]["pairs"] = {"field_scale": bad}
+        with pytest.raises(RanregError, match=r"pairs.field_scale: must be \[lo, hi\]"):
+            parse_config(raw)
+    raw["stages"][0]["pairs"] = {"field_scale": [0.1, 1]}
+    assert parse_config(raw).stages[0].pairs["field_scale"] == [0.1, 1]
     raw = _pairs_config(2)
     raw["stages"][0]["batch_size"] = 3
     with pytest.raises(RanregError, match="swap: needs an even batch_size"):

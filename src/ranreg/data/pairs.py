@@ -51,6 +51,9 @@ class PairRecipe:
     image-style pair. ``stage1``: share of the non-identity fields drawn with the paper's
     stage-1 ranges (:func:`ranreg.synth.random_ddf` defaults: rotations up to 45 degrees
     about a random axis, shifts of 10 % of the grid) instead of ``deformation``.
+    ``field_scale``: ``(lo, hi)``, every non-identity field multiplied by a factor drawn
+    log-uniformly from it, so that small motions (what an affine pre-alignment leaves)
+    are as common as large ones; None draws nothing (random streams unchanged).
     """
 
     styles: dict[str, float] = field(default_factory=lambda: {"image": 1.0})
@@ -61,6 +64,7 @@ class PairRecipe:
     deformation: dict[str, Any] = field(default_factory=dict)
     sliding_deformation: dict[str, Any] = field(default_factory=dict)
     stage1: float = 0.0
+    field_scale: tuple[float, float] | None = None
 
 
 def _draw_field(
@@ -69,10 +73,15 @@ def _draw_field(
     if rng.random() < r.identity:
         return np.zeros((len(shape), *shape), dtype=np.float32)
     if labels is not None and rng.random() < r.sliding:
-        return random_sliding_ddf(labels, rng, **r.sliding_deformation)[0]
-    if r.stage1 > 0 and rng.random() < r.stage1:
-        return random_ddf(shape, rng)[0]
-    return random_ddf(shape, rng, **r.deformation)[0]
+        ddf = random_sliding_ddf(labels, rng, **r.sliding_deformation)[0]
+    elif r.stage1 > 0 and rng.random() < r.stage1:
+        ddf = random_ddf(shape, rng)[0]
+    else:
+        ddf = random_ddf(shape, rng, **r.deformation)[0]
+    if r.field_scale is None:
+        return ddf
+    lo, hi = np.log(r.field_scale)
+    return (ddf * np.exp(rng.uniform(lo, hi))).astype(np.float32)
 
 
 def _style(rng: np.random.Generator, r: PairRecipe, has_labels: bool) -> str:
