@@ -18,10 +18,10 @@ import argparse
 import numpy as np
 import torch
 from common import provenance
-from real_scans import ROOT, SHARED_SCANS, epe_scores
+from real_scans import ROOT, SCANS, epe_scores
 
 WORK = ROOT / "work-data" / "real-scans" / "cases"
-MOVING = {"chest-ct": "chest-ct-1p5mm.nii.gz", "abdomen-mr": "abdomen-mr-3mm.nii.gz"}
+VALIDATION = [scan for scan in SCANS if scan.split == "validation"]
 
 
 class Scaled(torch.nn.Module):
@@ -48,18 +48,18 @@ def main() -> None:
     if not WORK.is_dir():
         raise SystemExit(f"error: {WORK} not found; run benchmarks/real_scans.py first")
     rows = {}
-    for scan, moving in MOVING.items():
-        for folder in sorted((WORK / scan).iterdir()):
+    for scan in VALIDATION:
+        for folder in sorted((WORK / scan.name).iterdir()):
             for alpha in alphas:
-                reg = register(folder / "fixed.nii.gz", SHARED_SCANS / moving,
+                reg = register(folder / "fixed.nii.gz", scan.image,
                                model=Scaled(model, alpha), fast=True)  # fmt: skip
                 epe = epe_scores(np.asarray(reg.result.ddf_mm), folder)["epe_mm"]
-                rows.setdefault((scan, alpha), []).append(epe)
+                rows.setdefault((scan.name, alpha), []).append(epe)
     print("\n".join(provenance()))
-    print("\n| alpha | " + " | ".join(f"{s} EPE (mm)" for s in MOVING) + " |")
-    print("|---:|" + "---:|" * len(MOVING))
+    print("\n| alpha | " + " | ".join(f"{s.name} EPE (mm)" for s in VALIDATION) + " |")
+    print("|---:|" + "---:|" * len(VALIDATION))
     for alpha in alphas:
-        means = [f"{np.mean(rows[(s, alpha)]):.3f}" for s in MOVING]
+        means = [f"{np.mean(rows[(s.name, alpha)]):.3f}" for s in VALIDATION]
         print(f"| {alpha:g} | " + " | ".join(means) + " |")
 
 

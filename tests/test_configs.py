@@ -14,6 +14,11 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 _VOXEL_KEYS = ("max_translation", "tps_scale", "bump_scale", "bump_sigma")
 
 
+def _shipped(name: str) -> TrainConfig:
+    """The shipped config ``configs/<name>``."""
+    return load_config(CONFIGS[0].parent / name)
+
+
 def _window(cfg: TrainConfig, full: tuple[int, ...] = (192, 160, 256)) -> list[float]:
     """The training window of the shared label maps (``full`` voxels at 2 mm)."""
     return [s * cfg.data.factor - 2 * m for s, m in zip(full, cfg.data.crop, strict=True)]
@@ -26,9 +31,8 @@ def test_every_shipped_config_parses(path: Path) -> None:
 
 
 def test_4mm_run_is_the_8mm_recipe_in_mm_on_windows_of_the_8mm_size() -> None:
-    by_name = {p.name: p for p in CONFIGS}
-    coarse = load_config(by_name["ran3-synth.yaml"])
-    fine = load_config(by_name["ran3-synth-4mm.yaml"])
+    coarse = _shipped("ran3-synth.yaml")
+    fine = _shipped("ran3-synth-4mm.yaml")
     scale = coarse.data.factor / fine.data.factor  # voxel size ratio fine / coarse
     assert scale == 0.5
     c, f = coarse.stages[0], fine.stages[0]
@@ -44,9 +48,8 @@ def test_4mm_run_is_the_8mm_recipe_in_mm_on_windows_of_the_8mm_size() -> None:
 
 
 def test_real_ct_run_is_the_8mm_known_field_stage_plus_a_scan_share() -> None:
-    by_name = {p.name: p for p in CONFIGS}
-    base = load_config(by_name["ran3-synth.yaml"])
-    real = load_config(by_name["ran3-realct.yaml"])
+    base = _shipped("ran3-synth.yaml")
+    real = _shipped("ran3-realct.yaml")
     b, r = base.stages[0], real.stages[0]
     assert {k: v for k, v in r.pairs.items() if k != "scans"} == b.pairs
     assert r.pairs["scans"] == 0.5 and r.deformation == b.deformation and r.weights == b.weights
@@ -55,9 +58,8 @@ def test_real_ct_run_is_the_8mm_known_field_stage_plus_a_scan_share() -> None:
 
 
 def test_small_field_run_is_the_real_ct_run_with_scaled_fields() -> None:
-    by_name = {p.name: p for p in CONFIGS}
-    real = load_config(by_name["ran3-realct.yaml"])
-    small = load_config(by_name["ran3-small-fields.yaml"])
+    real = _shipped("ran3-realct.yaml")
+    small = _shipped("ran3-small-fields.yaml")
     r, s = real.stages[0], small.stages[0]
     assert {k: v for k, v in s.pairs.items() if k != "field_scale"} == r.pairs
     assert s.pairs["field_scale"] == [0.1, 1.0] and s.deformation == r.deformation

@@ -200,8 +200,6 @@ class StepSamples(Dataset):
         self.subjects = subjects
         self.scans = scans or []
         options = {k: v for k, v in self.stage.pairs.items() if k != "scans"}
-        if options.get("field_scale") is not None:
-            options["field_scale"] = tuple(options["field_scale"])
         self.scan_share = float(self.stage.pairs.get("scans", 0.0))
         self.recipe = PairRecipe(deformation=dict(self.stage.deformation), **options)
         self._cache: tuple[tuple[int, int], dict[str, np.ndarray]] | None = None

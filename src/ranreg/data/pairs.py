@@ -13,6 +13,7 @@ and ``fixed(x) = moving(x + ddf(x))``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +65,7 @@ class PairRecipe:
     deformation: dict[str, Any] = field(default_factory=dict)
     sliding_deformation: dict[str, Any] = field(default_factory=dict)
     stage1: float = 0.0
-    field_scale: tuple[float, float] | None = None
+    field_scale: Sequence[float] | None = None
 
 
 def _draw_field(
