@@ -21,6 +21,7 @@ import argparse
 import numpy as np
 import torch
 from common import provenance
+from monai.networks.layers import GaussianFilter
 from real_scans import ROOT, SCANS, epe_scores
 
 WORK = ROOT / "work-data" / "real-scans" / "cases"
@@ -37,16 +38,17 @@ class Scaled(torch.nn.Module):
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         ddf = self.model(moving, fixed)
-        if self.sigma > 0:
-            from monai.networks.layers import GaussianFilter
+        return self.alpha * (blurred(ddf, self.sigma) if self.sigma > 0 else ddf)
 
-            blur = GaussianFilter(ddf.dim() - 2, sigma=self.sigma).to(ddf.device)
-            # float32 outside autocast: bf16 convolutions with long 1D kernels crawl on
-            # CPUs; normalised convolution, so the zero padding does not pull edges to 0
-            with torch.autocast(ddf.device.type, enabled=False):
-                ones = torch.ones_like(ddf[:, :1], dtype=torch.float32)
-                ddf = blur(ddf.float()) / blur(ones)
-        return self.alpha * ddf
+
+def blurred(ddf: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``ddf`` smoothed by a gaussian of ``sigma`` voxels, per component, in float32
+    outside autocast (bf16 convolutions with long 1D kernels crawl on CPUs), as a
+    normalised convolution so that the zero padding does not pull the edges to zero."""
+    blur = GaussianFilter(ddf.dim() - 2, sigma=sigma).to(ddf.device)
+    with torch.autocast(ddf.device.type, enabled=False):
+        ones = torch.ones_like(ddf[:, :1], dtype=torch.float32)
+        return blur(ddf.float()) / blur(ones)
 
 
 def main() -> None:
