@@ -8,7 +8,8 @@ import pytest
 
 from ranreg.config import TrainConfig, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 # field sizes given in voxels, which must scale with 1 / voxel size to stay the same in mm
 _VOXEL_KEYS = ("max_translation", "tps_scale", "bump_scale", "bump_sigma")
@@ -16,7 +17,7 @@ _VOXEL_KEYS = ("max_translation", "tps_scale", "bump_scale", "bump_sigma")
 
 def _shipped(name: str) -> TrainConfig:
     """The shipped config ``configs/<name>``."""
-    return load_config(CONFIGS[0].parent / name)
+    return load_config(CONFIG_DIR / name)
 
 
 def _window(cfg: TrainConfig, full: tuple[int, ...] = (192, 160, 256)) -> list[float]:
