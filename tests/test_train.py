@@ -130,6 +130,7 @@ def test_torchrun_two_cpu_replicas_stay_identical(tmp_path: Path) -> None:
     ]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("finished at step") == 1  # the main replica reports, once
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == 2
     a, b = summary["replica_checksums"]

@@ -35,10 +35,13 @@ def _run(args: Any) -> int:
             state=args.state,
             command=" ".join(["ranreg", *sys.argv[1:]]),
         )
+        main = _is_main()
+        if dist.is_initialized():  # a replica that leaves while another still talks to it
+            dist.barrier()  # can abort at exit (gloo), so all leave together
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if _is_main():
+    if main:
         state = "finished" if summary["finished"] else "paused (resume with --resume)"
         print(
             f"{state} at step {summary['global_step']}/{summary['total_steps']}, "
