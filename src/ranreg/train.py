@@ -474,4 +474,7 @@ def train(
     if run.main:
         run.finish(summary, state_dir, run.chunk_row(started, command))
     run.logs.close()
+    # replicas return together: one that leaves while the main one still writes, and then
+    # tears down its process group, can abort at exit (gloo)
+    _barrier()
     return summary

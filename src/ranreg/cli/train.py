@@ -35,9 +35,7 @@ def _run(args: Any) -> int:
             state=args.state,
             command=" ".join(["ranreg", *sys.argv[1:]]),
         )
-        main = _is_main()
-        if dist.is_initialized():  # a replica that leaves while another still talks to it
-            dist.barrier()  # can abort at exit (gloo), so all leave together
+        main = _is_main()  # read before the process group goes
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
