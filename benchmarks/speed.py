@@ -53,12 +53,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     threads = str(spec["threads"])
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", threads)
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from ranreg.data.io import load_label_volume, load_nifti
     from ranreg.infer import is_neural, register_volumes, resolve_model
     from ranreg.nn import build_model
-    from ranreg.summary import PeakMemory
+    from ranreg.summary import PeakMemory, flop_counter
 
     torch.set_num_threads(int(threads))
     torch.manual_seed(0)
@@ -81,7 +80,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     macs = None
     if spec["warmup"]:
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         with counter:
             once()
         macs = counter.get_total_flops() // 2 if is_neural(net) else None

@@ -76,10 +76,10 @@ def time_steps(name: str, setting: str, repeats: int) -> float:
 
 
 def step_flops(name: str, ic: bool = False) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
+    from ranreg.summary import flop_counter
 
     model, x, _ = _step_fn(name, bf16=False, ic=ic)
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         model(x, x).sum().backward()
     return float(counter.get_total_flops())
 

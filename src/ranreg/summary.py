@@ -7,10 +7,22 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from ranreg.nn import RAN, build_model
 from ranreg.nn.variants import capturable_range, matching_dilations
+
+
+def _onednn_conv_flops(x_shape: Any, w_shape: Any, *_: Any, out_shape: Any, **__: Any) -> int:
+    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape))
+
+
+def flop_counter() -> FlopCounterMode:
+    """``torch.utils.flop_counter`` (1 MAC = 2 FLOPs) that also counts
+    ``aten.mkldnn_convolution``, the CPU float32 forward of ranreg's convolutions
+    (:class:`ranreg.nn.blocks.Conv3d`), which it does not know by itself."""
+    mapping = {torch.ops.aten.mkldnn_convolution: _onednn_conv_flops}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def _proc_status_kib(key: str) -> int | None:
@@ -94,7 +106,7 @@ def summarize(
     moving = torch.rand(1, 1, *shape, device=dev)
     fixed = torch.rand(1, 1, *shape, device=dev)
     context = torch.enable_grad if grad else torch.no_grad
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with context(), PeakMemory(dev) as mem, counter:
         out = model(moving, fixed)
         if grad:

@@ -266,3 +266,34 @@ def test_instance_norm_keeps_bf16_under_autocast() -> None:
     assert y.dtype == torch.bfloat16  # no round trip through float32
     ref = torch.nn.functional.instance_norm(x, eps=1e-5)
     assert (y.float() - ref).abs().max() < 0.05  # bf16 keeps ~3 significant digits
+
+
+@pytest.mark.parametrize("ndim,dilation,channels_last", [(3, 1, False), (3, 2, True), (2, 1, True)])
+def test_conv_block_matches_aten_convolution_and_its_gradient(
+    ndim: int, dilation: int, channels_last: bool
+) -> None:
+    """The float32 CPU forward of the conv block (oneDNN, where ATen would pick its
+    reference kernel: batch 1, 18 channels, 16^d) gives ATen's values and gradients."""
+    from ranreg.nn.blocks import conv
+
+    torch.manual_seed(0)
+    block = conv(ndim, 18, 6, dilation=dilation)
+    ref = {2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[ndim](
+        18, 6, 3, padding=dilation, dilation=dilation
+    )
+    ref.load_state_dict(block.state_dict())
+    x = torch.randn(1, 18, *([16] * ndim))
+    if channels_last:
+        x = x.to(memory_format={2: torch.channels_last, 3: torch.channels_last_3d}[ndim])
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.profiler.profile() as prof:
+        out = block(xa)
+    assert "aten::mkldnn_convolution" in {e.key for e in prof.key_averages()}
+    expected = ref(xb)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(expected)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(block.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(block.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-3)
