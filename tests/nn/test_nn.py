@@ -274,7 +274,7 @@ def test_conv_block_matches_aten_convolution_and_its_gradient(
 ) -> None:
     """The float32 CPU forward of the conv block (oneDNN, where ATen would pick its
     reference kernel: batch 1, 18 channels, 16^d) gives ATen's values and gradients."""
-    from ranreg.nn.blocks import conv
+    from ranreg.nn.blocks import channels_last_format, conv
 
     torch.manual_seed(0)
     block = conv(ndim, 18, 6, dilation=dilation)
@@ -284,7 +284,7 @@ def test_conv_block_matches_aten_convolution_and_its_gradient(
     ref.load_state_dict(block.state_dict())
     x = torch.randn(1, 18, *([16] * ndim))
     if channels_last:
-        x = x.to(memory_format={2: torch.channels_last, 3: torch.channels_last_3d}[ndim])
+        x = x.to(memory_format=channels_last_format(x.dim()))
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     with torch.profiler.profile() as prof:
         out = block(xa)
