@@ -37,6 +37,8 @@ CLAIMS = (
     ("RAN4+", "ants-syn", "epe_boundary_mm"),
     ("RAN4+", "ants-syn", "dice"),
 )
+#: validation points in the running mean of the learning-curve figure
+CURVE_WINDOW = 5
 #: the issue's question: the best network by validation against no registration and the peers
 PEERS = ("identity", "VoxelMorph-pkg", "ants-syn")
 ORGAN_NAMES = {
@@ -227,18 +229,32 @@ def _figures(result: dict[str, Any], out: Path) -> list[str]:
     fig.savefig(dice_png, dpi=110)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for run in result["progress"]:
-        steps, epe, boundary = zip(*run["val"], strict=True)
-        line = axes[0].plot(steps, epe, label=run["run"])[0]
-        axes[1].plot(steps, boundary, color=line.get_color())
-    for ax, title in zip(
-        axes, ("validation EPE (mm)", "validation EPE near boundary (mm)"), strict=True
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    seeds = {}
+    for r in result["progress"]:
+        model = r["run"].rsplit("-s", 1)[0]
+        seeds[model] = seeds.get(model, 0) + 1
+    for ax, column, title in (
+        (axes[0], 1, "validation EPE (mm)"),
+        (axes[1], 2, "validation EPE near sliding boundaries (mm)"),
     ):
+        for j, (model, curve) in enumerate(_val_by_model(result["progress"], None, column).items()):
+            steps, values = np.array(list(curve)), np.array(list(curve.values()))
+            colour = plt.cm.tab10(j % 10)
+            ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
+            label = f"{model} ({seeds[model]} seeds)" if seeds[model] > 1 else model
+            ax.plot(steps, running_mean(values, CURVE_WINDOW), color=colour, label=label)
         ax.set_xlabel("step")
         ax.set_title(title)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.text(
+        0.5,
+        0.01,
+        f"faint: mean over seeds; bold: its centred mean over {CURVE_WINDOW} validation points",
+        ha="center",
+        fontsize=8,
+    )
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     curve_png = out.with_name(out.stem + "-curves.png")
     fig.savefig(curve_png, dpi=110)
     plt.close(fig)
@@ -297,17 +313,35 @@ def _progress_table(result: dict[str, Any]) -> list[str]:
 PLATEAU = 0.02
 
 
-def _val_by_model(progress: list[dict[str, Any]], at: int) -> dict[str, dict[int, float]]:
-    """Validation EPE per network and step, the mean over its seeds validated at step
-    ``at`` (one set of seeds along the whole curve)."""
-    seen: dict[str, dict[int, list[float]]] = {}
+def _val_by_model(
+    progress: list[dict[str, Any]], at: int | None = None, column: int = 1
+) -> dict[str, dict[int, float]]:
+    """Validation curve per network, the mean over its seeds at the steps every one of them
+    was validated. ``at``: only seeds validated at that step (one set of seeds along the
+    whole curve); ``column``: 1 for EPE, 2 for EPE near sliding boundaries."""
+    seen: dict[str, list[dict[int, float]]] = {}
     for r in progress:
-        if at not in {step for step, _, _ in r["val"]}:
+        if at is not None and at not in {row[0] for row in r["val"]}:
             continue
         model = r["run"].rsplit("-s", 1)[0]
-        for step, epe, _ in r["val"]:
-            seen.setdefault(model, {}).setdefault(step, []).append(epe)
-    return {m: {k: float(np.mean(v)) for k, v in sorted(d.items())} for m, d in seen.items()}
+        seen.setdefault(model, []).append({row[0]: row[column] for row in r["val"]})
+    curves = {}
+    for model, seeds in seen.items():
+        steps = sorted(set.intersection(*(set(c) for c in seeds)))
+        curves[model] = {k: float(np.mean([c[k] for c in seeds])) for k in steps}
+    return curves
+
+
+def running_mean(values: list[float] | np.ndarray, window: int) -> np.ndarray:
+    """Centred mean over ``window`` points, narrowed symmetrically near the ends so that a
+    straight line stays straight and the first and last points keep their values; it
+    shows the trend of validation curves that one batch of pairs makes noisy."""
+    v = np.asarray(values, dtype=float)
+    out = np.empty_like(v)
+    for i in range(len(v)):
+        half = min(window // 2, i, len(v) - 1 - i)
+        out[i] = v[i - half : i + half + 1].mean()
+    return out
 
 
 def convergence(progress: list[dict[str, Any]], cycle: int) -> dict[str, Any]:

@@ -207,3 +207,20 @@ def test_convergence_tells_a_plateau_from_a_falling_curve() -> None:
     assert row["fall_last_fifth"] < 0.02 and row["fall_last_cycle"] == pytest.approx(0.1)
     assert not row["plateau"]
     assert any("no: still falling" in line for line in report.convergence_table(conv))
+
+
+def test_the_figure_curves_average_seeds_where_all_were_validated() -> None:
+    progress = [
+        {"run": "A-s0", "val": [(0, 10.0, 8.0), (250, 6.0, 4.0), (500, 4.0, 2.0)]},
+        {"run": "A-s1", "val": [(0, 12.0, 9.0), (250, 8.0, 5.0)]},  # a step behind
+    ]
+    assert report._val_by_model(progress) == {"A": {0: 11.0, 250: 7.0}}
+    assert report._val_by_model(progress, column=2) == {"A": {0: 8.5, 250: 4.5}}
+    assert report._val_by_model(progress, at=500) == {"A": {0: 10.0, 250: 6.0, 500: 4.0}}
+
+
+def test_the_running_mean_keeps_lines_and_ends_and_spreads_a_spike() -> None:
+    line = np.arange(7.0) * 0.5 + 3.0
+    np.testing.assert_allclose(report.running_mean(line, 5), line)
+    spike = report.running_mean([0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0], 5)
+    np.testing.assert_allclose(spike, [0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
