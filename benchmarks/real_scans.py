@@ -251,16 +251,6 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(centres[np.argmax(w0 * w1 * (mu0 - mu1) ** 2)])
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 6-connected component of ``mask``."""
-    lab, n = ndimage.label(mask)
-    if n == 0:
-        return mask
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    return lab == int(np.argmax(sizes))
-
-
 def axial_axis(affine: np.ndarray) -> int:
     """The array axis closest to the world S axis (slices are filled along it)."""
     directions = affine[:3, :3] / spacing_of(affine)
@@ -270,6 +260,8 @@ def axial_axis(affine: np.ndarray) -> int:
 def body_mask(image: np.ndarray, affine: np.ndarray, modality: str) -> np.ndarray:
     """Threshold (CT > -500 HU, MR Otsu), largest component, holes filled in 3D and per
     axial slice (so the lungs count as body)."""
+    from ranreg.data.preprocess import largest_component
+
     threshold = CT_BODY_HU if modality == "CT" else otsu_threshold(image)
     mask = ndimage.binary_opening(image > threshold)
     mask = ndimage.binary_fill_holes(largest_component(mask))

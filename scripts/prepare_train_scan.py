@@ -23,6 +23,7 @@ from scipy import ndimage
 
 from ranreg.atomic import atomic_file
 from ranreg.data.formats import affine_from_itk, itk_geometry, read_itk_image
+from ranreg.data.preprocess import largest_component
 from ranreg.errors import RanregError
 
 
@@ -50,9 +51,8 @@ def isotropic(image: sitk.Image, spacing: float) -> sitk.Image:
 def body_box(hu: np.ndarray, margin: int) -> tuple[slice, ...]:
     """The bounding box of the largest connected region above -300 HU (the body, not the
     couch), grown by ``margin`` voxels."""
-    labels, n = ndimage.label(ndimage.binary_opening(hu > -300, iterations=2))
-    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=range(1, n + 1))
-    box = ndimage.find_objects((labels == 1 + int(np.argmax(sizes))).astype(np.int8))[0]
+    body = largest_component(ndimage.binary_opening(hu > -300, iterations=2))
+    box = ndimage.find_objects(body.astype(np.int8))[0]
     return tuple(
         slice(max(b.start - margin, 0), min(b.stop + margin, size))
         for b, size in zip(box, hu.shape, strict=True)

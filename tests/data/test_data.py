@@ -19,6 +19,7 @@ from ranreg.data import (
     crop_offsets,
     discover_splits,
     discover_subjects,
+    largest_component,
     load_label,
     load_label_volume,
     load_nifti,
@@ -262,6 +263,16 @@ def test_select_labels_keeps_original_values():
     np.testing.assert_array_equal(
         select_labels(lab, keep=(4,)).ravel(), [4 * (v == 4) for v in range(14)]
     )
+
+
+def test_largest_component_keeps_the_biggest_6_connected_blob():
+    mask = np.zeros((6, 6, 6), dtype=bool)
+    mask[0:2, 0:2, 0:2] = True  # 8 voxels
+    mask[3:6, 3:6, 3:5] = True  # 18 voxels
+    mask[2, 2, 2] = True  # touches the first blob only at corners: its own component
+    body = largest_component(mask)
+    assert body.sum() == 18 and body[3:6, 3:6, 3:5].all()
+    assert not largest_component(np.zeros((3, 3), dtype=bool)).any()
 
 
 def test_preprocess_subject_and_pair():

@@ -149,6 +149,17 @@ def select_labels(labels: np.ndarray, keep: Sequence[int] | None = ABDOMEN_ORGAN
     return np.where(np.isin(lab, np.asarray(list(keep))), lab, np.zeros((), dtype=lab.dtype))
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 6-connected (4 in 2D) component of a boolean ``mask``: the body
+    without the couch or the air pockets around it. An empty mask comes back empty."""
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return np.zeros(mask.shape, dtype=bool)
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == int(np.argmax(sizes))
+
+
 def preprocess_subject(
     image: np.ndarray,
     label: np.ndarray | None = None,
