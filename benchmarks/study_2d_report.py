@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -230,10 +231,7 @@ def _figures(result: dict[str, Any], out: Path) -> list[str]:
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    seeds = {}
-    for r in result["progress"]:
-        model = r["run"].rsplit("-s", 1)[0]
-        seeds[model] = seeds.get(model, 0) + 1
+    seeds = Counter(_network(r["run"]) for r in result["progress"])
     for ax, column, title in (
         (axes[0], 1, "validation EPE (mm)"),
         (axes[1], 2, "validation EPE near sliding boundaries (mm)"),
@@ -313,6 +311,11 @@ def _progress_table(result: dict[str, Any]) -> list[str]:
 PLATEAU = 0.02
 
 
+def _network(run: str) -> str:
+    """The network of a run's name: ``RAN4+-noRA-s1`` -> ``RAN4+-noRA``."""
+    return run.rsplit("-s", 1)[0]
+
+
 def _val_by_model(
     progress: list[dict[str, Any]], at: int | None = None, column: int = 1
 ) -> dict[str, dict[int, float]]:
@@ -323,8 +326,7 @@ def _val_by_model(
     for r in progress:
         if at is not None and at not in {row[0] for row in r["val"]}:
             continue
-        model = r["run"].rsplit("-s", 1)[0]
-        seen.setdefault(model, []).append({row[0]: row[column] for row in r["val"]})
+        seen.setdefault(_network(r["run"]), []).append({row[0]: row[column] for row in r["val"]})
     curves = {}
     for model, seeds in seen.items():
         steps = sorted(set.intersection(*(set(c) for c in seeds)))
