@@ -230,13 +230,24 @@ def _figures(result: dict[str, Any], out: Path) -> list[str]:
     fig.savefig(dice_png, dpi=110)
     plt.close(fig)
 
+    curve_png = _curve_figure(result["progress"], out.with_name(out.stem + "-curves.png"))
+    return [f"![per-organ Dice]({dice_png.name})", "", f"![learning curves]({curve_png.name})"]
+
+
+def _curve_figure(progress: list[dict[str, Any]], png: Path) -> Path:
+    """Validation EPE and EPE near sliding boundaries against steps, one line per network
+    (the mean over its seeds) and its running mean."""
+    import matplotlib.pyplot as plt
+
+    from ranreg.figures_training import running_mean
+
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    seeds = Counter(_network(r["run"]) for r in result["progress"])
+    seeds = Counter(_network(r["run"]) for r in progress)
     for ax, column, title in (
         (axes[0], 1, "validation EPE (mm)"),
         (axes[1], 2, "validation EPE near sliding boundaries (mm)"),
     ):
-        for j, (model, curve) in enumerate(_val_by_model(result["progress"], None, column).items()):
+        for j, (model, curve) in enumerate(_val_by_model(progress, None, column).items()):
             steps, values = np.array(list(curve)), np.array(list(curve.values()))
             colour = plt.cm.tab10(j % 10)
             ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
@@ -253,10 +264,9 @@ def _figures(result: dict[str, Any], out: Path) -> list[str]:
         fontsize=8,
     )
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    curve_png = out.with_name(out.stem + "-curves.png")
-    fig.savefig(curve_png, dpi=110)
+    fig.savefig(png, dpi=110)
     plt.close(fig)
-    return [f"![per-organ Dice]({dice_png.name})", "", f"![learning curves]({curve_png.name})"]
+    return png
 
 
 def _separability(args: argparse.Namespace, result: dict[str, Any], out: Path) -> list[str]:
@@ -332,18 +342,6 @@ def _val_by_model(
         steps = sorted(set.intersection(*(set(c) for c in seeds)))
         curves[model] = {k: float(np.mean([c[k] for c in seeds])) for k in steps}
     return curves
-
-
-def running_mean(values: list[float] | np.ndarray, window: int) -> np.ndarray:
-    """Centred mean over ``window`` points, narrowed symmetrically near the ends so that a
-    straight line stays straight and the first and last points keep their values; it
-    shows the trend of validation curves that one batch of pairs makes noisy."""
-    v = np.asarray(values, dtype=float)
-    out = np.empty_like(v)
-    for i in range(len(v)):
-        half = min(window // 2, i, len(v) - 1 - i)
-        out[i] = v[i - half : i + half + 1].mean()
-    return out
 
 
 def convergence(progress: list[dict[str, Any]], cycle: int) -> dict[str, Any]:

@@ -23,3 +23,15 @@ def test_an_aligned_pair_keeps_a_visible_scale_so_noise_does_not_saturate() -> N
     scale = difference_scale(fixed, fixed)
     assert scale == DIFF_FLOOR
     assert 1e-3 / scale == pytest.approx(0.02)
+
+
+def test_the_running_mean_is_centred_with_edge_padding() -> None:
+    from ranreg.figures_training import running_mean
+
+    spike = running_mean(np.array([0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0]), 5)
+    np.testing.assert_allclose(spike, [0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    line = np.arange(7.0) * 0.5 + 3.0
+    smooth = running_mean(line, 5)
+    np.testing.assert_allclose(smooth[2:5], line[2:5])  # straight inside the padding
+    assert smooth[0] == pytest.approx((3 * 3.0 + 3.5 + 4.0) / 5)  # edge value repeated
+    np.testing.assert_array_equal(running_mean(line[:3], 5), line[:3])  # too short

@@ -217,10 +217,3 @@ def test_the_figure_curves_average_seeds_where_all_were_validated() -> None:
     assert report._val_by_model(progress) == {"A": {0: 11.0, 250: 7.0}}
     assert report._val_by_model(progress, column=2) == {"A": {0: 8.5, 250: 4.5}}
     assert report._val_by_model(progress, at=500) == {"A": {0: 10.0, 250: 6.0, 500: 4.0}}
-
-
-def test_the_running_mean_keeps_lines_and_ends_and_spreads_a_spike() -> None:
-    line = np.arange(7.0) * 0.5 + 3.0
-    np.testing.assert_allclose(report.running_mean(line, 5), line)
-    spike = report.running_mean([0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0], 5)
-    np.testing.assert_allclose(spike, [0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 
 from ranreg.figures import _save  # noqa: E402
 
-__all__ = ["plot_training"]
+__all__ = ["plot_training", "running_mean"]
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -24,7 +24,9 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+def running_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred mean over ``window`` points, the ends padded with the end values; a curve
+    shorter than ``window`` comes back unchanged."""
     if len(values) < window or window < 2:
         return values
     kernel = np.ones(window) / window
@@ -47,7 +49,11 @@ def plot_training(
         loss = np.array([float(r["loss"]) for r in sel])
         ax.plot(steps, loss, color="0.75", lw=0.8, label="loss per step")
         ax.plot(
-            steps, _smooth(loss, max(5, len(loss) // 20)), color="C0", lw=1.8, label="running mean"
+            steps,
+            running_mean(loss, max(5, len(loss) // 20)),
+            color="C0",
+            lw=1.8,
+            label="running mean",
         )
         ax.set_title(f"stage '{stage}'")
         ax.set_xlabel("step")
