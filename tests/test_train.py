@@ -162,6 +162,41 @@ def _write_cfg(tmp_path: Path, raw: dict) -> Path:
 
 
 @pytest.mark.parametrize(
+    ("where", "key", "value", "message"),
+    [
+        ("model", "heads", 2.5, "model.heads: must be a positive integer, got 2.5"),
+        ("model", "heads", True, "model.heads: must be a positive integer, got True"),
+        ("data", "val", -1, "data.val: must be a non-negative integer, got -1"),
+        ("stage", "lr", 0, "stages[0].lr: must be a positive number, got 0"),
+        ("stage", "lr", float("nan"), "stages[0].lr: must be a positive number, got nan"),
+        ("stage", "lr", "fast", "stages[0].lr: must be a positive number, got 'fast'"),
+        ("stage", "edge_alpha", -2.0, "edge_alpha: must be a non-negative number, got -2.0"),
+        ("stage", "similarity", "", "stages[0].similarity: must be a non-empty string, got ''"),
+        ("stage", "swap", 1, "stages[0].swap: must be true or false, got 1"),
+        ("data", "organs", 3, "data.organs: must be a list, got 3"),
+        ("stage", "deformation", [], "stages[0].deformation: must be a mapping, got []"),
+        ("data", "shapes", {"size": [40, 4]}, "size must be 2 integers >= 8, got [40, 4]"),
+        ("data", "shapes", {"size": [40, 48], "count": 1}, "count must be an integer from 2"),
+    ],
+)
+def test_each_kind_of_config_value_is_checked(where, key, value, message: str) -> None:
+    raw = shapes_config()
+    (raw["stages"][0] if where == "stage" else raw[where])[key] = value
+    with pytest.raises(RanregError) as err:
+        parse_config(raw)
+    assert message in str(err.value)
+
+
+def test_config_numbers_keep_their_kind() -> None:
+    raw = shapes_config()
+    raw["stages"][0]["lr"] = 1  # an integer where a float is asked for
+    cfg = parse_config(raw)
+    assert cfg.stages[0].lr == 1.0 and isinstance(cfg.stages[0].lr, float)
+    assert cfg.model.heads == 4 and isinstance(cfg.model.heads, int)
+    assert cfg.data.window is not None and cfg.data.organs is None  # None where allowed
+
+
+@pytest.mark.parametrize(
     ("mutate", "expected"),
     [
         (lambda c: c["stages"][0].update(lr=-1), "stages[0].lr: must be a positive number"),

@@ -125,6 +125,15 @@ class TrainConfig:
         return out
 
 
+#: what :meth:`_Reader.get` accepts for each non-numeric kind, and how it says so
+_KINDS: dict[str, tuple[type, str]] = {
+    "str": (str, "a non-empty string"),
+    "bool": (bool, "true or false"),
+    "list": (list, "a list"),
+    "dict": (dict, "a mapping"),
+}
+
+
 class _Reader:
     """Type-checked access to one mapping of the YAML, with error paths."""
 
@@ -142,33 +151,26 @@ class _Reader:
     def get(
         self, key: str, default: Any, kind: str, *, positive: bool = False, allow_none: bool = False
     ) -> Any:
+        """Pop ``key`` and check it is of ``kind`` (int, float, str, bool, list, dict)."""
         value = self.data.pop(key, default)
         if value is None and (allow_none or default is None):
             return None
-        if kind == "int":
-            ok = isinstance(value, int) and not isinstance(value, bool)
-            if not ok or (positive and value <= 0) or value < 0:
-                need = "a positive integer" if positive else "a non-negative integer"
-                raise self.fail(key, f"must be {need}, got {value!r}")
-        elif kind == "float":
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-            if not ok or not math.isfinite(value) or (positive and value <= 0) or value < 0:
-                need = "a positive number" if positive else "a non-negative number"
-                raise self.fail(key, f"must be {need}, got {value!r}")
-            value = float(value)
-        elif kind == "str":
-            if not isinstance(value, str) or not value:
-                raise self.fail(key, f"must be a non-empty string, got {value!r}")
-        elif kind == "bool":
-            if not isinstance(value, bool):
-                raise self.fail(key, f"must be true or false, got {value!r}")
-        elif kind == "list":
-            if not isinstance(value, list):
-                raise self.fail(key, f"must be a list, got {value!r}")
-        elif kind == "dict":
-            if not isinstance(value, dict):
-                raise self.fail(key, f"must be a mapping, got {value!r}")
+        if kind in ("int", "float"):
+            return self._number(key, value, kind, positive)
+        cls, need = _KINDS[kind]
+        if not isinstance(value, cls) or (cls is str and not value):
+            raise self.fail(key, f"must be {need}, got {value!r}")
         return value
+
+    def _number(self, key: str, value: Any, kind: str, positive: bool) -> int | float:
+        types = int if kind == "int" else int | float
+        ok = isinstance(value, types) and not isinstance(value, bool)
+        ok = ok and (kind == "int" or math.isfinite(value))
+        if not ok or value < 0 or (positive and value <= 0):
+            word = "integer" if kind == "int" else "number"
+            need = f"a positive {word}" if positive else f"a non-negative {word}"
+            raise self.fail(key, f"must be {need}, got {value!r}")
+        return float(value) if kind == "float" else value
 
     def finish(self) -> None:
         if self.data:
@@ -254,6 +256,12 @@ def _parse_data(source: str, raw: Any, base: Path, ndim: int) -> DataConfig:
     if data.model_window not in ("window", "auto"):
         raise d.fail("model_window", f"must be window or auto, got {data.model_window!r}")
     d.finish()
+    _check_data(d, data, source, ndim)
+    return data
+
+
+def _check_data(d: _Reader, data: DataConfig, source: str, ndim: int) -> None:
+    """The ``data`` values that depend on each other or on ``ndim``."""
     if data.factor is not None and data.factor > MAX_FACTOR:
         raise d.fail("factor", f"must be at most {MAX_FACTOR:g} (upsampling), got {data.factor:g}")
     sources = [k for k in ("root", "labels", "shapes") if getattr(data, k) is not None]
@@ -274,25 +282,24 @@ def _parse_data(source: str, raw: Any, base: Path, ndim: int) -> DataConfig:
     if data.crop is not None and len(data.crop) != ndim:
         raise d.fail("crop", f"needs {ndim} margins for a {ndim}D model")
     if data.shapes is not None:
-        size = data.shapes.get("size")
-        count = data.shapes.get("count", 8)
-        if not (
-            isinstance(size, list)
-            and len(size) == ndim
-            and all(isinstance(v, int) and v >= 8 for v in size)
-        ):
-            raise d.fail("shapes", f"size must be {ndim} integers >= 8, got {size!r}")
-        if not isinstance(count, int) or not 2 <= count <= MAX_SHAPES:
-            raise d.fail(
-                "shapes", f"count must be an integer from 2 to {MAX_SHAPES}, got {count!r}"
-            )
-        if math.prod(size) * count > MAX_SHAPES_VOXELS:
-            raise d.fail(
-                "shapes", f"{count} subjects of {size} exceed {MAX_SHAPES_VOXELS:.0e} voxels"
-            )
+        _check_shapes(d, data.shapes, ndim)
     elif ndim != 3:
         raise RanregError(f"{source}: model.ndim: NIfTI data are 3D; 2D needs data.shapes")
-    return data
+
+
+def _check_shapes(d: _Reader, shapes: dict[str, Any], ndim: int) -> None:
+    """``data.shapes``: ``count`` random subjects of ``size`` (``ndim`` integers)."""
+    size, count = shapes.get("size"), shapes.get("count", 8)
+    if not (
+        isinstance(size, list)
+        and len(size) == ndim
+        and all(isinstance(v, int) and v >= 8 for v in size)
+    ):
+        raise d.fail("shapes", f"size must be {ndim} integers >= 8, got {size!r}")
+    if not isinstance(count, int) or not 2 <= count <= MAX_SHAPES:
+        raise d.fail("shapes", f"count must be an integer from 2 to {MAX_SHAPES}, got {count!r}")
+    if math.prod(size) * count > MAX_SHAPES_VOXELS:
+        raise d.fail("shapes", f"{count} subjects of {size} exceed {MAX_SHAPES_VOXELS:.0e} voxels")
 
 
 def _parse_stage(source: str, raw: Any, index: int) -> StageConfig:
