@@ -177,6 +177,9 @@ def _write_cfg(tmp_path: Path, raw: dict) -> Path:
         ("stage", "deformation", [], "stages[0].deformation: must be a mapping, got []"),
         ("data", "shapes", {"size": [40, 4]}, "size must be 2 integers >= 8, got [40, 4]"),
         ("data", "shapes", {"size": [40, 48], "count": 1}, "count must be an integer from 2"),
+        ("stage", "weights", {"smooth": -1}, "weights.smooth: must be a non-negative number"),
+        ("stage", "weights", {"smooth": float("nan")}, "weights.smooth: must be a non-negative"),
+        ("stage", "weights", {"smooth": True}, "weights.smooth: must be a non-negative number"),
     ],
 )
 def test_each_kind_of_config_value_is_checked(where, key, value, message: str) -> None:

@@ -156,13 +156,14 @@ class _Reader:
         if value is None and (allow_none or default is None):
             return None
         if kind in ("int", "float"):
-            return self._number(key, value, kind, positive)
+            return self.number(key, value, kind, positive)
         cls, need = _KINDS[kind]
         if not isinstance(value, cls) or (cls is str and not value):
             raise self.fail(key, f"must be {need}, got {value!r}")
         return value
 
-    def _number(self, key: str, value: Any, kind: str, positive: bool) -> int | float:
+    def number(self, key: str, value: Any, kind: str, positive: bool = False) -> int | float:
+        """``value`` of ``key`` as an int or float (kind), non-negative and finite."""
         types = int if kind == "int" else int | float
         ok = isinstance(value, types) and not isinstance(value, bool)
         ok = ok and (kind == "int" or math.isfinite(value))
@@ -303,19 +304,12 @@ def _check_shapes(d: _Reader, shapes: dict[str, Any], ndim: int) -> None:
 
 
 def _parse_stage(source: str, raw: Any, index: int) -> StageConfig:
-    """Entry ``index`` of ``stages``: its kind's default weights overridden by the given ones."""
+    """Entry ``index`` of ``stages``, checked."""
     s = _Reader(source, raw, f"stages[{index}]")
     kind = s.get("kind", None, "str")
     if kind not in STAGE_KINDS:
         raise s.fail("kind", f"must be one of {', '.join(STAGE_KINDS)}, got {kind!r}")
-    weights = dict(DEFAULT_WEIGHTS[kind])
-    given = s.get("weights", {}, "dict")
-    for key, value in given.items():
-        if key not in weights:
-            raise s.fail("weights", f"unknown term {key!r}; known: {', '.join(weights)}")
-        if not isinstance(value, int | float) or value < 0:
-            raise s.fail(f"weights.{key}", f"must be a non-negative number, got {value!r}")
-        weights[key] = float(value)
+    weights = _stage_weights(s, kind)
     stage = StageConfig(
         name=s.get("name", kind, "str"),
         kind=kind,
@@ -347,6 +341,16 @@ def _parse_stage(source: str, raw: Any, index: int) -> StageConfig:
         if key not in _DEFORMATION_KEYS:
             raise s.fail("deformation", f"unknown option {key!r}")
     return stage
+
+
+def _stage_weights(s: _Reader, kind: str) -> dict[str, float]:
+    """The loss weights of a stage: its kind's defaults, overridden by the given ones."""
+    weights = dict(DEFAULT_WEIGHTS[kind])
+    for key, value in s.get("weights", {}, "dict").items():
+        if key not in weights:
+            raise s.fail("weights", f"unknown term {key!r}; known: {', '.join(weights)}")
+        weights[key] = s.number(f"weights.{key}", value, "float")
+    return weights
 
 
 def _parse_mix(raw: dict[str, Any] | None, s: _Reader) -> dict[str, Any]:
