@@ -157,3 +157,60 @@ def test_mutual_information_aligns_images_of_different_contrast() -> None:
     pts = np.array([c for c, _, _ in BLOBS])
     err = np.linalg.norm(pts @ (est - truth)[:3, :3].T + (est - truth)[:3, 3], axis=1)
     assert err.mean() < 1.5, err.mean()
+
+
+def _ras_points_through(tx, points_ras: np.ndarray) -> np.ndarray:
+    """Where a SimpleITK transform (LPS) sends RAS points."""
+    flip = np.array([-1.0, -1.0, 1.0])
+    return np.array([tx.TransformPoint(tuple(p * flip)) for p in points_ras]) * flip
+
+
+def test_linear_itk_files_are_read_as_simpleitk_applies_them(tmp_path: Path) -> None:
+    """ANTs' binary .mat, text .tfm and a composite (rigid then affine), each against
+    SimpleITK moving the same points; a deformable, a 2D and a broken file are refused."""
+    import SimpleITK as sitk
+
+    euler = sitk.Euler3DTransform((10.0, -5.0, 20.0), 0.2, -0.1, 0.3, (4.0, -6.0, 9.0))
+    affine = sitk.AffineTransform((1.1, 0.0, 0.02, 0.0, 0.9, 0.05, 0.01, 0.0, 1.0), (1, 2, 3))
+    affine.SetCenter((3.0, 2.0, 1.0))
+    composite = sitk.CompositeTransform([euler, affine])
+    points = np.random.default_rng(0).uniform(-80, 80, size=(20, 3))
+    for name, tx in (("0GenericAffine.mat", euler), ("a.tfm", affine), ("c.txt", composite)):
+        sitk.WriteTransform(tx, str(tmp_path / name))
+        m = read_itk_affine(tmp_path / name)
+        np.testing.assert_allclose(
+            points @ m[:3, :3].T + m[:3, 3], _ras_points_through(tx, points), atol=1e-9
+        )
+    field = sitk.Image([4, 4, 4], sitk.sitkVectorFloat64, 3)
+    sitk.WriteTransform(sitk.DisplacementFieldTransform(field), str(tmp_path / "field.h5"))
+    sitk.WriteTransform(sitk.Euler2DTransform(), str(tmp_path / "plane.txt"))
+    (tmp_path / "broken.txt").write_text("#Insight Transform File V1.0\nTransform: nonsense\n")
+    for name, message in [
+        ("field.h5", "not a 3D linear transform"),
+        ("plane.txt", "not a 3D linear transform"),
+        ("broken.txt", "not an ITK transform file"),
+        ("missing.mat", "transform file not found"),
+    ]:
+        with pytest.raises(RanregError, match=message):
+            read_itk_affine(tmp_path / name)
+
+
+def test_the_affine_stage_starts_from_an_initial_affine() -> None:
+    """With no optimisation steps the stage returns its start exactly: the initial affine
+    (not the centres of mass); ``none`` returns it as it is; optimised from it, the stage
+    recovers a 40-degree rotation."""
+    truth = rigid((0.3, 1, 0.2), 40.0, (-30.0, 25.0, 10.0))
+    fixed = volume(FIXED_AFFINE, FIXED_SHAPE, truth)
+    moving = volume(MOVING_AFFINE, MOVING_SHAPE, np.eye(4))
+    start = rigid((0.3, 1, 0.2), 35.0, (-26.0, 22.0, 13.0))
+    frozen = AffineSettings(mode="rigid", iterations=(0, 0, 0))
+    assert np.array_equal(register_affine(fixed, moving, frozen, initial=start), start)
+    assert not np.allclose(register_affine(fixed, moving, frozen), start)
+    none = AffineSettings(mode="none")
+    assert np.array_equal(register_affine(fixed, moving, none, initial=start), start)
+    est = register_affine(fixed, moving, AffineSettings(mode="rigid"), initial=start)
+    pts = np.array([c for c, _, _ in BLOBS])
+    err = np.linalg.norm(pts @ (est - truth)[:3, :3].T + (est - truth)[:3, 3], axis=1)
+    assert err.max() < 1.0, err.max()
+    with pytest.raises(RanregError, match="singular"):
+        register_affine(fixed, moving, none, initial=np.diag([1.0, 0.0, 1.0, 1.0]))

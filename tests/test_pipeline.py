@@ -60,7 +60,7 @@ def test_ddf_is_the_whole_mapping_affine_then_network(monkeypatch) -> None:
     world = np.eye(4)
     world[:3, :3] = Rotation.from_rotvec([0.05, -0.08, 0.1]).as_matrix()
     world[:3, 3] = (3.0, -2.0, 4.0)
-    monkeypatch.setattr(pipeline, "register_affine", lambda f, m, s, images=None: world)
+    monkeypatch.setattr(pipeline, "register_affine", lambda f, m, s, images=None, initial=None: world)
     shift = (0.7, -0.4, 0.5)  # fixed voxels (the network runs on the fixed grid)
     res = register_volumes(
         ConstantShift(shift), moving, fixed, options=RegistrationOptions(fast=True)
@@ -242,6 +242,55 @@ def test_register_writes_affine_txt_consistent_with_metrics(tmp_path: Path, caps
         read_itk_affine(out / "affine.txt"), metrics["affine"]["world_matrix_ras"], atol=1e-9
     )
     assert "rigid" in capsys.readouterr().out
+
+
+def test_register_starts_from_an_initial_affine_file(tmp_path: Path, capsys) -> None:
+    """``--initial-affine`` with ``--affine none``: the whole mapping is that affine
+    (u(p) = T p - p at every voxel), written back as affine.txt and named in the metrics;
+    through the Python API the same as a matrix; refused for --pairs and a missing file."""
+    from ranreg.affine import write_itk_affine
+    from ranreg.api import register
+    from ranreg.errors import RanregError
+
+    truth = np.eye(4)
+    truth[:3, :3] = Rotation.from_rotvec([0.05, -0.1, 0.2]).as_matrix()
+    truth[:3, 3] = [4.0, -3.0, 6.0]
+    path = write_itk_affine(tmp_path / "start.txt", truth)
+    out = tmp_path / "out"
+    argv = [*_pair(tmp_path), "--out", str(out), "--model", "identity"]
+    assert main([*argv, "--affine", "none", "--initial-affine", str(path)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["affine"]["initial"]["source"] == str(path)
+    np.testing.assert_allclose(metrics["affine"]["world_matrix_ras"], truth, atol=1e-9)
+    np.testing.assert_allclose(read_itk_affine(out / "affine.txt"), truth, atol=1e-9)
+    ddf = nib.load(out / "ddf.nii.gz")
+    a = ddf.affine
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in ddf.shape[:3]], indexing="ij"), -1)
+    p = idx @ a[:3, :3].T + a[:3, 3]
+    expected = p @ truth[:3, :3].T + truth[:3, 3] - p
+    np.testing.assert_allclose(np.asarray(ddf.dataobj)[..., 0, :], expected, atol=1e-3)
+    api = register(
+        tmp_path / "f.nii.gz", tmp_path / "m.nii.gz", model="identity", initial_affine=truth
+    )
+    np.testing.assert_allclose(api.result.ddf_mm, expected, atol=1e-3)
+    assert api.metrics["affine"]["initial"]["source"] == "matrix"
+    opts = RegistrationOptions(initial_affine=truth)
+    assert opts.describe(neural=True).startswith("initial affine + affine + network")
+    assert opts == opts.with_(initial_affine=truth.tolist())  # a matrix kept by value
+    with pytest.raises(RanregError, match="4x4"):
+        RegistrationOptions(initial_affine=[[1.0, 0.0], [0.0, 1.0]])
+    capsys.readouterr()
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"fixed,moving\n{tmp_path / 'f.nii.gz'},{tmp_path / 'm.nii.gz'}\n")
+    bad_out = ["--out", str(tmp_path / "bad"), "--model", "identity"]
+    for bad in (
+        [*_pair(tmp_path), *bad_out, "--initial-affine", str(tmp_path / "missing.mat")],
+        ["register", "--pairs", str(pairs), *bad_out, "--initial-affine", str(path)],
+    ):
+        assert main(bad) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:"), err
+        assert not (tmp_path / "bad").exists()
 
 
 def test_a_model_that_returns_nan_is_refused_before_anything_is_written(tmp_path: Path) -> None:

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ __all__ = [
     "rotation_matrix",
     "write_itk_affine",
     "read_itk_affine",
+    "check_world_map",
 ]
 
 AFFINE_MODES = ("none", "rigid", "affine")
@@ -225,28 +227,55 @@ def register_affine(
     moving: Volume,
     settings: AffineSettings | None = None,
     images: tuple[Tensor, Tensor] | None = None,
+    initial: np.ndarray | None = None,
 ) -> np.ndarray:
     """The 4x4 world (RAS+) map from fixed to moving points (see the module docstring).
 
-    ``mode="none"`` returns the identity. Images are compared after
+    ``initial``: a world map to start from (an earlier affine, as ANTs takes
+    ``--initial-moving-transform``) instead of the centres of mass; ``mode="none"``
+    returns it as it is (the identity without it). Images are compared after
     :func:`~ranreg.similarity.robust_normalise` (``images``: the two already normalised,
     from :func:`~ranreg.similarity.normalised_volumes`).
     """
     s = settings or AffineSettings()
     s.check()
+    start = np.eye(4) if initial is None else check_world_map(initial)
     if s.mode == "none":
-        return np.eye(4)
+        return start.copy()
+    # the map is optimised between the fixed image and the moving one seen through
+    # ``start`` (its voxels at world points start^-1 q), then composed with ``start``
+    seen = replace(moving, affine=np.linalg.inv(start) @ np.asarray(moving.affine))
     with torch.inference_mode(False), torch.enable_grad():
-        return _register(fixed, moving, s, images or normalised_volumes(fixed, moving))
+        found = _register(
+            fixed, seen, s, images or normalised_volumes(fixed, moving), initial is None
+        )
+    return start @ found
+
+
+def check_world_map(matrix: Any) -> np.ndarray:
+    """``matrix`` as a 4x4 float64 world map: finite, last row (0, 0, 0, 1), invertible."""
+    try:
+        m = np.asarray(matrix, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise RanregError(f"an affine world map must be a 4x4 matrix, got {matrix!r}") from None
+    if m.shape != (4, 4) or not np.isfinite(m).all() or not np.allclose(m[3], [0, 0, 0, 1]):
+        raise RanregError(f"an affine world map must be a finite 4x4 matrix, got {m.tolist()}")
+    if abs(np.linalg.det(m[:3, :3])) < 1e-6:
+        raise RanregError("the affine world map is singular (it flattens space)")
+    return m
 
 
 def _register(
-    fixed: Volume, moving: Volume, s: AffineSettings, images: tuple[Tensor, ...]
+    fixed: Volume,
+    moving: Volume,
+    s: AffineSettings,
+    images: tuple[Tensor, ...],
+    from_centres: bool = True,
 ) -> np.ndarray:
     sim = choose_similarity(fixed, moving, s.similarity)
     fix, mov = images
     centre = _centre_of_mass(fix, fixed.affine)
-    shift0 = _centre_of_mass(mov, moving.affine) - centre
+    shift0 = _centre_of_mass(mov, moving.affine) - centre if from_centres else np.zeros(3)
     rotvec = torch.zeros(3, requires_grad=True)
     shift = torch.tensor(shift0, dtype=torch.float32, requires_grad=True)
     extra = torch.zeros(3, 3, requires_grad=True) if s.mode == "affine" else None
@@ -316,21 +345,29 @@ def write_itk_affine(path: str | Path, matrix_ras: np.ndarray) -> Path:
 
 
 def read_itk_affine(path: str | Path) -> np.ndarray:
-    """Read an ITK affine transform file back as a world (RAS+) 4x4 matrix."""
-    fields: dict[str, list[float]] = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("Parameters", "FixedParameters"):
-            fields[key] = [float(v) for v in rest.split()]
-    try:
-        params, centre = fields["Parameters"], np.asarray(fields["FixedParameters"])
-        m = np.asarray(params[:9]).reshape(3, 3)
-        t = np.asarray(params[9:12])
-    except (KeyError, ValueError) as exc:
-        raise RanregError(f"{path}: not an ITK affine transform file") from exc
+    """A linear ITK transform file as its fixed-to-moving world (RAS+) 4x4 matrix.
+
+    Any file SimpleITK's ``ReadTransform`` reads (``.txt``/``.tfm``, ANTs' binary
+    ``0GenericAffine.mat``, ``.h5``) holding an affine, rigid or similarity transform or a
+    composite of them; a deformable one is refused. The matrix is found from where the
+    transform sends the origin and the three unit points (LPS).
+    """
+    from ranreg.data.sitk_runtime import QuietITK, import_simpleitk, itk_reason
+
+    sitk = import_simpleitk(path)
+    if not Path(path).is_file():
+        raise RanregError(f"{path}: transform file not found")
+    with QuietITK(sitk):
+        try:
+            tx = sitk.ReadTransform(str(path))
+        except RuntimeError as exc:
+            raise RanregError(f"{path}: not an ITK transform file ({itk_reason(exc)})") from None
+    if tx.GetDimension() != 3 or not tx.IsLinear():
+        raise RanregError(f"{path}: not a 3D linear transform ({tx.GetName()}); give an affine one")
+    moved = [np.array(tx.TransformPoint(x)) for x in [(0.0, 0.0, 0.0), *np.eye(3).tolist()]]
     lps = np.eye(4)
-    lps[:3, :3] = m
-    lps[:3, 3] = t + centre - m @ centre
+    lps[:3, 3] = moved[0]
+    lps[:3, :3] = np.stack(moved[1:], axis=1) - moved[0][:, None]
     return RAS_TO_LPS @ lps @ RAS_TO_LPS
 
 

@@ -170,7 +170,8 @@ def register(
     (:func:`ranreg.infer.resolve_model`; None: the packaged default). ``options``: the
     settings of :class:`~ranreg.options.RegistrationOptions`, named as there (``affine``,
     ``similarity``, ``fast``, ``tta``, ``network_spacing``, ``refine``, ``refine_weight``,
-    ``refine_levels``, ``diffeomorphic``, ``precision``, ``channels_last``, ``progress``).
+    ``refine_levels``, ``diffeomorphic``, ``precision``, ``channels_last``, ``progress``,
+    ``initial_affine``: an ITK transform file or a 4x4 world matrix to start from).
     With both label maps, ``metrics`` scores ``labels_to_score`` named by ``label_names``,
     with the defaults of ``ranreg register`` (:func:`ranreg.infer.register_files`).
     """

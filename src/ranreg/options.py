@@ -11,10 +11,20 @@ unless asked for explicitly (``affine``/``refine`` set), so they stay what they 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
-from ranreg.affine import AFFINE_MODES, SIMILARITIES, AffineSettings
+import numpy as np
+
+from ranreg.affine import (
+    AFFINE_MODES,
+    SIMILARITIES,
+    AffineSettings,
+    check_world_map,
+    read_itk_affine,
+)
 from ranreg.errors import RanregError
 from ranreg.refine import DEFAULT_STEPS, DEFAULT_WEIGHT, RefineSettings
 
@@ -47,7 +57,11 @@ class RegistrationOptions:
     validation, at 8 times the network's time). ``network_spacing`` (mm): the grid the
     network runs on; None: the model's own (config ``spacing``), and with ``fast`` that
     spacing times :data:`FAST_SPACING_FACTOR` (finer than trained: lower error on
-    validation). ``progress`` shows a progress bar while optimising.
+    validation). ``progress`` shows a progress bar while optimising. ``initial_affine``:
+    a fixed-to-moving affine to start from, an ITK transform file (ANTs'
+    ``0GenericAffine.mat``, ranreg's ``affine.txt``) or a 4x4 world (RAS+) matrix: the
+    affine stage starts there instead of at the centres of mass, and with ``affine="none"``
+    it is the affine stage.
     """
 
     affine: str | None = None
@@ -62,8 +76,15 @@ class RegistrationOptions:
     precision: str = "auto"
     channels_last: bool | None = None
     progress: bool = False
+    initial_affine: str | tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
+        init = self.initial_affine
+        if isinstance(init, os.PathLike):
+            init = os.fspath(init)
+        elif init is not None and not isinstance(init, str):  # a matrix, kept hashable
+            init = tuple(tuple(float(v) for v in row) for row in check_world_map(init))
+        object.__setattr__(self, "initial_affine", init)
         self.check()
 
     def check(self) -> None:
@@ -86,11 +107,19 @@ class RegistrationOptions:
             raise RanregError(f"network spacing must be a positive mm, got {self.network_spacing}")
         if self.fast and self.refine:
             raise RanregError("fast means no instance optimisation; do not also set refine")
+        if isinstance(self.initial_affine, str) and not Path(self.initial_affine).is_file():
+            raise RanregError(f"{self.initial_affine}: initial affine file not found")
         self._refine_settings(self.refine or 0).check()
 
     def with_(self, **changes: Any) -> RegistrationOptions:
         """A copy with some settings changed (checked again)."""
         return replace(self, **changes)
+
+    def initial_map(self) -> np.ndarray | None:
+        """``initial_affine`` as a 4x4 world (RAS+) matrix (its file read), or None."""
+        if isinstance(self.initial_affine, str):
+            return check_world_map(read_itk_affine(self.initial_affine))
+        return None if self.initial_affine is None else np.array(self.initial_affine)
 
     def affine_settings(self, neural: bool) -> AffineSettings:
         mode = self.affine if self.affine is not None else ("affine" if neural else "none")
@@ -121,7 +150,8 @@ class RegistrationOptions:
     def describe(self, neural: bool) -> str:
         """The steps this pipeline runs, e.g. ``affine + network + optimisation 50 x 2``."""
         aff = self.affine_settings(neural).mode
-        steps = [] if aff == "none" else [aff]
+        steps = [] if self.initial_affine is None else ["initial affine"]
+        steps += [] if aff == "none" else [aff]
         steps.append(("network, flips averaged" if self.tta else "network") if neural else "model")
         rs = self.refine_settings(neural)
         if rs.steps:

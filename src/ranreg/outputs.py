@@ -217,6 +217,14 @@ def result_metrics(
     return metrics
 
 
+def _initial(opts: RegistrationOptions, result: RegistrationResult) -> dict[str, Any] | None:
+    """Where the affine stage started: the file (or matrix) given, as a world matrix."""
+    if result.initial_map is None:
+        return None
+    source = opts.initial_affine if isinstance(opts.initial_affine, str) else "matrix"
+    return {"source": source, "world_matrix_ras": result.initial_map.tolist()}
+
+
 def _run_metrics(
     result: RegistrationResult,
     net: torch.nn.Module,
@@ -250,6 +258,7 @@ def _run_metrics(
             "similarity": aff.similarity,
             "seconds": result.affine_s,
             "world_matrix_ras": None if result.world_map is None else result.world_map.tolist(),
+            "initial": _initial(opts, result),
         },
         "refine": {
             "steps": rs.steps,
@@ -339,7 +348,8 @@ def write_outputs(
         jobs = [pool.submit(save_ddf, tmp / "ddf.nii.gz", result.ddf_mm, aff)]
         for stem, array in volumes.items():
             jobs.append(pool.submit(save_image, tmp / f"{stem}.{fmt}", array, aff))
-        if result.world_map is not None and metrics["affine"]["mode"] != "none":
+        aff_ran = metrics["affine"]["mode"] != "none" or metrics["affine"].get("initial")
+        if result.world_map is not None and aff_ran:
             write_itk_affine(tmp / "affine.txt", result.world_map)
         _draw_figures(tmp, result, metrics, net, fix, mov, fix_lab, labels, head_masks)
         for job in jobs:

@@ -107,6 +107,7 @@ class RegistrationResult:
     ``affine_s``, ``refine_s``: the affine stage and the instance optimisation.
     ``ddf_vox`` (X, Y, Z, 3): the same displacement in fixed voxels along the fixed array
     axes. ``world_map``: the affine stage's 4x4 world map (fixed -> moving point);
+    ``initial_map``: the one it started from (``initial_affine``), or None;
     ``refine_report``: what the optimisation did (None without it). ``moving_on_fixed`` /
     ``moving_label_on_fixed``: the moving image / labels resampled to the fixed grid with
     the identity world transform (the "before" state).
@@ -131,6 +132,7 @@ class RegistrationResult:
     affine_s: float = 0.0
     world_map: np.ndarray | None = None
     refine_report: RefineReport | None = None
+    initial_map: np.ndarray | None = None
 
     @property
     def fixed_spacing(self) -> tuple[float, float, float]:
@@ -318,7 +320,8 @@ def register_volumes(
     affine_settings = opts.affine_settings(neural)
     optimised = affine_settings.mode != "none" or refine_settings.steps > 0
     images = normalised_volumes(fixed, moving) if optimised else None
-    world_map = register_affine(fixed, moving, affine_settings, images)
+    initial = opts.initial_map()
+    world_map = register_affine(fixed, moving, affine_settings, images, initial)
     affine_s = time.perf_counter() - t_affine
     inputs = _load_inputs(fixed, moving, world_map, dev)
 
@@ -343,6 +346,7 @@ def register_volumes(
         refine_s=refine_s,
         affine_s=affine_s,
         world_map=world_map,
+        initial_map=initial,
         refine_report=report,
         fixed_affine=np.asarray(fixed.affine, dtype=np.float64).copy(),
         fixed_label=None if fixed_label is None else np.asarray(fixed_label.array),

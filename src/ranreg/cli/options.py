@@ -105,6 +105,7 @@ def options_from_args(args: Any) -> RegistrationOptions:
         precision=args.precision,
         channels_last=args.channels_last,
         progress=progress,
+        initial_affine=getattr(args, "initial_affine", None),  # ranreg register only
     )
 
 

@@ -54,6 +54,8 @@ def _run_pairs(args: Any) -> int:
 
     if args.fixed or args.moving or args.moving_labels or args.fixed_labels:
         raise RanregError("register: --pairs takes the images from the CSV, not --fixed etc.")
+    if args.initial_affine:
+        raise RanregError("register: --initial-affine belongs to one pair, not to --pairs")
     pairs = read_pairs(args.pairs)
     opts = options_from_args(args).with_(progress=False)
     net = resolve_model(args.model)
@@ -165,6 +167,13 @@ def add_parser(sub: Any) -> None:
     add_label_options(p)
     add_device_option(p)
     add_registration_options(p)
+    p.add_argument(
+        "--initial-affine",
+        metavar="FILE",
+        help="start the affine stage from this fixed-to-moving ITK transform (ANTs' "
+        "0GenericAffine.mat, ranreg's affine.txt, any linear .txt/.tfm/.mat/.h5) instead of "
+        "the centres of mass; with --affine none it is used as it is",
+    )
     p.add_argument(
         "--head-masks", action="store_true", help="also draw the RA head masks (RAN models)"
     )
