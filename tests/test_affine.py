@@ -195,6 +195,25 @@ def test_linear_itk_files_are_read_as_simpleitk_applies_them(tmp_path: Path) -> 
             read_itk_affine(tmp_path / name)
 
 
+def test_an_affine_written_by_ants_is_read_as_ants_applies_it(tmp_path: Path) -> None:
+    pytest.importorskip("ants")
+    from ranreg.peers import import_ants
+
+    ants = import_ants()
+    tx = ants.create_ants_transform(
+        transform_type="AffineTransform",
+        matrix=np.array([[0.98, -0.17, 0.05], [0.18, 0.97, -0.02], [-0.04, 0.03, 1.06]]),
+        translation=(5.0, -12.0, 7.5),
+        center=(20.0, 10.0, -15.0),
+    )
+    ants.write_transform(tx, str(tmp_path / "0GenericAffine.mat"))
+    m = read_itk_affine(tmp_path / "0GenericAffine.mat")
+    flip = np.array([-1.0, -1.0, 1.0])
+    for p in np.random.default_rng(1).uniform(-80, 80, size=(10, 3)):
+        q = np.asarray(tx.apply_to_point(tuple(p * flip))) * flip
+        np.testing.assert_allclose(m[:3, :3] @ p + m[:3, 3], q, atol=1e-4)  # float32 in ANTs
+
+
 def test_the_affine_stage_starts_from_an_initial_affine() -> None:
     """With no optimisation steps the stage returns its start exactly: the initial affine
     (not the centres of mass); ``none`` returns it as it is; optimised from it, the stage
