@@ -60,7 +60,9 @@ def test_ddf_is_the_whole_mapping_affine_then_network(monkeypatch) -> None:
     world = np.eye(4)
     world[:3, :3] = Rotation.from_rotvec([0.05, -0.08, 0.1]).as_matrix()
     world[:3, 3] = (3.0, -2.0, 4.0)
-    monkeypatch.setattr(pipeline, "register_affine", lambda f, m, s, images=None, initial=None: world)
+    monkeypatch.setattr(
+        pipeline, "register_affine", lambda f, m, s, images=None, initial=None: world
+    )
     shift = (0.7, -0.4, 0.5)  # fixed voxels (the network runs on the fixed grid)
     res = register_volumes(
         ConstantShift(shift), moving, fixed, options=RegistrationOptions(fast=True)
@@ -261,6 +263,7 @@ def test_register_starts_from_an_initial_affine_file(tmp_path: Path, capsys) -> 
     assert main([*argv, "--affine", "none", "--initial-affine", str(path)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["affine"]["initial"]["source"] == str(path)
+    assert f"(from {path}, network" in capsys.readouterr().out
     np.testing.assert_allclose(metrics["affine"]["world_matrix_ras"], truth, atol=1e-9)
     np.testing.assert_allclose(read_itk_affine(out / "affine.txt"), truth, atol=1e-9)
     ddf = nib.load(out / "ddf.nii.gz")

@@ -89,8 +89,8 @@ def _run_pairs(args: Any) -> int:
 
 
 def _steps_text(metrics: dict[str, Any]) -> str:
-    parts = []
     aff = metrics.get("affine", {})
+    parts = [f"from {aff['initial']['source']}"] if aff.get("initial") else []
     if aff.get("mode", "none") != "none":
         parts.append(f"{aff['mode']} {aff['seconds']:.2f} s")
     parts.append(f"network {metrics['network_s']:.2f} s")
