@@ -283,8 +283,12 @@ def test_register_starts_from_an_initial_affine_file(tmp_path: Path, capsys) -> 
     with pytest.raises(RanregError, match="4x4"):
         RegistrationOptions(initial_affine=[[1.0, 0.0], [0.0, 1.0]])
     capsys.readouterr()
-    pairs = tmp_path / "pairs.csv"
-    pairs.write_text(f"fixed,moving\n{tmp_path / 'f.nii.gz'},{tmp_path / 'm.nii.gz'}\n")
+    pairs = tmp_path / "pairs.csv"  # a cohort: each pair's own affine in a column
+    pairs.write_text(f"fixed,moving,initial_affine,name\nf.nii.gz,m.nii.gz,{path.name},p1\n")
+    cohort = ["register", "--pairs", str(pairs), "--out", str(tmp_path / "cohort")]
+    assert main([*cohort, "--model", "identity"]) == 0
+    metrics = json.loads((tmp_path / "cohort" / "p1" / "metrics.json").read_text())
+    assert metrics["affine"]["initial"]["source"] == str(path)
     bad_out = ["--out", str(tmp_path / "bad"), "--model", "identity"]
     for bad in (
         [*_pair(tmp_path), *bad_out, "--initial-affine", str(tmp_path / "missing.mat")],

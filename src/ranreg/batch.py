@@ -1,8 +1,9 @@
 """Registering a cohort: ``ranreg register --pairs pairs.csv --out DIR``.
 
 ``pairs.csv`` has a header with the columns ``fixed`` and ``moving`` and optionally
-``moving_labels``, ``fixed_labels`` and ``name`` (relative paths are taken from the CSV's
-folder). The model is loaded once; every pair gets its own folder ``DIR/NAME`` (default
+``moving_labels``, ``fixed_labels``, ``initial_affine`` (an ITK transform file to start the
+affine stage from, as ``--initial-affine``) and ``name`` (relative paths are taken from the
+CSV's folder). The model is loaded once; every pair gets its own folder ``DIR/NAME`` (default
 name ``pair-0001``, ...) with the files of a single ``ranreg register``, written atomically,
 so a folder that exists is a finished pair. Run again after a kill (or with new rows), the
 finished pairs are skipped, stale temporary folders of the killed run are removed, and
@@ -52,6 +53,7 @@ class Pair:
     moving: Path
     moving_labels: Path | None = None
     fixed_labels: Path | None = None
+    initial_affine: Path | None = None
 
 
 def _resolve(base: Path, text: str | None) -> Path | None:
@@ -84,17 +86,15 @@ def _pair(path: Path, index: int, row: dict[str, str]) -> Pair:
     name = (row.get("name") or "").strip() or f"pair-{index:04d}"
     if not _NAME.match(name) or name.startswith("."):
         raise RanregError(f"{path}: line {index + 1}: name {name!r} is not a safe folder name")
-    files = {k: _resolve(base, row.get(k)) for k in ("fixed", "moving", "moving_labels")}
-    files["fixed_labels"] = _resolve(base, row.get("fixed_labels"))
+    keys = ("fixed", "moving", "moving_labels", "fixed_labels", "initial_affine")
+    files = {k: _resolve(base, row.get(k)) for k in keys}
     for key in ("fixed", "moving"):
         if files[key] is None:
             raise RanregError(f"{path}: line {index + 1}: no {key} image")
     for key, file in files.items():
         if file is not None and not file.exists():
             raise RanregError(f"{path}: line {index + 1}: {key} {file} not found")
-    return Pair(
-        name, files["fixed"], files["moving"], files["moving_labels"], files["fixed_labels"]
-    )  # type: ignore[arg-type]
+    return Pair(name, **files)  # type: ignore[arg-type]
 
 
 def _summary_row(pair: Pair, metrics: dict[str, Any] | None, error: str | None) -> dict:

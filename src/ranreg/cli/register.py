@@ -55,7 +55,9 @@ def _run_pairs(args: Any) -> int:
     if args.fixed or args.moving or args.moving_labels or args.fixed_labels:
         raise RanregError("register: --pairs takes the images from the CSV, not --fixed etc.")
     if args.initial_affine:
-        raise RanregError("register: --initial-affine belongs to one pair, not to --pairs")
+        raise RanregError(
+            "register: with --pairs, give each pair's affine in an initial_affine column"
+        )
     pairs = read_pairs(args.pairs)
     opts = options_from_args(args).with_(progress=False)
     net = resolve_model(args.model)
@@ -72,7 +74,7 @@ def _run_pairs(args: Any) -> int:
             fixed_labels=pair.fixed_labels,
             device=args.device,
             labels_to_score=args.labels,
-            options=opts,
+            options=opts.with_(initial_affine=pair.initial_affine),
             label_names=names if args.label_names else None,
             output_format=args.format,
         )
@@ -145,8 +147,8 @@ def add_parser(sub: Any) -> None:
         "--pairs",
         metavar="CSV",
         help="register a cohort instead: a CSV with columns fixed, moving [, moving_labels, "
-        "fixed_labels, name]; one folder per pair in --out and a summary.csv; finished "
-        "pairs are skipped when run again",
+        "fixed_labels, initial_affine, name]; one folder per pair in --out and a "
+        "summary.csv; finished pairs are skipped when run again",
     )
     p.add_argument(
         "--model",
