@@ -118,7 +118,7 @@ class RegistrationOptions:
     def initial_map(self) -> np.ndarray | None:
         """``initial_affine`` as a 4x4 world (RAS+) matrix (its file read), or None."""
         if isinstance(self.initial_affine, str):
-            return check_world_map(read_itk_affine(self.initial_affine))
+            return read_itk_affine(self.initial_affine)  # register_affine checks it
         return None if self.initial_affine is None else np.array(self.initial_affine)
 
     def affine_settings(self, neural: bool) -> AffineSettings:
