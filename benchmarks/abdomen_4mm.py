@@ -14,7 +14,8 @@ from pathlib import Path
 
 from common import SHARED_LABELS, TEST_SUBJECTS, painted_subject
 
-from ranreg.data.io import check_out_dir, save_nifti
+from ranreg.atomic import check_out_dir
+from ranreg.data.io import save_nifti
 
 
 def subject_4mm(labels_dir: Path, name: str, seed: int = 0) -> tuple:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from ranreg.atomic import temporary_sibling
 from ranreg.cli import main
 from ranreg.errors import RanregError
 from ranreg.labelnames import label_name, load_label_names
@@ -66,12 +68,15 @@ def test_pairs_run_resume_after_a_kill_and_record_failures(tmp_path: Path, capsy
     shutil.rmtree(out / "b")
     stale.mkdir()
     (stale / "warped.nii.gz").write_bytes(b"partial")
-    (out / f".summary.csv.{gone}.tmp").write_text("half a summary")
+    # its summary's temporary file, named as atomic_file names it, with the dead pid
+    mine = temporary_sibling(out / "summary.csv").name
+    half = out / mine.replace(f".{os.getpid()}.", f".{gone}.", 1)
+    half.write_text("half a summary")
     (out / "summary.csv").unlink()
     assert main(argv) == 0
     assert (out / "a" / "metrics.json").stat().st_mtime_ns == first  # a was not redone
     assert (out / "b" / "metrics.json").is_file() and not stale.exists()
-    assert not (out / f".summary.csv.{gone}.tmp").exists()
+    assert not half.exists()
     with (out / "summary.csv").open() as fh:
         assert [r["name"] for r in csv.DictReader(fh)] == ["a", "b"]
     # a pair whose image is corrupt fails alone, recorded; the command ends with exit 2

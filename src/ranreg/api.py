@@ -20,16 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ranreg.atomic import new_output_dir
 from ranreg.data.io import Volume, spacing_from_affine
 from ranreg.errors import RanregError
 from ranreg.labelnames import load_label_names
 from ranreg.models import resolve_model
 from ranreg.options import RegistrationOptions
 from ranreg.outputs import (
-    abandon_output_dir,
-    atomic_output_dir,
     choose_labels,
-    finish_output_dir,
     jsonable,
     result_metrics,
     write_json,
@@ -110,8 +108,7 @@ class Registration:
         ddf.nii.gz, affine.txt, jacobian.nii.gz, overlay.png, metrics.json) into the new
         folder ``out_dir``, atomically (a failure leaves nothing)."""
         out = Path(out_dir)
-        tmp, created = atomic_output_dir(out)
-        try:
+        with new_output_dir(out) as tmp:
             write_outputs(
                 tmp,
                 self.result,
@@ -125,10 +122,6 @@ class Registration:
                 False,
             )
             write_json(tmp / "metrics.json", self.metrics)
-            finish_output_dir(tmp, out)
-        except BaseException:
-            abandon_output_dir(tmp, created)
-            raise
         return out
 
 

@@ -14,7 +14,6 @@ through a temporary file.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +41,12 @@ def write_new_image(out: str | os.PathLike[str], volume: Any) -> Path:
     """Write ``volume`` to the new file ``out`` in the format its name says
     (:func:`ranreg.data.io.save_image`): to a temporary file in the same folder first, then
     linked into place, which fails rather than replace a file that appeared meanwhile."""
+    from ranreg.atomic import temporary_sibling
     from ranreg.data.io import save_image
 
     path = Path(out)
     ext = _check_out(path)
-    tmp = path.with_name(f".{path.name[: -len(ext)]}.{os.getpid()}.{uuid.uuid4().hex[:8]}{ext}")
+    tmp = temporary_sibling(path, ext)
     try:
         save_image(tmp, volume.array, volume.affine)
         try:

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ranreg.atomic import atomic_file
+from ranreg.atomic import atomic_file, remove_stale_temporaries
 from ranreg.errors import RanregError
-from ranreg.outputs import remove_stale_temporaries
 
 __all__ = ["Pair", "read_pairs", "run_batch", "SUMMARY_FIELDS"]
 
@@ -138,7 +137,7 @@ def run_batch(
         raise RanregError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     # what a killed run left: its summary's temporary file; a pair's temporary folder
-    # goes when that pair is registered again (ranreg.outputs.atomic_output_dir)
+    # goes when that pair is registered again (ranreg.atomic.new_output_dir)
     remove_stale_temporaries(out / "summary.csv")
     rows: list[dict[str, Any]] = []
     bar = tqdm(pairs, desc="pairs", unit="pair", disable=not progress, dynamic_ncols=True)

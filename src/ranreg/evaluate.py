@@ -28,21 +28,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ranreg.atomic import check_out_dir, new_output_dir
 from ranreg.data.datasets import Subject, discover_subjects, load_subject, ordered_pairs
-from ranreg.data.io import Volume, check_out_dir, spacing_from_affine
+from ranreg.data.io import Volume, spacing_from_affine
 from ranreg.errors import RanregError
 from ranreg.evaluate_report import ModelRun, _summary
 from ranreg.labelnames import label_name, load_label_names
 from ranreg.metrics import PAPER_ORGANS
 from ranreg.models import IDENTITY, IdentityModel, model_label, resolve_model
 from ranreg.options import PRECISIONS, RegistrationOptions
-from ranreg.outputs import (
-    abandon_output_dir,
-    atomic_output_dir,
-    finish_output_dir,
-    score_labels,
-    write_json,
-)
+from ranreg.outputs import score_labels, write_json
 from ranreg.pipeline import register_volumes
 from ranreg.refine import DEFAULT_STEPS
 from ranreg.runtime import is_neural, resolve_device
@@ -271,8 +266,7 @@ def _write_outputs(
     from ranreg import figures  # already loaded by evaluate: no cost here
 
     info = summary["info"]
-    tmp, created = atomic_output_dir(out)
-    try:
+    with new_output_dir(out) as tmp:
         _write_csv(tmp / "results.csv", rows)
         (tmp / "summary.md").write_text(text, encoding="utf-8")
         write_json(tmp / "summary.json", summary)
@@ -284,10 +278,6 @@ def _write_outputs(
             tmp / "boxplots.png",
             names={int(k): v for k, v in info["label_names"].items()},
         )
-        finish_output_dir(tmp, out)
-    except BaseException:
-        abandon_output_dir(tmp, created)
-        raise
 
 
 def evaluate(

@@ -18,18 +18,16 @@ from typing import Any
 
 import torch
 
+from ranreg.atomic import check_out_dir, new_output_dir
 from ranreg.data.formats import output_format as _output_format
-from ranreg.data.io import check_out_dir, load_label_volume, load_nifti
+from ranreg.data.io import load_label_volume, load_nifti
 from ranreg.labelnames import load_label_names
 from ranreg.models import IDENTITY, IdentityModel, model_label, resolve_model
 from ranreg.options import RegistrationOptions
 from ranreg.outputs import (
     DDF_CONVENTION,
     OUTPUT_FILES,
-    abandon_output_dir,
-    atomic_output_dir,
     choose_labels,
-    finish_output_dir,
     jsonable,
     result_metrics,
     save_ddf,
@@ -55,9 +53,6 @@ from ranreg.runtime import (
 # names re-exported for the modules and tests that import them from here
 __all__ = [
     "OUTPUT_FILES",
-    "abandon_output_dir",
-    "atomic_output_dir",
-    "finish_output_dir",
     "save_ddf",
     "write_json",
     "IDENTITY",
@@ -131,15 +126,10 @@ def register_files(
         net, mov, fix, mov_lab, fix_lab, device, options=opts, return_levels=head_masks
     )
     metrics = result_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device, labels, names)
-    tmp, created = atomic_output_dir(out)
-    try:
+    with new_output_dir(out) as tmp:
         fmt = _output_format(fixed, output_format).lstrip(".")
         args = (tmp, result, metrics, net, opts, fix, mov, fix_lab, labels, head_masks)
         write_outputs(*args, fmt=fmt)
         metrics["total_s"] = time.perf_counter() - t0
         write_json(tmp / "metrics.json", metrics)
-        finish_output_dir(tmp, out)
-    except BaseException:
-        abandon_output_dir(tmp, created)
-        raise
     return jsonable(metrics)

@@ -8,12 +8,8 @@ writes the same files the same way.
 
 from __future__ import annotations
 
-import glob
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +20,7 @@ import numpy as np
 import torch
 
 from ranreg.affine import write_itk_affine
-from ranreg.data.io import Volume, check_out_dir, save_image
+from ranreg.data.io import Volume, save_image
 from ranreg.labelnames import DEFAULT_TABLE, label_name
 from ranreg.metrics import PAPER_ORGANS, evaluate_pair
 from ranreg.models import model_label
@@ -37,11 +33,6 @@ __all__ = [
     "DDF_CONVENTION",
     "score_labels",
     "save_ddf",
-    "atomic_output_dir",
-    "remove_stale_temporaries",
-    "temporary_name",
-    "finish_output_dir",
-    "abandon_output_dir",
     "write_json",
     "jsonable",
     "result_metrics",
@@ -110,72 +101,6 @@ def save_ddf(path: Path, ddf_mm: np.ndarray, affine: np.ndarray) -> Path:
     img.set_sform(affine, code=1)
     nib.save(img, str(path))
     return path
-
-
-def _first_missing(path: Path) -> Path | None:
-    missing = None
-    p = path.absolute()
-    while not p.exists():
-        missing = p
-        p = p.parent
-    return missing
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
-def temporary_name(target: Path) -> str:
-    """The name prefix of ``target``'s temporary sibling written by this process:
-    ``.NAME.PID.`` (the process id tells a killed writer's leftovers from a live one's)."""
-    return f".{target.name}.{os.getpid()}."
-
-
-def remove_stale_temporaries(target: Path) -> list[Path]:
-    """Remove the temporary siblings ``.NAME.PID.*tmp`` (folders or files) of ``target``
-    whose process no longer runs (what a killed run leaves); a running one's stay."""
-    removed: list[Path] = []
-    if not target.parent.is_dir():
-        return removed
-    for path in target.parent.glob(f".{glob.escape(target.name)}.*tmp"):
-        pid = path.name[len(target.name) + 2 :].split(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
-            removed.append(path)
-    return removed
-
-
-def atomic_output_dir(out_dir: Path) -> tuple[Path, Path | None]:
-    """A temporary sibling of ``out_dir`` to write into (parents created; named with this
-    process's id, so that a later run can tell it from a live one and remove it if this
-    run is killed) and the first folder this created (to remove on failure)."""
-    check_out_dir(out_dir)
-    created = _first_missing(out_dir.parent)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out_dir)
-    prefix = temporary_name(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=out_dir.parent))
-    return tmp, created
-
-
-def finish_output_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished temporary folder onto ``out_dir`` (which may be an empty folder)."""
-    check_out_dir(out_dir)
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(tmp, out_dir)
-
-
-def abandon_output_dir(tmp: Path, created: Path | None) -> None:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if created is not None:
-        shutil.rmtree(created, ignore_errors=True)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -124,23 +124,13 @@ class Transform:
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
         """Write ``ddf.nii.gz`` (the ``ranreg register`` convention) and ``transform.json``
         (grids, round-trip error) into the new folder ``out_dir``, atomically."""
-        from ranreg.outputs import (
-            abandon_output_dir,
-            atomic_output_dir,
-            finish_output_dir,
-            save_ddf,
-            write_json,
-        )
+        from ranreg.atomic import new_output_dir
+        from ranreg.outputs import save_ddf, write_json
 
         out = Path(out_dir)
-        tmp, created = atomic_output_dir(out)
-        try:
+        with new_output_dir(out) as tmp:
             save_ddf(tmp / "ddf.nii.gz", self.ddf_mm, self.grid.affine)
             write_json(tmp / TRANSFORM_JSON, self.info())
-            finish_output_dir(tmp, out)
-        except BaseException:
-            abandon_output_dir(tmp, created)
-            raise
         return out
 
     def info(self) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -222,6 +224,10 @@ def test_synth_failure_leaves_nothing_behind(tmp_path):
     _write_labels(labels_dir, ["a"], _affine())
     (labels_dir / "b.nii.gz").write_bytes(b"\x1f\x8b broken")
     out = tmp_path / "out"
+    # what a run killed earlier left (its process is gone): removed by the next run
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    (tmp_path / f".out.{gone}.k1ll3d.tmp" / "images").mkdir(parents=True)
     with pytest.raises(RanregError, match="b.nii.gz"):
         synthesize_dataset(labels_dir, out, progress=False)
     assert not out.exists()

@@ -359,17 +359,3 @@ def save_image(
     if ext in (".nrrd", ".mha"):
         return write_itk_image(p, _storable(array), affine)
     raise RanregError(f"{p}: output file name must end with .nii.gz, .nii, .nrrd or .mha")
-
-
-def check_out_dir(out_dir: str | os.PathLike[str]) -> None:
-    """Refuse an output folder that exists as a file or holds anything (never overwrite)."""
-    out = Path(out_dir)
-    if out.is_symlink():  # also a dangling one: writing through it would land elsewhere
-        raise RanregError(f"{out}: is a symbolic link; give a real folder path")
-    if out.exists():
-        if not out.is_dir():
-            raise RanregError(f"{out}: exists and is not a directory")
-        if any(out.iterdir()):
-            raise RanregError(
-                f"{out}: output folder exists and is not empty; refusing to overwrite"
-            )

@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import sys
-import uuid
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +39,8 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from ranreg.data.io import check_out_dir, load_label_volume, nifti_stem, save_nifti
+from ranreg.atomic import new_output_dir
+from ranreg.data.io import load_label_volume, nifti_stem, save_nifti
 from ranreg.errors import RanregError
 
 __all__ = [
@@ -370,10 +370,10 @@ def synthesize_dataset(
     for each subject. Subject NAME uses :func:`subject_rng` (``seed``, NAME), so
     adding or removing files does not change the other subjects.
 
-    The dataset is built in a hidden sibling directory and renamed to ``out_dir``
-    at the end, so a failed run leaves nothing behind. ``out_dir`` must not exist
-    or be empty. ``image_kwargs`` go to :func:`labels_to_image`. Returns the
-    (image, label) paths in ``out_dir``.
+    The dataset is built in a hidden sibling folder and renamed to ``out_dir`` at the end
+    (:func:`ranreg.atomic.new_output_dir`), so a failed run leaves nothing behind.
+    ``out_dir`` must not exist or be empty. ``image_kwargs`` go to
+    :func:`labels_to_image`. Returns the (image, label) paths in ``out_dir``.
     """
     src = Path(labels_dir)
     out = Path(out_dir)
@@ -382,11 +382,6 @@ def synthesize_dataset(
     files = sorted(p for p in src.glob("*.nii.gz") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise RanregError(f"{src}: no *.nii.gz label maps found")
-    check_out_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    written: list[tuple[Path, Path]] = []
     manifest: dict = {
         "generator": "ranreg.data.synth_images.labels_to_image",
         "seed": int(seed),
@@ -394,42 +389,42 @@ def synthesize_dataset(
         "options": {k: v for k, v in image_kwargs.items() if k != "organ_hu"},
         "subjects": {},
     }
-    try:
+    with new_output_dir(out) as tmp:
         (tmp / "images").mkdir()
         (tmp / "labels").mkdir()
         bar = tqdm(files, desc="synth", unit="subject", file=sys.stderr, disable=not progress)
         for path in bar:
             name = nifti_stem(path)
-            vol = load_label_volume(path)
-            rng = subject_rng(seed, name)
-            top = int(vol.array.max(initial=0))
-            if top > MAX_LABEL_VALUE:
-                raise RanregError(
-                    f"{path}: label value {top}: painting takes label values up to "
-                    f"{MAX_LABEL_VALUE} (one intensity table entry per value)"
-                )
-            n_labels = max(top + 1, 14)
-            organ_hu = sample_organ_hu(rng, n_labels, image_kwargs.get("hu_jitter", 1.0))
-            try:
-                img = labels_to_image(
-                    vol.array, rng, spacing=vol.spacing, organ_hu=organ_hu, **image_kwargs
-                )
-            except ValueError as exc:
-                raise RanregError(f"{path}: {exc}") from exc
-            save_nifti(tmp / "images" / f"{name}.nii.gz", np.rint(img).astype(np.int16), vol.affine)
-            shutil.copyfile(path, tmp / "labels" / f"{name}.nii.gz")
-            present = sorted(int(v) for v in np.unique(vol.array) if v > 0)
-            manifest["subjects"][name] = {
-                "source": path.name,
-                "organ_hu": {str(k): round(float(organ_hu[k]), 1) for k in present},
-            }
-            written.append((out / "images" / f"{name}.nii.gz", out / "labels" / f"{name}.nii.gz"))
+            manifest["subjects"][name] = _paint_subject(path, name, tmp, seed, image_kwargs)
         (tmp / "synth.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        check_out_dir(out)  # someone may have filled it meanwhile
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return written
+    return [
+        (out / "images" / f"{n}.nii.gz", out / "labels" / f"{n}.nii.gz")
+        for n in manifest["subjects"]
+    ]
+
+
+def _paint_subject(path: Path, name: str, out: Path, seed: int, image_kwargs: dict) -> dict:
+    """Paint the label map ``path`` into ``out/images/NAME.nii.gz``, copy it to
+    ``out/labels``; returns its manifest entry (source file, organ HU drawn)."""
+    vol = load_label_volume(path)
+    rng = subject_rng(seed, name)
+    top = int(vol.array.max(initial=0))
+    if top > MAX_LABEL_VALUE:
+        raise RanregError(
+            f"{path}: label value {top}: painting takes label values up to "
+            f"{MAX_LABEL_VALUE} (one intensity table entry per value)"
+        )
+    organ_hu = sample_organ_hu(rng, max(top + 1, 14), image_kwargs.get("hu_jitter", 1.0))
+    try:
+        img = labels_to_image(
+            vol.array, rng, spacing=vol.spacing, organ_hu=organ_hu, **image_kwargs
+        )
+    except ValueError as exc:
+        raise RanregError(f"{path}: {exc}") from exc
+    save_nifti(out / "images" / f"{name}.nii.gz", np.rint(img).astype(np.int16), vol.affine)
+    shutil.copyfile(path, out / "labels" / f"{name}.nii.gz")
+    present = sorted(int(v) for v in np.unique(vol.array) if v > 0)
+    return {
+        "source": path.name,
+        "organ_hu": {str(k): round(float(organ_hu[k]), 1) for k in present},
+    }
