@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--image", default="../shared/data/real-scans/chest-ct-1p5mm.nii.gz")
     args = p.parse_args()
     from ranreg.data.io import load_nifti
-    from ranreg.infer import resolve_model
+    from ranreg.models import resolve_model
     from ranreg.pipeline import register_volumes
 
     image = load_nifti(args.image)

@@ -10,7 +10,7 @@ groups (liver, right kidney, gallbladder, IVC, right adrenal vs the other organs
 independent rigid motions (up to 10 degrees, 5 % of the field of view) while the body wall
 and background stay still, and the fixed image is the moving one warped by that field, so
 the DDF is discontinuous at the organ-group and organ-wall boundaries. Every model then
-registers moving -> fixed (`ranreg.infer.register_volumes`); scored inside the body
+registers moving -> fixed (`ranreg.pipeline.register_volumes`); scored inside the body
 (fixed > -500 HU): end-point error (mm) overall, within 2 voxels (8 mm) of a sliding
 boundary and away from them; Dice of the 9 organs (all of which move); folding %.
 Writes ``docs/results/sliding.md``, ``.json`` and ``sliding.png`` with the command, the

@@ -3,7 +3,7 @@
     python benchmarks/speed.py                  # full: 96x80x128 and 192x160x256
     python benchmarks/speed.py --quick          # < 10 min: 96x80x128, RAN0/RAN3/ants-syn
 
-One registration = `ranreg.infer.register_volumes` on a real anatomy pair (subjects 0027 ->
+One registration = `ranreg.pipeline.register_volumes` on a real anatomy pair (subjects 0027 ->
 0028, images painted from the shared label maps) with the network run on the images' own
 grid (4 mm: 96x80x128; 2 mm: 192x160x256): normalisation, the forward pass, the DDF's
 Jacobian and the warp of image and labels. Networks carry random weights (speed does not
@@ -55,8 +55,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from ranreg.data.io import load_label_volume, load_nifti
-    from ranreg.infer import is_neural, register_volumes, resolve_model
+    from ranreg.models import resolve_model
     from ranreg.nn import build_model
+    from ranreg.pipeline import register_volumes
+    from ranreg.runtime import is_neural
     from ranreg.summary import PeakMemory, flop_counter
 
     torch.set_num_threads(int(threads))
@@ -211,7 +213,7 @@ def main() -> int:
         *provenance(),
         "",
         "One pair (0027 -> 0028, images painted from the shared label maps) registered by "
-        "`ranreg.infer.register_volumes` on the images' own grid: "
+        "`ranreg.pipeline.register_volumes` on the images' own grid: "
         + ", ".join(names[s] for s in sizes)
         + ". *time*: the whole call (normalisation, network, Jacobian, warping image and "
         "labels), median of "

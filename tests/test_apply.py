@@ -14,7 +14,8 @@ import torch
 from ranreg.cli import main
 from ranreg.data.io import load_label_volume, load_nifti
 from ranreg.errors import RanregError
-from ranreg.infer import register_files, save_ddf
+from ranreg.infer import register_files
+from ranreg.outputs import save_ddf
 from ranreg.transform import Grid, Transform
 from tests.helpers import write_nifti
 

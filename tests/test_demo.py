@@ -45,7 +45,7 @@ def test_demo_with_identity_writes_every_output(tmp_path: Path, capsys) -> None:
 
 
 def test_packaged_default_model_registers_the_demo_pair(tmp_path: Path) -> None:
-    from ranreg.infer import resolve_model
+    from ranreg.models import resolve_model
     from ranreg.pretrained import DEFAULT_MODEL, PRETRAINED, path_of
 
     assert DEFAULT_MODEL in PRETRAINED and path_of(DEFAULT_MODEL).is_file()

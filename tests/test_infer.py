@@ -19,8 +19,10 @@ from ranreg.cli import main
 from ranreg.data.io import Volume, load_label_volume, load_nifti, spacing_from_affine
 from ranreg.errors import RanregError
 from ranreg.figures import head_mask_figure
-from ranreg.infer import IdentityModel, register_files, register_volumes, resolve_model
+from ranreg.infer import register_files
+from ranreg.models import IdentityModel, resolve_model
 from ranreg.nn import LevelOutput, RegistrationOutput
+from ranreg.pipeline import register_volumes
 from tests.helpers import write_nifti
 
 SHAPE = (24, 20, 28)

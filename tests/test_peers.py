@@ -19,7 +19,7 @@ pytest.importorskip("ants")
 
 from ranreg.cli import main  # noqa: E402
 from ranreg.errors import RanregError  # noqa: E402
-from ranreg.infer import model_label, resolve_model  # noqa: E402
+from ranreg.models import model_label, resolve_model  # noqa: E402
 from ranreg.peers import ANTS_SYN, AntsSyN  # noqa: E402
 from ranreg.spatial import warp  # noqa: E402
 from tests.helpers import write_nifti

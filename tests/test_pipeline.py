@@ -19,7 +19,7 @@ from ranreg.affine import read_itk_affine
 from ranreg.cli import main
 from ranreg.data.io import Volume, load_nifti, spacing_from_affine
 from ranreg.demo import demo_files
-from ranreg.infer import resolve_model
+from ranreg.models import resolve_model
 from ranreg.options import RegistrationOptions
 from ranreg.pipeline import register_volumes
 from ranreg.refine import RefineSettings, refine_pair

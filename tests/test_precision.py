@@ -18,9 +18,10 @@ from ranreg.data.io import Volume, load_label_volume, load_nifti
 from ranreg.demo import demo_files
 from ranreg.errors import RanregError
 from ranreg.evaluate import _models, split_label, split_precision
-from ranreg.infer import IdentityModel, is_neural, register_volumes, resolve_model, run_network
+from ranreg.models import IdentityModel, resolve_model
 from ranreg.options import RegistrationOptions
-from ranreg.runtime import fast_bf16
+from ranreg.pipeline import register_volumes
+from ranreg.runtime import fast_bf16, is_neural, run_network
 from tests.helpers import smooth_image, write_nifti
 
 

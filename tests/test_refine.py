@@ -14,9 +14,11 @@ from ranreg.cli import main
 from ranreg.data.io import Volume, save_nifti
 from ranreg.errors import RanregError
 from ranreg.evaluate import _models, split_pipeline
-from ranreg.infer import is_neural, register_volumes, resolve_model
 from ranreg.losses import local_ncc_loss
+from ranreg.models import resolve_model
+from ranreg.pipeline import register_volumes
 from ranreg.refine import DEFAULT_STEPS, check_refine, refine_ddf
+from ranreg.runtime import is_neural
 from ranreg.spatial import warp
 
 SHAPE = (32, 28, 36)

@@ -160,7 +160,7 @@ def register(
     Images and label maps are file paths, :class:`~ranreg.data.io.Volume` objects or
     ``(array, affine)`` tuples (3D array, 4x4 voxel-to-world affine in RAS+ mm). ``model``:
     a model, a model file or folder, a packaged model name, ``identity`` or ``ants-syn``
-    (:func:`ranreg.infer.resolve_model`; None: the packaged default). ``options``: the
+    (:func:`ranreg.models.resolve_model`; None: the packaged default). ``options``: the
     settings of :class:`~ranreg.options.RegistrationOptions`, named as there (``affine``,
     ``similarity``, ``fast``, ``tta``, ``network_spacing``, ``refine``, ``refine_weight``,
     ``refine_levels``, ``diffeomorphic``, ``precision``, ``channels_last``, ``progress``,

@@ -10,9 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ranreg.infer import (
-    register_files,
-)
+from ranreg.infer import register_files
 from ranreg.options import RegistrationOptions
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"

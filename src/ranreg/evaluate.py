@@ -2,7 +2,7 @@
 
 For each ordered pair (moving, fixed) of distinct subjects and each model (plus
 ``identity``, the no-registration reference), the pair is registered in world space with
-:func:`ranreg.infer.register_volumes` and scored on the fixed image's original grid:
+:func:`ranreg.pipeline.register_volumes` and scored on the fixed image's original grid:
 Dice, ASD and HD95 (mm, :mod:`ranreg.metrics`) per organ, folding % and SD of log det J of
 the world map, and the runtime. Outputs (written into a temporary sibling folder and
 renamed into place):

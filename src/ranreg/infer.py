@@ -1,11 +1,13 @@
 """``ranreg register``: register two image files and write the results.
 
-This module resolves models (packaged names, files, ``identity``, classical peers), runs
-:func:`ranreg.pipeline.register_volumes` (affine -> network -> instance optimisation;
-geometry and conventions are documented there) and writes the output folder atomically.
-``ddf.nii.gz`` holds the whole mapping (affine included) as world displacements in mm
-(:data:`DDF_CONVENTION`); ``affine.txt`` holds the affine stage alone as an ITK transform
-(LPS), for tools that want it separately.
+:func:`register_files` reads the files, resolves the model
+(:func:`ranreg.models.resolve_model`: packaged names, files, ``identity``, classical
+peers), runs :func:`ranreg.pipeline.register_volumes` (affine -> network -> instance
+optimisation; geometry and conventions are documented there) and writes the output folder
+atomically (:mod:`ranreg.outputs`). ``ddf.nii.gz`` holds the whole mapping (affine
+included) as world displacements in mm (:data:`ranreg.outputs.DDF_CONVENTION`);
+``affine.txt`` holds the affine stage alone as an ITK transform (LPS), for tools that want
+it separately.
 """
 
 from __future__ import annotations
@@ -22,59 +24,15 @@ from ranreg.atomic import check_out_dir, new_output_dir
 from ranreg.data.formats import output_format as _output_format
 from ranreg.data.io import load_label_volume, load_nifti
 from ranreg.labelnames import load_label_names
-from ranreg.models import IDENTITY, IdentityModel, model_label, resolve_model
+from ranreg.models import resolve_model
 from ranreg.options import RegistrationOptions
-from ranreg.outputs import (
-    DDF_CONVENTION,
-    OUTPUT_FILES,
-    choose_labels,
-    jsonable,
-    result_metrics,
-    save_ddf,
-    score_labels,
-    write_json,
-    write_outputs,
-)
-from ranreg.pipeline import (
-    HU_THRESHOLD,
-    RegistrationResult,
-    _check_inputs,
-    align_labels,
-    model_settings,
-    register_volumes,
-)
-from ranreg.runtime import (
-    default_channels_last,
-    is_neural,
-    resolve_device,
-    run_network,
-)
+from ranreg.outputs import choose_labels, jsonable, result_metrics, write_json, write_outputs
+from ranreg.pipeline import _check_inputs, align_labels, model_settings, register_volumes
+from ranreg.runtime import resolve_device
 
-# names re-exported for the modules and tests that import them from here
-__all__ = [
-    "OUTPUT_FILES",
-    "save_ddf",
-    "write_json",
-    "IDENTITY",
-    "IdentityModel",
-    "RegistrationResult",
-    "RegistrationOptions",
-    "DDF_CONVENTION",
-    "HU_THRESHOLD",
-    "resolve_model",
-    "resolve_device",
-    "model_settings",
-    "model_label",
-    "register_volumes",
-    "score_labels",
-    "register_files",
-    "is_neural",
-    "run_network",
-    "default_channels_last",
-]
+__all__ = ["register_files"]
 
 
-#: Name of the reference "model" that does not move anything.
 def register_files(
     fixed: str | os.PathLike[str],
     moving: str | os.PathLike[str],
@@ -94,16 +52,16 @@ def register_files(
     """Register two NIfTI files and write the results into the new folder ``out_dir``.
 
     Files (volumes in the fixed image's format, or ``output_format``: ``nii.gz``, ``nii``,
-    ``nrrd``, ``mha``): ``warped.nii.gz``, ``ddf.nii.gz`` (:data:`DDF_CONVENTION`, the
-    whole mapping, always NIfTI),
-    ``affine.txt`` (the affine stage as an ITK transform, LPS; when it ran),
-    ``jacobian.nii.gz``, ``warped_labels.nii.gz`` (with moving labels), ``overlay.png``,
-    ``metrics.json`` (and ``head_masks.png`` with ``head_masks`` for RAN models).
-    Everything is checked before anything is written, the folder is written as a temporary
-    sibling and renamed into place, and a failure leaves nothing behind. ``out_dir`` must
-    not exist or be empty. ``model`` is a model or a spec for :func:`resolve_model`;
-    ``options`` and ``changes`` as for :func:`register_volumes`. Returns the metrics dict
-    (as in ``metrics.json``).
+    ``nrrd``, ``mha``): ``warped.nii.gz``, ``ddf.nii.gz`` (the whole mapping, always
+    NIfTI: :data:`ranreg.outputs.DDF_CONVENTION`), ``affine.txt`` (the affine stage as an
+    ITK transform, LPS; when it ran), ``jacobian.nii.gz``, ``warped_labels.nii.gz`` (with
+    moving labels), ``overlay.png``, ``metrics.json`` (and ``head_masks.png`` with
+    ``head_masks`` for RAN models). Everything is checked before anything is written, the
+    folder is written as a temporary sibling and renamed into place, and a failure leaves
+    nothing behind. ``out_dir`` must not exist or be empty. ``model`` is a model or a spec
+    for :func:`ranreg.models.resolve_model`; ``options`` and ``changes`` as for
+    :func:`ranreg.pipeline.register_volumes`. Returns the metrics dict (as in
+    ``metrics.json``).
     """
     t0 = time.perf_counter()
     out = Path(out_dir)

@@ -1,7 +1,7 @@
 """Settings of one registration run, validated once and passed through every entry point.
 
 ``ranreg register``, ``demo``, ``evaluate`` and the Python API
-(:func:`ranreg.infer.register_volumes`) all take a :class:`RegistrationOptions`. The
+(:func:`ranreg.pipeline.register_volumes`) all take a :class:`RegistrationOptions`. The
 default pipeline for a network is: affine pre-alignment, the network, instance
 optimisation (:mod:`ranreg.affine`, :mod:`ranreg.refine`); ``fast`` keeps the affine and
 the network only. For ``identity`` and classical peers (``ants-syn``) nothing is added

@@ -1,7 +1,7 @@
 """Classical, optimisation-based registration methods wrapped as ranreg "models".
 
 They need no training and run in the same harness as the networks: ``ranreg register
---model ants-syn`` and ``ranreg evaluate --model ants-syn`` (:func:`ranreg.infer.resolve_model`
+--model ants-syn`` and ``ranreg evaluate --model ants-syn`` (:func:`ranreg.models.resolve_model`
 knows the names in :data:`PEER_NAMES`). Like a network, a peer is a ``torch.nn.Module`` with a
 ``config`` dict, called as ``model(moving, fixed)`` on ``(B, 1, *S)`` images normalised to
 [0, 1] on the network grid, and returns the DDF ``(B, 3, *S)`` in voxels of that grid with

@@ -2,7 +2,7 @@
 
 A :class:`Transform` holds a displacement field ``u`` in mm along the world (RAS+) axes on
 a voxel grid (:class:`Grid`), the convention of ``ddf.nii.gz``
-(:data:`ranreg.infer.DDF_CONVENTION`): the point ``p`` of the grid's space (the *fixed*
+(:data:`ranreg.outputs.DDF_CONVENTION`): the point ``p`` of the grid's space (the *fixed*
 space of a registration) corresponds to the point ``q = p + u(p)`` of the *moving* space.
 
 * :meth:`Transform.apply` resamples an image that lives in moving space (any grid, any

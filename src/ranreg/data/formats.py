@@ -19,7 +19,7 @@ whose message starts with the path and holds no line break.
 Outputs (:func:`output_format`, :func:`output_name`): in the fixed image's format unless a
 format is asked for; DICOM inputs give NIfTI outputs. The displacement field stays
 ``ddf.nii.gz`` whatever the format: a NIfTI DISPVECT field is what ITK, ANTs, SimpleITK and
-3D Slicer read as a displacement field (``ranreg.infer.save_ddf``).
+3D Slicer read as a displacement field (``ranreg.outputs.save_ddf``).
 """
 
 from __future__ import annotations
