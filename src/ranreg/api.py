@@ -114,12 +114,10 @@ class Registration:
                 self.result,
                 self.metrics,
                 self.model,
-                self.options,
                 _named(self.fixed, "fixed (array)"),
                 _named(self.moving, "moving (array)"),
-                self.fixed_labels,
-                self.labels_to_score,
-                False,
+                fix_lab=self.fixed_labels,
+                labels=self.labels_to_score,
             )
             write_json(tmp / "metrics.json", self.metrics)
         return out

@@ -86,8 +86,18 @@ def register_files(
     metrics = result_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device, labels, names)
     with new_output_dir(out) as tmp:
         fmt = _output_format(fixed, output_format).lstrip(".")
-        args = (tmp, result, metrics, net, opts, fix, mov, fix_lab, labels, head_masks)
-        write_outputs(*args, fmt=fmt)
+        write_outputs(
+            tmp,
+            result,
+            metrics,
+            net,
+            fix,
+            mov,
+            fix_lab=fix_lab,
+            labels=labels,
+            head_masks=head_masks,
+            fmt=fmt,
+        )
         metrics["total_s"] = time.perf_counter() - t0
         write_json(tmp / "metrics.json", metrics)
     return jsonable(metrics)

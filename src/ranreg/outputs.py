@@ -252,17 +252,17 @@ def write_outputs(
     result: RegistrationResult,
     metrics: dict[str, Any],
     net: torch.nn.Module,
-    opts: RegistrationOptions,
     fix: Volume,
     mov: Volume,
-    fix_lab: Volume | None,
-    labels: list[int],
-    head_masks: bool,
     *,
+    fix_lab: Volume | None = None,
+    labels: Sequence[int] = (),
+    head_masks: bool = False,
     fmt: str = "nii.gz",
 ) -> None:
     """Every output file into ``tmp``; volumes in the format ``fmt`` (the field is always
-    ``ddf.nii.gz``: NIfTI DISPVECT is what ITK-based tools read as a displacement field)."""
+    ``ddf.nii.gz``: NIfTI DISPVECT is what ITK-based tools read as a displacement field).
+    The overlay scores ``labels`` of ``fix_lab``; ``head_masks`` adds the RA heads' masks."""
     aff = result.fixed_affine
     volumes = {"warped": result.warped, "jacobian": result.jacobian}
     if result.warped_label is not None:
@@ -289,7 +289,7 @@ def _draw_figures(
     fix: Volume,
     mov: Volume,
     fix_lab: Volume | None,
-    labels: list[int],
+    labels: Sequence[int],
     head_masks: bool,
 ) -> None:
     from ranreg import figures
@@ -305,7 +305,7 @@ def _draw_figures(
         tmp / "overlay.png",
         spacing=fix.spacing,
         affine=fix.affine,
-        labels=labels,
+        labels=list(labels),
         title=_title(mov, fix, net, result),
         names={int(k): v for k, v in metrics["label_names"].items()},
     )
