@@ -19,14 +19,14 @@ from typing import Any
 
 from ranreg.errors import RanregError
 
-__all__ = ["write_new_image"]
+__all__ = ["check_new_image_path", "write_new_image"]
 
 #: Output file endings (``ranreg.data.formats.OUTPUT_FORMATS``; kept here so that the
 #: parser does not import the image modules).
 OUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
-def _check_out(out: Path) -> str:
+def check_new_image_path(out: Path) -> str:
     """The format ending of a new output file, as spelled in its name; refuses an
     existing file and other endings."""
     if out.exists() or out.is_symlink():
@@ -45,7 +45,7 @@ def write_new_image(out: str | os.PathLike[str], volume: Any) -> Path:
     from ranreg.data.io import save_image
 
     path = Path(out)
-    ext = _check_out(path)
+    ext = check_new_image_path(path)
     tmp = temporary_sibling(path, ext)
     try:
         save_image(tmp, volume.array, volume.affine)
@@ -54,7 +54,7 @@ def write_new_image(out: str | os.PathLike[str], volume: Any) -> Path:
         except FileExistsError:
             raise RanregError(f"{path}: exists; refusing to overwrite it") from None
         except OSError:  # a file system without hard links
-            _check_out(path)
+            check_new_image_path(path)
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -32,7 +32,7 @@ from ranreg.atomic import check_out_dir, new_output_dir
 from ranreg.data.datasets import Subject, discover_subjects, load_subject, ordered_pairs
 from ranreg.data.io import Volume, spacing_from_affine
 from ranreg.errors import RanregError
-from ranreg.evaluate_report import ModelRun, _summary
+from ranreg.evaluate_report import ModelRun, summarise
 from ranreg.labelnames import label_name, load_label_names
 from ranreg.metrics import PAPER_ORGANS
 from ranreg.models import IDENTITY, IdentityModel, model_label, resolve_model
@@ -323,6 +323,6 @@ def evaluate(
         "label_names": {str(lab): label_name(table, lab) for lab in organs},
         "device": str(dev),
     }
-    text, summary = _summary(rows, named, organs, info)
+    text, summary = summarise(rows, named, organs, info)
     _write_outputs(out, rows, [r.name for r in named], text, summary)
     return summary

@@ -16,7 +16,7 @@ from scipy import stats
 from ranreg.options import RegistrationOptions
 from ranreg.runtime import is_neural, resolve_precision
 
-__all__ = ["ModelRun", "wilcoxon_table"]
+__all__ = ["ModelRun", "mean_sd", "summarise", "wilcoxon_table"]
 
 _SCORES = (("dice", "Dice"), ("asd_mm", "ASD (mm)"), ("hd95_mm", "HD95 (mm)"))
 
@@ -37,7 +37,8 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
     return float(v.mean()), sd, int(v.size)
 
 
-def _fmt(mean: float, sd: float, digits: int) -> str:
+def mean_sd(mean: float, sd: float, digits: int) -> str:
+    """``mean ± sd`` with ``digits`` decimals (``n/a`` for a missing mean)."""
     if not math.isfinite(mean):
         return "n/a"
     if not math.isfinite(sd):
@@ -118,7 +119,7 @@ def _stat(values: Sequence[float]) -> dict[str, Any]:
 
 
 def _fmt_stat(stat: dict[str, Any], digits: int) -> str:
-    return _fmt(stat["mean"], stat["sd"], digits)
+    return mean_sd(stat["mean"], stat["sd"], digits)
 
 
 def _pair_rows(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
@@ -262,7 +263,7 @@ def _summary_json(
     return {"info": info, "models": stats, "wilcoxon": tests}
 
 
-def _summary(
+def summarise(
     rows: list[dict[str, Any]],
     models: list[ModelRun],
     labels: Sequence[int],

@@ -26,7 +26,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from ranreg.metrics import ORGAN_NAMES  # noqa: E402
 
-__all__ = ["overlay_figure", "boxplot_figure", "head_mask_figure"]
+__all__ = ["overlay_figure", "boxplot_figure", "head_mask_figure", "save_figure"]
 
 _PLANE_BY_CODE = {"R": "sagittal", "L": "sagittal", "A": "coronal", "P": "coronal"}
 _PLANE_BY_CODE.update({"S": "axial", "I": "axial"})
@@ -50,7 +50,7 @@ def _array(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _save(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:
     """Write ``fig`` to ``path`` (creating its folder) and release it."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -292,7 +292,7 @@ def overlay_figure(
     _overlay_legend(fig, colors, names, wlab is not None)
     fig.suptitle(title or "registration overlay (mid slices)", fontsize=10)
     fig.tight_layout(rect=(0, 0.06 if colors else 0, 1, 0.97))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _float(value: Any) -> float:
@@ -392,7 +392,7 @@ def boxplot_figure(
             fig.legend(handles=legend, loc="lower center", ncol=min(len(models), 4), fontsize=8)
             fig.tight_layout(rect=(0, 0.07, 1, 0.96))
             written.append(
-                _save(fig, folder / f"{int(label):02d}_{_slug(_organ(label, names))}.png")
+                save_figure(fig, folder / f"{int(label):02d}_{_slug(_organ(label, names))}.png")
             )
     if combined_path is not None:
         n = len(organs)
@@ -411,7 +411,7 @@ def boxplot_figure(
         fig.legend(handles=legend, loc="lower center", ncol=min(len(models), 6), fontsize=9)
         fig.suptitle("Per-organ results over all ordered pairs", fontsize=11)
         fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-        written.append(_save(fig, combined_path, dpi=100))
+        written.append(save_figure(fig, combined_path, dpi=100))
     return written
 
 
@@ -509,4 +509,4 @@ def head_mask_figure(
             fig.colorbar(im2, ax=axes[1, col], fraction=0.046)
     fig.suptitle("RA multi-head masks, coarse to fine", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ranreg.figures import _save  # noqa: E402
+from ranreg.figures import save_figure  # noqa: E402
 
 __all__ = ["plot_training", "running_mean"]
 
@@ -79,4 +79,4 @@ def plot_training(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, out, dpi=120)
+    return save_figure(fig, out, dpi=120)

@@ -27,7 +27,7 @@ from ranreg.labelnames import load_label_names
 from ranreg.models import resolve_model
 from ranreg.options import RegistrationOptions
 from ranreg.outputs import choose_labels, jsonable, result_metrics, write_json, write_outputs
-from ranreg.pipeline import _check_inputs, align_labels, model_settings, register_volumes
+from ranreg.pipeline import align_labels, check_inputs, model_settings, register_volumes
 from ranreg.runtime import resolve_device
 
 __all__ = ["register_files"]
@@ -73,7 +73,7 @@ def register_files(
     mov = load_nifti(moving)
     mov_lab = None if moving_labels is None else load_label_volume(moving_labels)
     fix_lab = None if fixed_labels is None else load_label_volume(fixed_labels)
-    _check_inputs(net, mov, fix)
+    check_inputs(net, mov, fix)
     mov_lab = align_labels(mov_lab, mov, "moving")
     fix_lab = align_labels(fix_lab, fix, "fixed")
     model_settings(net.config)

@@ -57,7 +57,14 @@ from ranreg.similarity import normalised_volumes
 from ranreg.spatial import folding_fraction, identity_grid, jacobian_determinant, resize_ddf
 from ranreg.spatial import std_log_jacobian as _std_log_jacobian
 
-__all__ = ["HU_THRESHOLD", "RegistrationResult", "model_settings", "register_volumes"]
+__all__ = [
+    "HU_THRESHOLD",
+    "RegistrationResult",
+    "align_labels",
+    "check_inputs",
+    "model_settings",
+    "register_volumes",
+]
 
 
 def model_settings(
@@ -158,7 +165,9 @@ def _volume_name(v: Volume, default: str) -> str:
     return str(v.path) if v.path is not None else default
 
 
-def _check_inputs(model: torch.nn.Module, moving: Volume, fixed: Volume) -> None:
+def check_inputs(model: torch.nn.Module, moving: Volume, fixed: Volume) -> None:
+    """Refuse a model that is not 3D and images that are not 3D volumes (RanregError
+    naming the model or file)."""
     ndim = int(getattr(model, "config", {}).get("ndim", 3))
     if ndim != 3:
         raise RanregError(
@@ -306,7 +315,7 @@ def register_volumes(
     start = time.perf_counter()
     opts = (options or RegistrationOptions()).with_(**changes)
     dev = resolve_device(device)
-    _check_inputs(model, moving, fixed)
+    check_inputs(model, moving, fixed)
     moving_label = align_labels(moving_label, moving, "moving")
     fixed_label = align_labels(fixed_label, fixed, "fixed")
     neural = is_neural(model)

@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 
-from ranreg.synth import _as_shape, _grid, _per_axis, affine_ddf, grid_centre, random_rotation
+from ranreg.synth import affine_ddf, as_shape, grid_centre, index_grid, per_axis, random_rotation
 
 __all__ = [
     "DEFAULT_SLIDING_GROUPS",
@@ -59,7 +59,7 @@ def sliding_ddf(
     reg = np.asarray(regions)
     if not np.issubdtype(reg.dtype, np.integer) and reg.dtype != np.bool_:
         raise ValueError(f"regions must be an integer array, got dtype {reg.dtype}")
-    shp = _as_shape(reg.shape)
+    shp = as_shape(reg.shape)
     out = np.zeros((len(shp), *shp), dtype=np.float32)
     for value, (matrix, translation) in motions.items():
         inside = reg == value
@@ -112,14 +112,14 @@ def random_sliding_ddf(
     labels = np.asarray(label_map)
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"label_map must be an integer array, got dtype {labels.dtype}")
-    shp = _as_shape(labels.shape)
+    shp = as_shape(labels.shape)
     d = len(shp)
     grp = DEFAULT_SLIDING_GROUPS if groups is None else tuple(tuple(g) for g in groups)
     if len(grp) < 1:
         raise ValueError("groups must hold at least one group of labels")
     size = np.asarray(shp, dtype=np.float64)
     max_t = (
-        0.05 * size if max_translation is None else _per_axis(max_translation, d, "max_translation")
+        0.05 * size if max_translation is None else per_axis(max_translation, d, "max_translation")
     )
 
     moving_regions = np.zeros(shp, dtype=np.int64)
@@ -135,7 +135,7 @@ def random_sliding_ddf(
         motions[k] = (matrix, translation)
 
     centre = grid_centre(shp)
-    grid = _grid(shp)
+    grid = index_grid(shp)
     fixed_regions = np.zeros(shp, dtype=np.int64)
     for k in range(len(grp), 0, -1):  # reverse so the first group wins
         field = affine_ddf(shp, motions[k][0], motions[k][1], centre)
@@ -162,7 +162,7 @@ def shapes_regions(
     Returns:
         int64 region map of shape ``S``.
     """
-    shp = _as_shape(shape)
+    shp = as_shape(shape)
     if kind == "halves":
         if not -len(shp) <= axis < len(shp):
             raise ValueError(f"axis {axis} out of range for {len(shp)}D shape")
@@ -172,7 +172,9 @@ def shapes_regions(
         return np.broadcast_to(idx.reshape(view), shp).astype(np.int64)
     if kind == "sphere":
         r = 0.3 * min(shp) if radius is None else float(radius)
-        dist2 = np.sum((_grid(shp) - grid_centre(shp).reshape(-1, *[1] * len(shp))) ** 2, axis=0)
+        dist2 = np.sum(
+            (index_grid(shp) - grid_centre(shp).reshape(-1, *[1] * len(shp))) ** 2, axis=0
+        )
         return (dist2 <= r * r).astype(np.int64)
     raise ValueError(f"kind must be 'halves' or 'sphere', got {kind!r}")
 

@@ -30,8 +30,11 @@ from scipy.spatial.transform import Rotation
 
 __all__ = [
     "affine_ddf",
+    "as_shape",
     "gaussian_bumps_ddf",
     "grid_centre",
+    "index_grid",
+    "per_axis",
     "random_ddf",
     "random_rotation",
     "tps_ddf",
@@ -41,7 +44,8 @@ __all__ = [
 _TPS_CHUNK = 1 << 17
 
 
-def _as_shape(shape: Sequence[int]) -> tuple[int, ...]:
+def as_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """``shape`` as a tuple of 2 or 3 positive ints (ValueError otherwise)."""
     out = tuple(int(s) for s in shape)
     if len(out) not in (2, 3) or any(s < 1 for s in out):
         raise ValueError(f"shape must have 2 or 3 positive sizes, got {shape!r}")
@@ -50,15 +54,16 @@ def _as_shape(shape: Sequence[int]) -> tuple[int, ...]:
 
 def grid_centre(shape: Sequence[int]) -> NDArray[np.float64]:
     """Centre of a voxel grid in index coordinates, ``(s - 1) / 2`` per axis."""
-    return (np.asarray(_as_shape(shape), dtype=np.float64) - 1.0) / 2.0
+    return (np.asarray(as_shape(shape), dtype=np.float64) - 1.0) / 2.0
 
 
-def _grid(shape: tuple[int, ...]) -> NDArray[np.float64]:
+def index_grid(shape: tuple[int, ...]) -> NDArray[np.float64]:
     """Index coordinates, shape ``(d, *shape)``."""
     return np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"))
 
 
-def _per_axis(value: float | Sequence[float] | NDArray[Any], ndim: int, name: str) -> NDArray[Any]:
+def per_axis(value: float | Sequence[float] | NDArray[Any], ndim: int, name: str) -> NDArray[Any]:
+    """One finite value per axis: a scalar repeated, or ``ndim`` values (``name`` in errors)."""
     arr = np.broadcast_to(np.asarray(value, dtype=np.float64), (ndim,)).copy()
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} must be finite, got {value!r}")
@@ -119,13 +124,13 @@ def affine_ddf(
     Returns:
         ``(d, *S)`` float32 DDF.
     """
-    shp = _as_shape(shape)
+    shp = as_shape(shape)
     d = len(shp)
     a = np.asarray(matrix, dtype=np.float64)
     if a.shape != (d, d):
         raise ValueError(f"matrix must have shape {(d, d)}, got {a.shape}")
-    t = np.zeros(d) if translation is None else _per_axis(translation, d, "translation")
-    c = grid_centre(shp) if center is None else _per_axis(center, d, "center")
+    t = np.zeros(d) if translation is None else per_axis(translation, d, "translation")
+    c = grid_centre(shp) if center is None else per_axis(center, d, "center")
     # Separable evaluation: A (x - c) is a sum over input axes of outer-broadcast 1D terms.
     m = a - np.eye(d)
     offset = t - m @ c
@@ -188,10 +193,10 @@ def tps_ddf(
     Returns:
         ``(d, *S)`` float32 DDF.
     """
-    shp = _as_shape(shape)
+    shp = as_shape(shape)
     d = len(shp)
     p, v = _check_points(points, displacements, d)
-    coords = _grid(shp).reshape(d, -1).T
+    coords = index_grid(shp).reshape(d, -1).T
     vals = _tps_eval(p, v, coords)
     return np.ascontiguousarray(vals.T.reshape(d, *shp), dtype=np.float32)
 
@@ -227,10 +232,10 @@ def gaussian_bumps_ddf(
     Returns:
         ``(d, *S)`` float32 DDF.
     """
-    shp = _as_shape(shape)
+    shp = as_shape(shape)
     d = len(shp)
     c, v = _check_points(centers, vectors, d)
-    sig = _per_axis(sigma, d, "sigma")
+    sig = per_axis(sigma, d, "sigma")
     if np.any(sig <= 0):
         raise ValueError(f"sigma must be > 0, got {sigma!r}")
     profiles = _bump_profiles(shp, c, sig)
@@ -257,7 +262,7 @@ def _ddf_scales(
     size = np.asarray(shp, dtype=np.float64)
 
     def _default(value: float | Sequence[float] | None, frac: float, name: str) -> NDArray[Any]:
-        arr = frac * size if value is None else _per_axis(value, d, name)
+        arr = frac * size if value is None else per_axis(value, d, name)
         if np.any(arr < 0):
             raise ValueError(f"{name} must be >= 0, got {value!r}")
         return arr
@@ -342,7 +347,7 @@ def random_ddf(
         (``None`` in 2D), ``matrix``, ``translation``, ``center``, ``points``,
         ``tps_displacements``, ``bump_vectors``, ``bump_sigma`` and ``composition``.
     """
-    shp = _as_shape(shape)
+    shp = as_shape(shape)
     d = len(shp)
     size = np.asarray(shp, dtype=np.float64)
     max_t, tps_s, bump_s, sig = _ddf_scales(shp, max_translation, tps_scale, bump_scale, bump_sigma)

@@ -42,7 +42,7 @@ from ranreg.train_logs import BEST_DIR, TrainLogs, check_run_folder
 from ranreg.training_state import export_state, machine, restore_state
 from ranreg.validation import known_field_cases, validate, validate_known_fields, validation_pairs
 
-__all__ = ["CHECKPOINT_DIR", "MODEL_DIR", "init_weights", "train"]
+__all__ = ["CHECKPOINT_DIR", "MODEL_DIR", "init_weights", "is_main_process", "train"]
 
 CHECKPOINT_DIR = "checkpoint"
 MODEL_DIR = "model"
@@ -64,7 +64,8 @@ def init_weights(model: torch.nn.Module, spec: str) -> None:
 
 
 # ----------------------------------------------------------------------------- distributed
-def _is_main() -> bool:
+def is_main_process() -> bool:
+    """Whether this process writes (rank 0 of a data-parallel run, or the only one)."""
     return not dist.is_initialized() or dist.get_rank() == 0
 
 

@@ -6,14 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ranreg.apply import _check_out, write_new_image
+from ranreg.apply import check_new_image_path, write_new_image
 
 
 def _run(args: argparse.Namespace) -> int:
     from ranreg.transform import Transform, as_volume, interpolation, read_grid
 
     out = Path(args.out)
-    _check_out(out)
+    check_new_image_path(out)
     mode = interpolation(args.labels, args.interp)
     transform = Transform.load(args.transform)
     reference = None if args.reference is None else read_grid(args.reference)

@@ -11,7 +11,7 @@ from ranreg.cli.options import (
     options_from_args,
 )
 from ranreg.evaluate import evaluate
-from ranreg.evaluate_report import _fmt
+from ranreg.evaluate_report import mean_sd
 from ranreg.refine import DEFAULT_STEPS
 
 
@@ -35,7 +35,7 @@ def _run(args: Any) -> int:
     )
     for name, scores in summary["models"].items():
         d = scores["mean_over_organs"]["dice"]
-        print(f"  {name}: mean Dice over organs {_fmt(d['mean'], d['sd'], 3)}")
+        print(f"  {name}: mean Dice over organs {mean_sd(d['mean'], d['sd'], 3)}")
     return 0
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ranreg.train import _is_main, train
+from ranreg.train import is_main_process, train
 
 
 def _run(args: Any) -> int:
@@ -35,7 +35,7 @@ def _run(args: Any) -> int:
             state=args.state,
             command=" ".join(["ranreg", *sys.argv[1:]]),
         )
-        main = _is_main()  # read before the process group goes
+        main = is_main_process()  # read before the process group goes
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
