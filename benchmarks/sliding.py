@@ -133,7 +133,7 @@ def main() -> int:
     args = p.parse_args()
 
     from ranreg.errors import RanregError
-    from ranreg.evaluate import _models
+    from ranreg.evaluate import model_runs
     from ranreg.options import RegistrationOptions
     from ranreg.pipeline import register_volumes
 
@@ -141,7 +141,7 @@ def main() -> int:
         args.subjects, args.motions = args.subjects[:2], 1
     try:
         base = RegistrationOptions(precision=args.precision)
-        named = _models(args.model or ([None] if args.quick else None), base)
+        named = model_runs(args.model or ([None] if args.quick else None), base)
     except RanregError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

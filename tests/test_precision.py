@@ -17,7 +17,7 @@ from ranreg.data.datasets import crop_offsets
 from ranreg.data.io import Volume, load_label_volume, load_nifti
 from ranreg.demo import demo_files
 from ranreg.errors import RanregError
-from ranreg.evaluate import _models, split_label, split_precision
+from ranreg.evaluate import model_runs, split_label, split_precision
 from ranreg.models import IdentityModel, resolve_model
 from ranreg.options import RegistrationOptions
 from ranreg.pipeline import register_volumes
@@ -123,7 +123,7 @@ def test_precision_suffix_in_evaluate() -> None:
     assert split_precision(None, "fp32") == (None, "fp32")
     assert split_label("fast=ran3-abdomen-cpu@bf16") == ("fast", "ran3-abdomen-cpu@bf16")
     assert split_label("runs/a=b/model") == (None, "runs/a=b/model")
-    named = _models(
+    named = model_runs(
         [
             "ran3-abdomen-cpu",
             "ran3-abdomen-cpu@bf16",

@@ -13,7 +13,7 @@ from scipy import ndimage
 from ranreg.cli import main
 from ranreg.data.io import Volume, save_nifti
 from ranreg.errors import RanregError
-from ranreg.evaluate import _models, split_pipeline
+from ranreg.evaluate import model_runs, split_pipeline
 from ranreg.losses import local_ncc_loss
 from ranreg.models import resolve_model
 from ranreg.pipeline import register_volumes
@@ -114,7 +114,9 @@ def test_pipeline_suffixes_in_evaluate_specs() -> None:
     for bad in ("m+refine-3", "m+refinex", "+refine5", "m+slow"):
         with pytest.raises(RanregError, match=r"suffix"):
             split_pipeline(bad)
-    runs = _models(["ran3-abdomen-cpu+refine10", "opt=identity+refine5", "ran3-abdomen-cpu+fast"])
+    runs = model_runs(
+        ["ran3-abdomen-cpu+refine10", "opt=identity+refine5", "ran3-abdomen-cpu+fast"]
+    )
     steps = [(r.name, r.options.refine_steps(is_neural(r.net))) for r in runs]
     assert steps == [
         ("ran3-abdomen-cpu+refine10", 10),

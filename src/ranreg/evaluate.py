@@ -42,7 +42,7 @@ from ranreg.pipeline import register_volumes
 from ranreg.refine import DEFAULT_STEPS
 from ranreg.runtime import is_neural, resolve_device
 
-__all__ = ["FIELDS", "evaluate"]
+__all__ = ["FIELDS", "evaluate", "model_runs"]
 
 FIELDS = (
     "model",
@@ -139,7 +139,9 @@ def split_pipeline(spec: str | None) -> tuple[str | None, dict[str, Any]]:
     return head, changes
 
 
-def _models(specs: Sequence[str] | None, base: RegistrationOptions | None = None) -> list[ModelRun]:
+def model_runs(
+    specs: Sequence[str] | None, base: RegistrationOptions | None = None
+) -> list[ModelRun]:
     """One :class:`ModelRun` per spec, identity added. A spec is
     ``[LABEL=]MODEL[@P][+SUFFIX...]``: ``LABEL`` names the model in the tables; a
     ``@bf16``/``@fp32`` suffix sets one model's precision (and marks its label), so that
@@ -307,7 +309,7 @@ def evaluate(
     check_out_dir(out)
     root = Path(data)
     dev = resolve_device(device)
-    named = _models(models, options)
+    named = model_runs(models, options)
     subjects = _subjects(root, split)
     organs = [int(v) for v in (labels if labels else PAPER_ORGANS)]
     pairs = ordered_pairs(subjects)
