@@ -147,6 +147,18 @@ def test_top_level_help_imports_no_torch() -> None:
     assert "register" in out.stdout and "apply" in out.stdout
 
 
+def test_version_is_the_package_version(capsys) -> None:
+    from ranreg import __version__
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"ranreg {__version__}"
+    with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as fh:
+        import tomllib
+
+        assert tomllib.load(fh)["project"]["version"] == __version__
+
+
 def test_outputs_follow_the_input_format_or_format(tmp_path: Path) -> None:
     import SimpleITK as sitk
 

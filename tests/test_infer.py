@@ -13,6 +13,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+import ranreg
 from ranreg import build_model
 from ranreg.checkpoint import save_model
 from ranreg.cli import main
@@ -153,6 +154,7 @@ def test_oracle_shift_through_files(pair: dict[str, Path], tmp_path: Path) -> No
 
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == metrics
+    assert saved["software"] == {"ranreg": ranreg.__version__, "torch": torch.__version__}
     assert saved["folding_percent"] == 0.0 and saved["sd_log_jacobian"] < 1e-6
     for lab, name in (("1", "spleen"), ("2", "right kidney")):
         entry = saved["labels"][lab]

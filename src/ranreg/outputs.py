@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from ranreg import __version__
 from ranreg.affine import write_itk_affine
 from ranreg.data.io import Volume, save_image
 from ranreg.labelnames import DEFAULT_TABLE, label_name
@@ -175,6 +176,7 @@ def _run_metrics(
             "config": dict(net.config),
         },
         "device": str(resolve_device(device)),
+        "software": {"ranreg": __version__, "torch": torch.__version__},
         "precision": resolve_precision(opts.precision, resolve_device(device)) if neural else "n/a",
         "runtime_s": result.runtime_s,
         "network_s": result.network_s,

@@ -63,7 +63,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     command's name and one-line summary only (enough for ``--help`` and for errors)."""
     import importlib
 
+    from ranreg import __version__
+
     parser = _Parser(prog="ranreg", description="Residual Aligner-based Network registration")
+    parser.add_argument("--version", action="version", version=f"ranreg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, module in COMMANDS.items():
         if name == only:
