@@ -1,15 +1,21 @@
-"""``ranreg apply``: resample another image through a registration result."""
+"""``ranreg apply``: resample another image, or map points, through a registration result."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 from ranreg.apply import check_new_image_path, write_new_image
+from ranreg.errors import RanregError
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.points is not None:
+        return _run_points(args)
+    if args.coordinates is not None:
+        raise RanregError("--coordinates is for --points (an image carries its own geometry)")
     from ranreg.transform import Transform, as_volume, interpolation, read_grid
 
     out = Path(args.out)
@@ -31,6 +37,36 @@ def _run(args: argparse.Namespace) -> int:
         f"applied {what} {args.transform} to {args.image} ({kind}) on "
         f"{transform.grid.describe() if reference is None else reference.describe()}: "
         f"wrote {out}{note}"
+    )
+    return 0
+
+
+def _run_points(args: argparse.Namespace) -> int:
+    from ranreg.points import check_points_out, map_points_file
+    from ranreg.transform import Transform
+
+    for flag, value in (("--labels", args.labels), ("--interp", args.interp)):
+        if value:
+            raise RanregError(f"{flag} is for --image; points are mapped, not resampled")
+    if args.reference is not None:
+        raise RanregError("--reference is for --image; points keep no grid")
+    check_points_out(args.out)
+    transform = Transform.load(args.transform)
+    note, spaces = "", "fixed space to the moving space"
+    if args.inverse:
+        transform = transform.inverse()  # defined on the moving grid
+        note, spaces = "; " + _round_trip_text(transform), "moving space to the fixed space"
+    coordinates = args.coordinates or "lps"
+    done = map_points_file(transform, args.points, args.out, coordinates=coordinates)
+    if done["outside"]:
+        print(
+            f"warning: {done['outside']} of {done['points']} points lie outside the field's "
+            "grid, where its displacement is extrapolated",
+            file=sys.stderr,
+        )
+    print(
+        f"mapped {done['points']} points ({coordinates.upper()} mm) of {args.points} from the "
+        f"{spaces} through {args.transform}: wrote {args.out}{note}"
     )
     return 0
 
@@ -60,16 +96,31 @@ def add_parser(sub: Any) -> None:
         "(ddf.nii.gz). With --inverse, IMAGE lives in the fixed space and goes to the moving "
         "grid (or --reference) through the inverse mapping, and the inverse's round-trip error "
         "is printed. OUT is a new .nii.gz, .nii, .nrrd or .mha file; an existing one is never "
-        "overwritten.",
+        "overwritten. With --points, a CSV of landmarks (columns x, y, z in mm, LPS as ITK, "
+        "ANTs and 3D Slicer write them, or --coordinates ras; other columns kept) of the fixed "
+        "space is mapped to the moving space (with --inverse: moving to fixed) into the new "
+        "CSV OUT.",
     )
     p.add_argument("--transform", required=True, help="result folder of `ranreg register`")
-    p.add_argument(
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument(
         "--image",
-        required=True,
         help="image or label map to resample (NIfTI, NRRD, MetaImage or a DICOM folder)",
     )
+    what.add_argument(
+        "--points",
+        help="CSV of points to map: a header with x, y, z (mm) and any other columns",
+    )
     p.add_argument(
-        "--out", required=True, help="output file: .nii.gz, .nii, .nrrd or .mha (must not exist)"
+        "--out",
+        required=True,
+        help="output file: .nii.gz, .nii, .nrrd or .mha (with --points: .csv); must not exist",
+    )
+    p.add_argument(
+        "--coordinates",
+        choices=("lps", "ras"),
+        default=None,
+        help="with --points: their world axes, lps (ITK, ANTs, Slicer; default) or ras (NIfTI)",
     )
     p.add_argument(
         "--labels",
@@ -85,7 +136,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--inverse",
         action="store_true",
-        help="IMAGE is in fixed space: bring it to the moving grid through the inverse",
+        help="IMAGE (or the points) is in fixed (moving) space: map it through the inverse",
     )
     p.add_argument(
         "--reference",

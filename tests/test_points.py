@@ -1,0 +1,187 @@
+"""``ranreg apply --points``: landmark CSVs mapped through a result, checked against an
+analytic affine field, its inverse, and ANTs' own point mapping of the same ``ddf.nii.gz``."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ranreg.cli import main
+from ranreg.transform import Grid, Transform
+
+SHAPE = (20, 16, 24)
+LPS = np.array([-1.0, -1.0, 1.0])
+
+
+def oblique_grid() -> Grid:
+    """Anisotropic voxels (2, 1.5, 3 mm), rotated 20 degrees about z, with an origin."""
+    t = math.radians(20)
+    rot = np.array([[math.cos(t), -math.sin(t), 0], [math.sin(t), math.cos(t), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([2.0, 1.5, 3.0])
+    affine[:3, 3] = (-15.0, 30.0, -40.0)
+    return Grid(SHAPE, affine)
+
+
+def grid_points(grid: Grid) -> np.ndarray:
+    vox = np.stack(np.meshgrid(*(np.arange(n) for n in grid.shape), indexing="ij"), axis=-1)
+    return vox @ grid.affine[:3, :3].T + grid.affine[:3, 3]
+
+
+def affine_map() -> np.ndarray:
+    """A 6-degree rotation about an oblique axis, a 2 % scaling and a shift (RAS)."""
+    k = np.array([1.0, 2.0, 2.0]) / 3.0
+    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    t = math.radians(6)
+    rot = np.eye(3) + math.sin(t) * cross + (1 - math.cos(t)) * cross @ cross
+    out = np.eye(4)
+    out[:3, :3] = 1.02 * rot
+    out[:3, 3] = (3.0, -2.0, 4.5)
+    return out
+
+
+def save_field(folder: Path, grid: Grid, ddf: np.ndarray) -> Path:
+    Transform(ddf.astype(np.float32), grid, target=grid).save(folder)
+    return folder
+
+
+def inside_points(grid: Grid, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` random world points well inside ``grid`` (RAS)."""
+    vox = np.random.default_rng(seed).uniform(2.0, np.asarray(grid.shape) - 3.0, (n, 3))
+    return vox @ grid.affine[:3, :3].T + grid.affine[:3, 3]
+
+
+def write_csv(path: Path, points: np.ndarray, sign: np.ndarray = LPS) -> Path:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["name", "X", "y", "z", "t"])
+        for i, p in enumerate(points * sign):
+            w.writerow([f"lm{i}", *(f"{v:.6f}" for v in p), "0"])
+    return path
+
+
+def read_csv(path: Path) -> tuple[list[str], list[list[str]], np.ndarray]:
+    with path.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    xyz = np.array([[float(r[1]), float(r[2]), float(r[3])] for r in rows[1:]])
+    return rows[0], rows[1:], xyz
+
+
+@pytest.fixture
+def affine_result(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    grid, t = oblique_grid(), affine_map()
+    p = grid_points(grid)
+    ddf = p @ t[:3, :3].T + t[:3, 3] - p  # u(p) = T p - p: exact under linear interpolation
+    return save_field(tmp_path / "result", grid, ddf), t
+
+
+def test_points_go_from_fixed_to_moving_as_the_field_says(affine_result, tmp_path, capsys):
+    folder, t = affine_result
+    p = inside_points(oblique_grid(), 12)
+    expected = p @ t[:3, :3].T + t[:3, 3]
+    # LPS (the default: ITK, ANTs, Slicer): x and y are negated RAS
+    src = write_csv(tmp_path / "fixed_points.csv", p)
+    argv = ["apply", "--transform", str(folder), "--points", str(src)]
+    assert main([*argv, "--out", str(tmp_path / "moving_points.csv")]) == 0
+    assert "mapped 12 points (LPS mm)" in capsys.readouterr().out
+    header, rows, xyz = read_csv(tmp_path / "moving_points.csv")
+    assert header == ["name", "X", "y", "z", "t"]
+    assert [r[0] for r in rows] == [f"lm{i}" for i in range(12)] and {r[4] for r in rows} == {"0"}
+    np.testing.assert_allclose(xyz * LPS, expected, atol=1e-3)
+    # the same points in RAS come back in RAS
+    src = write_csv(tmp_path / "ras.csv", p, np.ones(3))
+    out = tmp_path / "ras_out.csv"
+    assert main([*argv[:3], "--points", str(src), "--out", str(out), "--coordinates", "ras"]) == 0
+    np.testing.assert_allclose(read_csv(out)[2], expected, atol=1e-3)
+
+
+def test_inverse_brings_the_moving_points_back(affine_result, tmp_path, capsys):
+    folder, t = affine_result
+    p = inside_points(oblique_grid(), 10, seed=1)
+    moved = p @ t[:3, :3].T + t[:3, 3]
+    src = write_csv(tmp_path / "moving_points.csv", moved)
+    out = tmp_path / "back.csv"
+    argv = ["apply", "--transform", str(folder), "--points", str(src), "--out", str(out)]
+    assert main([*argv, "--inverse"]) == 0
+    text = capsys.readouterr().out
+    assert "from the moving space to the fixed space" in text and "round-trip error" in text
+    np.testing.assert_allclose(read_csv(out)[2] * LPS, p, atol=0.01)
+
+
+def test_mapping_matches_ants_on_a_smooth_field(tmp_path):
+    ants = pytest.importorskip("ants")
+    pd = pytest.importorskip("pandas")
+    grid = oblique_grid()
+    p = grid_points(grid)
+    centre = grid.affine[:3, :3] @ (np.asarray(SHAPE) - 1) / 2 + grid.affine[:3, 3]
+    bump = np.exp(-((p - centre) ** 2).sum(-1) / (2 * 12.0**2))[..., None]
+    ddf = bump * np.array([4.0, -3.0, 2.5]) + np.sin(p / 9.0)  # smooth, not affine
+    folder = save_field(tmp_path / "result", grid, ddf)
+    points = inside_points(grid, 25, seed=2)
+    src = write_csv(tmp_path / "pts.csv", points)
+    out = tmp_path / "mapped.csv"
+    argv = ["apply", "--transform", str(folder), "--points", str(src), "--out", str(out)]
+    assert main(argv) == 0
+    lps = points * LPS
+    frame = pd.DataFrame({"x": lps[:, 0], "y": lps[:, 1], "z": lps[:, 2]})
+    theirs = ants.apply_transforms_to_points(3, frame, [str(folder / "ddf.nii.gz")])
+    np.testing.assert_allclose(read_csv(out)[2], theirs[["x", "y", "z"]].to_numpy(), atol=1e-4)
+    moved = np.linalg.norm(read_csv(out)[2] - lps, axis=1)
+    assert moved.max() > 2.0  # the check means something: the points did move
+
+
+def test_points_outside_the_field_are_mapped_with_a_warning(affine_result, tmp_path, capsys):
+    folder, _ = affine_result
+    p = np.vstack([inside_points(oblique_grid(), 3), [[500.0, 500.0, 500.0]]])
+    src = write_csv(tmp_path / "p.csv", p)
+    out = tmp_path / "o.csv"
+    assert main(["apply", "--transform", str(folder), "--points", str(src), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 1 of 4 points lie outside the field's grid" in err
+    assert len(read_csv(out)[1]) == 4
+
+
+@pytest.mark.parametrize(
+    ("content", "extra", "message"),
+    [
+        ("name,a,b,c\np,1,2,3\n", [], "no columns x, y and z"),
+        ("x,y,z\n1,two,3\n", [], "line 2: y = 'two' is not a finite number"),
+        ("x,y,z\n\n1,2,nan\n", [], "line 3: z = 'nan' is not a finite number"),
+        ("x,y,z\n1,2\n", [], "line 2 has 2 fields, the header 3"),
+        ("x,y,z\n", [], "no points below the header"),
+        ("x,y,z\n1,2,3\n", ["--labels"], "--labels is for --image"),
+        ("x,y,z\n1,2,3\n", ["--interp", "nearest"], "--interp is for --image"),
+    ],
+)
+def test_bad_points_files_and_options_are_one_error_line(
+    affine_result, tmp_path, capsys, content, extra, message
+):
+    folder, _ = affine_result
+    src = tmp_path / "p.csv"
+    src.write_text(content)
+    out = tmp_path / "o.csv"
+    argv = ["apply", "--transform", str(folder), "--points", str(src), "--out", str(out), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not out.exists() and not [q for q in tmp_path.iterdir() if q.name.startswith(".o")]
+
+
+def test_points_output_is_never_overwritten_and_must_be_csv(affine_result, tmp_path, capsys):
+    folder, _ = affine_result
+    src = write_csv(tmp_path / "p.csv", inside_points(oblique_grid(), 2))
+    existing = tmp_path / "o.csv"
+    existing.write_text("keep me")
+    base = ["apply", "--transform", str(folder), "--points", str(src), "--out"]
+    assert main([*base, str(existing)]) == 2
+    assert existing.read_text() == "keep me"
+    assert main([*base, str(tmp_path / "o.txt")]) == 2
+    assert main(["apply", "--transform", str(folder), "--image", str(src), "--out",
+                 str(tmp_path / "x.nii.gz"), "--coordinates", "ras"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error:") for line in err)
+    assert "exists" in err[0] and "*.csv" in err[1] and "--coordinates is for --points" in err[2]
