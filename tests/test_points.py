@@ -4,6 +4,7 @@ analytic affine field, its inverse, and ANTs' own point mapping of the same ``dd
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def test_points_go_from_fixed_to_moving_as_the_field_says(affine_result, tmp_pat
     src = write_csv(tmp_path / "fixed_points.csv", p)
     argv = ["apply", "--transform", str(folder), "--points", str(src)]
     assert main([*argv, "--out", str(tmp_path / "moving_points.csv")]) == 0
-    assert "mapped 12 points (LPS mm)" in capsys.readouterr().out
+    assert "mapped 12 points (LPS, mm)" in capsys.readouterr().out
     header, rows, xyz = read_csv(tmp_path / "moving_points.csv")
     assert header == ["name", "X", "y", "z", "t"]
     assert [r[0] for r in rows] == [f"lm{i}" for i in range(12)] and {r[4] for r in rows} == {"0"}
@@ -149,10 +150,10 @@ def test_points_outside_the_field_are_mapped_with_a_warning(affine_result, tmp_p
     ("content", "extra", "message"),
     [
         ("name,a,b,c\np,1,2,3\n", [], "no columns x, y and z"),
-        ("x,y,z\n1,two,3\n", [], "line 2: y = 'two' is not a finite number"),
-        ("x,y,z\n\n1,2,nan\n", [], "line 3: z = 'nan' is not a finite number"),
+        ("x,y,z\n1,two,3\n", [], "line 2: y: 'two' is not a finite number"),
+        ("x,y,z\n\n1,2,nan\n", [], "line 3: z: 'nan' is not a finite number"),
         ("x,y,z\n1,2\n", [], "line 2 has 2 fields, the header 3"),
-        ("x,y,z\n", [], "no points below the header"),
+        ("x,y,z\n", [], "no points"),
         ("x,y,z\n1,2,3\n", ["--labels"], "--labels is for --image"),
         ("x,y,z\n1,2,3\n", ["--interp", "nearest"], "--interp is for --image"),
     ],
@@ -185,3 +186,92 @@ def test_points_output_is_never_overwritten_and_must_be_csv(affine_result, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error:") for line in err)
     assert "exists" in err[0] and "*.csv" in err[1] and "--coordinates is for --points" in err[2]
+
+
+def _fcsv(points: np.ndarray, system: str) -> str:
+    """A fiducial list as 3D Slicer 4.11+ writes it."""
+    lines = [
+        "# Markups fiducial file version = 4.11",
+        f"# CoordinateSystem = {system}",
+        "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID",
+    ]
+    for i, p in enumerate(points):
+        xyz = ",".join(f"{v:.6f}" for v in p)
+        lines.append(f'vtkMRMLMarkupsFiducialNode_{i},{xyz},0,0,0,1,1,1,0,F-{i},"a, b",')
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(("system", "sign"), [("LPS", LPS), ("RAS", np.ones(3)), ("0", np.ones(3))])
+def test_slicer_fiducial_lists_keep_their_system_and_fields(affine_result, tmp_path, system, sign):
+    folder, t = affine_result
+    p = inside_points(oblique_grid(), 5, seed=3)
+    src = tmp_path / "F.fcsv"
+    src.write_text(_fcsv(p * sign, system))
+    out = tmp_path / "F_moving.fcsv"
+    assert main(["apply", "--transform", str(folder), "--points", str(src), "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[:3] == src.read_text().splitlines()[:3]  # version, system, columns kept
+    rows = list(csv.reader(lines[3:]))
+    assert [r[11] for r in rows] == [f"F-{i}" for i in range(5)] and rows[0][12] == "a, b"
+    xyz = np.array([[float(v) for v in r[1:4]] for r in rows])
+    np.testing.assert_allclose(xyz * sign, p @ t[:3, :3].T + t[:3, 3], atol=1e-3)
+
+
+def test_slicer_markups_json_maps_every_placed_point_in_its_system(affine_result, tmp_path):
+    folder, t = affine_result
+    p = inside_points(oblique_grid(), 3, seed=4)
+    point = {"label": "", "orientation": [-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0], "selected": True}
+    content = {
+        "@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/"
+        "Markups/Resources/Schema/markups-schema-v1.0.3.json#",
+        "markups": [
+            {  # no coordinateSystem: LPS, as Slicer's schema says
+                "type": "Fiducial",
+                "controlPoints": [
+                    {**point, "label": "a", "position": list(p[0] * LPS)},
+                    {**point, "label": "not placed", "positionStatus": "undefined"},
+                ],
+                "display": {"color": [0.4, 1.0, 1.0]},
+            },
+            {
+                "type": "Line",
+                "coordinateSystem": "RAS",
+                "controlPoints": [
+                    {**point, "label": n, "position": list(q)}
+                    for n, q in zip("bc", p[1:], strict=True)
+                ],
+            },  # fmt: skip
+        ],
+    }
+    src = tmp_path / "L.mrk.json"
+    src.write_text(json.dumps(content))
+    out = tmp_path / "L_moving.mrk.json"
+    assert main(["apply", "--transform", str(folder), "--points", str(src), "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    expected = p @ t[:3, :3].T + t[:3, 3]
+    first, second = got["markups"]
+    np.testing.assert_allclose(np.array(first["controlPoints"][0]["position"]) * LPS, expected[0],
+                               atol=1e-3)  # fmt: skip
+    assert first["controlPoints"][1] == content["markups"][0]["controlPoints"][1]
+    assert first["display"] == {"color": [0.4, 1.0, 1.0]} and got["@schema"] == content["@schema"]
+    positions = [c["position"] for c in second["controlPoints"]]
+    np.testing.assert_allclose(positions, expected[1:], atol=1e-3)
+    assert [c["label"] for c in second["controlPoints"]] == ["b", "c"]
+
+
+def test_slicer_files_refuse_a_coordinates_option_and_another_format(affine_result, tmp_path,
+                                                                      capsys):  # fmt: skip
+    folder, _ = affine_result
+    src = tmp_path / "F.fcsv"
+    src.write_text(_fcsv(inside_points(oblique_grid(), 2), "LPS"))
+    base = ["apply", "--transform", str(folder), "--points", str(src), "--out"]
+    assert main([*base, str(tmp_path / "o.fcsv"), "--coordinates", "ras"]) == 2
+    assert main([*base, str(tmp_path / "o.csv")]) == 2
+    bad = tmp_path / "B.mrk.json"
+    bad.write_text('{"markups": [{"controlPoints": [{"position": [1, 2]}]}]}')
+    assert main([*base[:3], "--points", str(bad), "--out", str(tmp_path / "o.mrk.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error:") for line in err)
+    assert "names its coordinate system" in err[0] and "*.fcsv" in err[1]
+    assert "expected 3 numbers" in err[2]
+    assert not [q for q in tmp_path.iterdir() if q.name.startswith("o.")]

@@ -1,26 +1,32 @@
-"""Landmarks: points in a CSV file, mapped through a registration result.
+"""Landmarks: points in a file, mapped through a registration result.
 
-A points file is a CSV with a header row that has the columns ``x``, ``y`` and ``z`` (world
-mm; any case) and any others (a name, ITK's ``t``, ...), which are kept as they are. The
-coordinates are LPS by default, as ITK, ANTs (``antsApplyTransformsToPoints``) and
-3D Slicer's markups write them, or RAS (NIfTI's world axes, nibabel) with
-``coordinates="ras"``. The mapped file has the same columns and rows, in the same system.
+Three formats, each written back in its own format with only the coordinates changed:
+
+- ``.csv``: a header row with the columns ``x``, ``y``, ``z`` (world mm; any case) and any
+  others (a name, ITK's ``t``, ...). The coordinates are LPS by default, as ITK and ANTs
+  (``antsApplyTransformsToPoints``) write them, or RAS (NIfTI's world axes, nibabel) with
+  ``coordinates="ras"``.
+- ``.fcsv``: 3D Slicer's fiducial list, whose ``# CoordinateSystem`` line says LPS or RAS
+  and whose ``# columns`` line says where ``x``, ``y``, ``z`` are.
+- ``.mrk.json``: 3D Slicer's markups file: every control point's ``position``, in each
+  markup's ``coordinateSystem`` (LPS when absent, as in Slicer's schema).
 
 Direction: a registration result maps a point ``p`` of the **fixed** space to ``p + u(p)``
 in the **moving** space (:meth:`ranreg.transform.Transform.map_points`), so fixed-space
 landmarks are mapped directly, which is how landmark errors (TRE) are measured; moving-space
-landmarks go to the fixed space through the inverse (``inverse=True``). ANTs maps points
-the same way: the transforms that bring the moving image onto the fixed grid take fixed
-points to the moving space.
+landmarks go to the fixed space through the inverse. ANTs maps points the same way: the
+transforms that bring the moving image onto the fixed grid take fixed points to the moving
+space.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
+import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +41,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COORDINATES",
-    "PointTable",
+    "POINT_FORMATS",
+    "PointFile",
     "check_points_out",
     "map_points_file",
     "outside_grid",
@@ -44,78 +51,166 @@ __all__ = [
 
 #: coordinate systems of a points file: ITK's (LPS) or NIfTI's (RAS)
 COORDINATES = ("lps", "ras")
+#: file endings of the points formats
+POINT_FORMATS = (".csv", ".fcsv", ".mrk.json")
 _TO_RAS = {"lps": np.array([-1.0, -1.0, 1.0]), "ras": np.ones(3)}
 
 
-@dataclass
-class PointTable:
-    """A points file: its header and rows as text, where ``x``, ``y``, ``z`` are, and the
-    points as RAS world mm ``(N, 3)``."""
-
-    header: list[str]
-    rows: list[list[str]]
-    columns: tuple[int, int, int]
-    ras: np.ndarray
+def _format(path: Path) -> str:
+    name = path.name.lower()
+    for ending in POINT_FORMATS:
+        if name.endswith(ending) and len(name) > len(ending):
+            return ending
+    raise RanregError(f"{path}: a points file is named *{', *'.join(POINT_FORMATS)}")
 
 
-def _check_coordinates(coordinates: str) -> np.ndarray:
-    if coordinates not in COORDINATES:
-        raise RanregError(
-            f"coordinates must be one of {', '.join(COORDINATES)}, got {coordinates!r}"
-        )
-    return _TO_RAS[coordinates]
-
-
-def _number(text: str, path: Path, line: int, name: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise RanregError(f"{path}: line {line}: {name} = {text!r} is not a finite number")
+def _system(text: Any, where: str) -> str:
+    """A coordinate system as a file names it (Slicer's old codes: 0 RAS, 1 LPS)."""
+    value = {"0": "ras", "1": "lps"}.get(str(text).strip(), str(text).strip().lower())
+    if value not in COORDINATES:
+        raise RanregError(f"{where}: coordinate system {text!r}: expected LPS or RAS")
     return value
 
 
-def read_points(path: str | os.PathLike[str], coordinates: str = "lps") -> PointTable:
-    """Read a points CSV (see the module docstring); ``coordinates``: ``lps`` or ``ras``."""
-    sign = _check_coordinates(coordinates)
+def _number(text: Any, where: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise RanregError(f"{where}: {text!r} is not a finite number")
+    return value
+
+
+class PointFile:
+    """A points file as read: its text (or JSON), where its coordinates are, their systems,
+    and the points as RAS world mm ``(N, 3)`` (:attr:`ras`); :meth:`write` writes the same
+    file with other points."""
+
+    def __init__(self, path: Path, kind: str, content: Any, cells: list, systems: list[str]):
+        self.path, self.kind, self.content, self.cells = path, kind, content, cells
+        self.signs = np.array([_TO_RAS[s] for s in systems]).reshape(-1, 3)
+        self.ras = np.array([value for _, value in cells], dtype=np.float64).reshape(-1, 3)
+        self.ras = self.ras * self.signs
+
+    def write(self, out: Path, ras: np.ndarray) -> None:
+        """The same file with the points ``ras`` (RAS world mm, one per point), written
+        whole or not at all, coordinates in the file's own systems."""
+        values = np.asarray(ras, dtype=np.float64) * self.signs
+        content = copy.deepcopy(self.content)
+        for (where, _), value in zip(self.cells, values, strict=True):
+            where(content, value)
+        with atomic_file(out, self.kind) as tmp:
+            if self.kind == ".mrk.json":
+                tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+            else:
+                with tmp.open("w", newline="", encoding="utf-8") as fh:
+                    csv.writer(fh, lineterminator="\n").writerows(content)
+
+
+def _setter(row: int, columns: tuple[int, int, int]) -> Any:
+    def put(table: list[list[str]], value: np.ndarray) -> None:
+        for axis, col in enumerate(columns):
+            table[row][col] = f"{value[axis]:.6f}"
+
+    return put
+
+
+def _read_table(path: Path, text: str, coordinates: str) -> PointFile:
+    """``.csv`` (header row) or ``.fcsv`` (``#`` lines give the system and columns)."""
+    table = list(csv.reader(io.StringIO(text)))
+    system, names, cells = coordinates, None, []
+    for index, row in enumerate(table):
+        line = index + 1  # a file line, unless a quoted field spans lines
+        first = row[0].strip() if row else ""
+        if path.suffix.lower() == ".fcsv" and first.startswith("#"):
+            key, _, value = ",".join(row).lstrip("#").partition("=")
+            if key.strip().lower() == "coordinatesystem":
+                system = _system(value, f"{path}: line {line}")
+            elif key.strip().lower() == "columns":
+                names = [c.strip().lower() for c in value.split(",")]
+            continue
+        if not any(c.strip() for c in row):
+            continue
+        if names is None:  # a CSV's header row
+            names = [c.strip().lower() for c in row]
+            if not {"x", "y", "z"} <= set(names):
+                raise RanregError(f"{path}: the header {row} has no columns x, y and z")
+            continue
+        if not {"x", "y", "z"} <= set(names):
+            raise RanregError(f"{path}: the columns {names} have no x, y and z")
+        if len(row) < len(names):
+            raise RanregError(f"{path}: line {line} has {len(row)} fields, the header {len(names)}")
+        columns = (names.index("x"), names.index("y"), names.index("z"))
+        point = [
+            _number(row[c], f"{path}: line {line}: {n}")
+            for c, n in zip(columns, "xyz", strict=True)
+        ]
+        cells.append((_setter(index, columns), point))
+    if not cells:
+        raise RanregError(f"{path}: no points (expected a header with x, y, z and rows below)")
+    return PointFile(path, _format(path), table, cells, [system] * len(cells))
+
+
+def _read_markups(path: Path, text: str) -> PointFile:
+    """Slicer's ``.mrk.json``: every control point that has a position."""
+    try:
+        content = json.loads(text)
+        markups = content["markups"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise RanregError(f"{path}: not a Slicer markups file (no 'markups' list)") from None
+    cells, systems = [], []
+    for m, markup in enumerate(markups):
+        system = _system(markup.get("coordinateSystem", "LPS"), f"{path}: markup {m}")
+        for p, point in enumerate(markup.get("controlPoints", [])):
+            if "position" not in point:
+                continue  # a point not placed yet
+            where = f"{path}: markup {m} point {p} position"
+            position = point["position"]
+            if not isinstance(position, list) or len(position) != 3:
+                raise RanregError(f"{where}: expected 3 numbers, got {position!r}")
+            cells.append((_json_setter(m, p), [_number(v, where) for v in position]))
+            systems.append(system)
+    if not cells:
+        raise RanregError(f"{path}: no control point with a position")
+    return PointFile(path, ".mrk.json", content, cells, systems)
+
+
+def _json_setter(m: int, p: int) -> Any:
+    def put(content: dict, value: np.ndarray) -> None:
+        content["markups"][m]["controlPoints"][p]["position"] = [float(v) for v in value]
+
+    return put
+
+
+def read_points(path: str | os.PathLike[str], coordinates: str = "lps") -> PointFile:
+    """Read a points file (``.csv``, ``.fcsv`` or ``.mrk.json``: the module docstring).
+    ``coordinates`` (``lps`` or ``ras``) is the system of a ``.csv``; the Slicer formats
+    name their own."""
+    if coordinates not in COORDINATES:
+        choices = ", ".join(COORDINATES)
+        raise RanregError(f"coordinates must be one of {choices}, got {coordinates!r}")
     file = Path(path)
+    kind = _format(file)
     try:
         text = file.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise RanregError(f"{file}: points file not found") from None
     except (UnicodeDecodeError, IsADirectoryError):
-        raise RanregError(f"{file}: not a text (CSV) file") from None
-    reader = csv.reader(io.StringIO(text))
-    table = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
-    if not table:
-        raise RanregError(f"{file}: empty; expected a header with columns x, y, z")
-    header = table[0][1]
-    names = [c.strip().lower() for c in header]
-    if not {"x", "y", "z"} <= set(names):
-        raise RanregError(f"{file}: the header {header} has no columns x, y and z")
-    columns = (names.index("x"), names.index("y"), names.index("z"))
-    if len(table) == 1:
-        raise RanregError(f"{file}: no points below the header")
-    points = np.empty((len(table) - 1, 3))
-    for i, (line, row) in enumerate(table[1:]):
-        if len(row) != len(names):
-            raise RanregError(f"{file}: line {line} has {len(row)} fields, the header {len(names)}")
-        for axis, col in enumerate(columns):
-            points[i, axis] = _number(row[col], file, line, "xyz"[axis])
-    return PointTable(header, [row for _, row in table[1:]], columns, points * sign)
+        raise RanregError(f"{file}: not a text file") from None
+    if kind == ".mrk.json":
+        return _read_markups(file, text)
+    return _read_table(file, text, coordinates)
 
 
-def _write_points(path: Path, table: PointTable, ras: np.ndarray, coordinates: str) -> None:
-    values = ras * _TO_RAS[coordinates]
-    with atomic_file(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(table.header)
-        for row, point in zip(table.rows, values, strict=True):
-            out = list(row)
-            for axis, col in enumerate(table.columns):
-                out[col] = f"{point[axis]:.6f}"
-            writer.writerow(out)
+def check_points_out(out: str | os.PathLike[str], points: str | os.PathLike[str]) -> Path:
+    """Refuse an output points file that exists or is not in the format of ``points``."""
+    target, kind = Path(out), _format(Path(points))
+    if target.exists() or target.is_symlink():
+        raise RanregError(f"{target}: exists; refusing to overwrite it")
+    if not target.name.lower().endswith(kind) or len(target.name) <= len(kind):
+        raise RanregError(f"{target}: the mapped points keep their format: name it *{kind}")
+    return target
 
 
 def outside_grid(points_ras: np.ndarray, grid: Grid) -> np.ndarray:
@@ -125,16 +220,6 @@ def outside_grid(points_ras: np.ndarray, grid: Grid) -> np.ndarray:
     return np.any((vox < -0.5) | (vox > np.asarray(grid.shape) - 0.5), axis=1)
 
 
-def check_points_out(out: str | os.PathLike[str]) -> Path:
-    """Refuse an output points file that exists or is not named ``*.csv``."""
-    target = Path(out)
-    if target.exists() or target.is_symlink():
-        raise RanregError(f"{target}: exists; refusing to overwrite it")
-    if target.suffix.lower() != ".csv":
-        raise RanregError(f"{target}: the mapped points are written as CSV: name it *.csv")
-    return target
-
-
 def map_points_file(
     transform: Transform,
     points: str | os.PathLike[str],
@@ -142,15 +227,12 @@ def map_points_file(
     *,
     coordinates: str = "lps",
 ) -> dict[str, Any]:
-    """Map the points of the CSV ``points`` through ``transform`` (a
-    :class:`ranreg.transform.Transform`: fixed -> moving, or its inverse) into the new CSV
-    ``out`` (refused if it exists; written whole or not at all). Returns the number of
-    points and how many lie outside the field's grid."""
-    target = check_points_out(out)
+    """Map the points of the file ``points`` through ``transform`` (a
+    :class:`ranreg.transform.Transform`: fixed -> moving, or its inverse) into the new file
+    ``out`` of the same format (refused if it exists; written whole or not at all).
+    Returns the number of points and how many lie outside the field's grid."""
+    target = check_points_out(out, points)
     table = read_points(points, coordinates)
-    mapped = transform.map_points(table.ras)
-    _write_points(target, table, mapped, coordinates)
-    return {
-        "points": len(table.rows),
-        "outside": int(outside_grid(table.ras, transform.grid).sum()),
-    }
+    table.write(target, transform.map_points(table.ras))
+    outside = outside_grid(table.ras, transform.grid)
+    return {"points": len(table.ras), "outside": int(outside.sum())}

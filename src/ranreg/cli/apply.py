@@ -50,7 +50,9 @@ def _run_points(args: argparse.Namespace) -> int:
             raise RanregError(f"{flag} is for --image; points are mapped, not resampled")
     if args.reference is not None:
         raise RanregError("--reference is for --image; points keep no grid")
-    check_points_out(args.out)
+    check_points_out(args.out, args.points)
+    if args.coordinates is not None and not args.points.lower().endswith(".csv"):
+        raise RanregError(f"{args.points}: a Slicer file names its coordinate system itself")
     transform = Transform.load(args.transform)
     note, spaces = "", "fixed space to the moving space"
     if args.inverse:
@@ -58,6 +60,7 @@ def _run_points(args: argparse.Namespace) -> int:
         note, spaces = "; " + _round_trip_text(transform), "moving space to the fixed space"
     coordinates = args.coordinates or "lps"
     done = map_points_file(transform, args.points, args.out, coordinates=coordinates)
+    system = coordinates.upper() if args.points.lower().endswith(".csv") else "the file's system"
     if done["outside"]:
         print(
             f"warning: {done['outside']} of {done['points']} points lie outside the field's "
@@ -65,7 +68,7 @@ def _run_points(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(
-        f"mapped {done['points']} points ({coordinates.upper()} mm) of {args.points} from the "
+        f"mapped {done['points']} points ({system}, mm) of {args.points} from the "
         f"{spaces} through {args.transform}: wrote {args.out}{note}"
     )
     return 0
@@ -96,10 +99,10 @@ def add_parser(sub: Any) -> None:
         "(ddf.nii.gz). With --inverse, IMAGE lives in the fixed space and goes to the moving "
         "grid (or --reference) through the inverse mapping, and the inverse's round-trip error "
         "is printed. OUT is a new .nii.gz, .nii, .nrrd or .mha file; an existing one is never "
-        "overwritten. With --points, a CSV of landmarks (columns x, y, z in mm, LPS as ITK, "
-        "ANTs and 3D Slicer write them, or --coordinates ras; other columns kept) of the fixed "
-        "space is mapped to the moving space (with --inverse: moving to fixed) into the new "
-        "CSV OUT.",
+        "overwritten. With --points, landmarks of the fixed space go to the moving space (with "
+        "--inverse: moving to fixed) into the new file OUT of the same format: a CSV (columns "
+        "x, y, z in mm, LPS as ITK and ANTs write them, or --coordinates ras; other columns "
+        "kept), or 3D Slicer's .fcsv or .mrk.json (in the system the file names).",
     )
     p.add_argument("--transform", required=True, help="result folder of `ranreg register`")
     what = p.add_mutually_exclusive_group(required=True)
@@ -109,18 +112,19 @@ def add_parser(sub: Any) -> None:
     )
     what.add_argument(
         "--points",
-        help="CSV of points to map: a header with x, y, z (mm) and any other columns",
+        help="points to map: a CSV with a header x, y, z (mm), a Slicer .fcsv or .mrk.json",
     )
     p.add_argument(
         "--out",
         required=True,
-        help="output file: .nii.gz, .nii, .nrrd or .mha (with --points: .csv); must not exist",
+        help="output file: .nii.gz, .nii, .nrrd or .mha (with --points: the points' format); "
+        "must not exist",
     )
     p.add_argument(
         "--coordinates",
         choices=("lps", "ras"),
         default=None,
-        help="with --points: their world axes, lps (ITK, ANTs, Slicer; default) or ras (NIfTI)",
+        help="with --points CSV: its world axes, lps (ITK, ANTs; default) or ras (NIfTI)",
     )
     p.add_argument(
         "--labels",
