@@ -41,21 +41,11 @@ def write_new_image(out: str | os.PathLike[str], volume: Any) -> Path:
     """Write ``volume`` to the new file ``out`` in the format its name says
     (:func:`ranreg.data.io.save_image`): to a temporary file in the same folder first, then
     linked into place, which fails rather than replace a file that appeared meanwhile."""
-    from ranreg.atomic import temporary_sibling
+    from ranreg.atomic import new_file
     from ranreg.data.io import save_image
 
     path = Path(out)
     ext = check_new_image_path(path)
-    tmp = temporary_sibling(path, ext)
-    try:
+    with new_file(path, ext) as tmp:
         save_image(tmp, volume.array, volume.affine)
-        try:
-            os.link(tmp, path)  # atomic and never overwrites
-        except FileExistsError:
-            raise RanregError(f"{path}: exists; refusing to overwrite it") from None
-        except OSError:  # a file system without hard links
-            check_new_image_path(path)
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

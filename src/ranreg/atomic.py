@@ -3,7 +3,8 @@ writer uses.
 
 :func:`atomic_file` hands out a temporary sibling of the target (same folder, so the final
 ``os.replace`` is atomic; the extension kept, so writers that choose a format by it still
-work). :func:`new_output_dir` does the same for a result folder that must not exist yet.
+work); :func:`new_file` never replaces an existing file. :func:`new_output_dir` does the
+same for a result folder that must not exist yet.
 When the block succeeds the temporary replaces the target; when it fails, or the process
 is interrupted, the temporary is removed and the target is untouched. A temporary is named
 ``.NAME.PID.*tmp*`` after its target and its process, so that a later run can tell a
@@ -28,6 +29,7 @@ from ranreg.errors import RanregError
 __all__ = [
     "atomic_file",
     "check_out_dir",
+    "new_file",
     "new_output_dir",
     "remove_stale_temporaries",
     "temporary_sibling",
@@ -59,6 +61,29 @@ def atomic_file(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def new_file(path: str | os.PathLike[str], suffix: str | None = None) -> Iterator[Path]:
+    """``with new_file(p) as tmp: write(tmp)``: like :func:`atomic_file`, but ``p`` must
+    not exist: the finished file is linked into place, which fails rather than replace a
+    file that appeared meanwhile (RanregError)."""
+    target = Path(path)
+    if target.exists() or target.is_symlink():
+        raise RanregError(f"{target}: exists; refusing to overwrite it")
+    tmp = temporary_sibling(target, suffix)
+    try:
+        yield tmp
+        try:
+            os.link(tmp, target)  # atomic and never overwrites
+        except FileExistsError:
+            raise RanregError(f"{target}: exists; refusing to overwrite it") from None
+        except OSError:  # a file system without hard links
+            if target.exists() or target.is_symlink():
+                raise RanregError(f"{target}: exists; refusing to overwrite it") from None
+            os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

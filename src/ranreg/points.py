@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ranreg.atomic import atomic_file
+from ranreg.atomic import new_file
 from ranreg.errors import RanregError
 
 if TYPE_CHECKING:
@@ -94,13 +94,14 @@ class PointFile:
         self.ras = self.ras * self.signs
 
     def write(self, out: Path, ras: np.ndarray) -> None:
-        """The same file with the points ``ras`` (RAS world mm, one per point), written
-        whole or not at all, coordinates in the file's own systems."""
+        """The same file with the points ``ras`` (RAS world mm, one per point), in the
+        file's own systems, into the new file ``out`` (never replaced; whole or not at
+        all)."""
         values = np.asarray(ras, dtype=np.float64) * self.signs
         content = copy.deepcopy(self.content)
         for (where, _), value in zip(self.cells, values, strict=True):
             where(content, value)
-        with atomic_file(out, self.kind) as tmp:
+        with new_file(out, self.kind) as tmp:
             if self.kind == ".mrk.json":
                 tmp.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
             else:
