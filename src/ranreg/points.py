@@ -226,14 +226,25 @@ def map_points_file(
     points: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
+    inverse: bool = False,
     coordinates: str = "lps",
 ) -> dict[str, Any]:
     """Map the points of the file ``points`` through ``transform`` (a
-    :class:`ranreg.transform.Transform`: fixed -> moving, or its inverse) into the new file
-    ``out`` of the same format (refused if it exists; written whole or not at all).
-    Returns the number of points and how many lie outside the field's grid."""
+    :class:`ranreg.transform.Transform`): fixed -> moving, or with ``inverse`` moving ->
+    fixed (:meth:`~ranreg.transform.Transform.unmap_points`), into the new file ``out`` of
+    the same format (refused if it exists; written whole or not at all). Returns the
+    number of points, how many of the fixed-space points lie outside the field's grid
+    (where it is extrapolated) and, with ``inverse``, the largest residual
+    ``|p + u(p) - q|`` (mm)."""
     target = check_points_out(out, points)
     table = read_points(points, coordinates)
-    table.write(target, transform.map_points(table.ras))
-    outside = outside_grid(table.ras, transform.grid)
-    return {"points": len(table.ras), "outside": int(outside.sum())}
+    summary: dict[str, Any] = {"points": len(table.ras)}
+    if inverse:
+        mapped, residual = transform.unmap_points(table.ras)
+        fixed_points = mapped
+        summary["residual_max_mm"] = float(residual.max())
+    else:
+        mapped, fixed_points = transform.map_points(table.ras), table.ras
+    table.write(target, mapped)
+    summary["outside"] = int(outside_grid(fixed_points, transform.grid).sum())
+    return summary

@@ -244,11 +244,7 @@ class Transform:
         if iterations < 1 or not tolerance > 0:
             raise RanregError("inverse needs iterations >= 1 and a positive tolerance")
         target = self._inverse_grid(grid)
-        fit = self.linear_fit()
-        lin = fit[:3, :3]
-        if not (np.all(np.isfinite(fit)) and np.linalg.cond(lin) < 1e6):
-            fit, lin = np.eye(4), np.eye(3)
-        start_map, precond = np.linalg.inv(fit), torch.from_numpy(np.linalg.inv(lin))
+        start_map, precond = self._preconditioner()
         w = np.empty((*target.shape, 3), dtype=np.float32)
         steps, converged, residuals = 0, True, []
         for start, stop in target.slabs():
@@ -271,6 +267,29 @@ class Transform:
         }
         inverse.round_trip_mm = self.round_trip(inverse, mask)
         return inverse
+
+    def unmap_points(
+        self, points_mm: np.ndarray, *, iterations: int = 100, tolerance: float = 1e-4
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The inverse mapping at world points ``q`` ``(N, 3)`` of the moving space alone:
+        the fixed-space points ``p`` with ``p + u(p) = q``, solved as in :meth:`inverse`
+        but at these points (no inverse field, no moving grid needed). Returns ``p`` and
+        the residual ``|p + u(p) - q|`` (mm) of each point."""
+        q = torch.from_numpy(np.asarray(points_mm, dtype=np.float64).reshape(-1, 3).T.copy())
+        q = q.view(3, -1, 1, 1)
+        start_map, precond = self._preconditioner()
+        p, _, _ = self._solve(q, apply_affine(start_map, q), precond, iterations, tolerance)
+        residual = (q - p - self.displacement_at(p)).norm(dim=0)
+        return p.view(3, -1).T.numpy(), residual.flatten().numpy()
+
+    def _preconditioner(self) -> tuple[np.ndarray, Tensor]:
+        """The inverse of the best-fit affine map (where the iteration starts) and of its
+        linear part (the preconditioner); the identity when the fit is degenerate."""
+        fit = self.linear_fit()
+        lin = fit[:3, :3]
+        if not (np.all(np.isfinite(fit)) and np.linalg.cond(lin) < 1e6):
+            fit, lin = np.eye(4), np.eye(3)
+        return np.linalg.inv(fit), torch.from_numpy(np.linalg.inv(lin))
 
     def _solve(
         self, q: Tensor, p: Tensor, precond: Tensor, iterations: int, tolerance: float

@@ -54,12 +54,14 @@ def _run_points(args: argparse.Namespace) -> int:
     if args.coordinates is not None and not args.points.lower().endswith(".csv"):
         raise RanregError(f"{args.points}: a Slicer file names its coordinate system itself")
     transform = Transform.load(args.transform)
-    note, spaces = "", "fixed space to the moving space"
-    if args.inverse:
-        transform = transform.inverse()  # defined on the moving grid
-        note, spaces = "; " + _round_trip_text(transform), "moving space to the fixed space"
     coordinates = args.coordinates or "lps"
-    done = map_points_file(transform, args.points, args.out, coordinates=coordinates)
+    done = map_points_file(
+        transform, args.points, args.out, inverse=args.inverse, coordinates=coordinates
+    )
+    spaces, note = "fixed space to the moving space", ""
+    if args.inverse:
+        spaces = "moving space to the fixed space"
+        note = f"; inverse solved at each point, residual at most {done['residual_max_mm']:.4f} mm"
     system = coordinates.upper() if args.points.lower().endswith(".csv") else "the file's system"
     if done["outside"]:
         print(
