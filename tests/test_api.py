@@ -53,6 +53,13 @@ def make_pair(folder: Path) -> None:
         if role == "moving":
             dose = (0.9 * a + 0.3 * b).astype(np.float32)
             write_nifti(folder / "moving_dose.nii.gz", dose, affine)
+    # landmarks at the blobs' centres: LPS, as ANTs and Slicer write them
+    (folder / "fixed_landmarks.csv").write_text("name,x,y,z\na,8,0,0\nb,-10,-5,2\n")
+    (folder / "moving_landmarks.fcsv").write_text(
+        "# Markups fiducial file version = 4.11\n# CoordinateSystem = LPS\n"
+        "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n"
+        "f_0,4,0,0,0,0,0,1,1,1,0,a,,\nf_1,-14,-5,2,0,0,0,1,1,1,0,b,,\n"
+    )
 
 
 def doc_blocks(language: str) -> list[str]:
@@ -88,12 +95,13 @@ def test_docs_examples_run(
     assert {"jacobian.nii.gz", "overlay.png"} <= saved
 
     commands = doc_apply_commands()
-    assert len(commands) == 3
+    assert len(commands) == 5
     capsys.readouterr()
     for argv in commands:
         assert main(argv) == 0, argv
         assert Path(argv[argv.index("--out") + 1]).is_file()
-    assert "round-trip error" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "round-trip error" in out and "residual at most" in out
 
 
 def test_api_matches_register_files(tmp_path: Path) -> None:

@@ -237,8 +237,11 @@ class Transform:
         with one (e.g. a rotation of the affine stage) it still converges. ``u`` is
         interpolated linearly (outside the fixed grid: extrapolated for one voxel, then
         constant; see :meth:`displacement_at`). It stops when no point moves more than
-        ``tolerance`` mm or after ``iterations`` steps. ``inversion`` holds the steps taken
-        and the residual ``|p + u(p) - q|`` (mm); ``round_trip_mm`` the round-trip error
+        ``tolerance`` mm or after ``iterations`` steps; the points whose residual
+        ``|p + u(p) - q|`` is still above ``tolerance`` (where the field's local rotation is
+        far from the affine fit's, the iteration stalls) go on with Newton's method
+        (:meth:`unmap_points`). ``inversion`` holds the steps taken, how many points went on
+        with Newton, and the residual (mm); ``round_trip_mm`` the round-trip error
         (:meth:`round_trip`, inside ``mask`` on the fixed grid if given).
         """
         if iterations < 1 or not tolerance > 0:
@@ -246,22 +249,23 @@ class Transform:
         target = self._inverse_grid(grid)
         start_map, precond = self._preconditioner()
         w = np.empty((*target.shape, 3), dtype=np.float32)
-        steps, converged, residuals = 0, True, []
+        steps, newton, residuals = 0, 0, []
         for start, stop in target.slabs():
             q = target.points(start, stop)
-            p, k, done = self._solve(q, apply_affine(start_map, q), precond, iterations, tolerance)
-            steps, converged = max(steps, k), converged and done
-            residual = (q - p - self.displacement_at(p)).norm(dim=0)
-            residuals.append(residual.flatten().numpy().astype(np.float32))
-            w[start:stop] = (p - q).movedim(0, -1).numpy()
+            p, k, _ = self._solve(q, apply_affine(start_map, q), precond, iterations, tolerance)
+            p, residual, n = self._polish(q.reshape(3, -1), p.reshape(3, -1), tolerance)
+            steps, newton = max(steps, k), newton + n
+            residuals.append(residual.numpy().astype(np.float32))
+            w[start:stop] = (p.reshape(q.shape) - q).movedim(0, -1).numpy()
         res = np.concatenate(residuals)
         inverse = Transform(w, target, target=self.grid, origin=f"inverse of {self.origin}")
         inverse.inversion = {
             "iterations": steps,
-            "converged": converged,
+            "newton_points": newton,
+            "converged": bool((res <= tolerance).all()),
             "tolerance_mm": tolerance,
-            # points still moving after the last step (the iteration has no fixed point
-            # there, e.g. where the mapping folds or leaves the grid)
+            # points still off after both methods (no solution there: where the mapping
+            # folds or does not reach the grid)
             "unconverged_fraction": float((res > tolerance).mean()),
             "residual_mm": {"mean": float(res.mean()), "max": float(res.max())},
         }
@@ -269,18 +273,75 @@ class Transform:
         return inverse
 
     def unmap_points(
-        self, points_mm: np.ndarray, *, iterations: int = 100, tolerance: float = 1e-4
+        self,
+        points_mm: np.ndarray,
+        *,
+        iterations: int = 50,
+        tolerance: float = 1e-4,
+        start: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The inverse mapping at world points ``q`` ``(N, 3)`` of the moving space alone:
-        the fixed-space points ``p`` with ``p + u(p) = q``, solved as in :meth:`inverse`
-        but at these points (no inverse field, no moving grid needed). Returns ``p`` and
-        the residual ``|p + u(p) - q|`` (mm) of each point."""
-        q = torch.from_numpy(np.asarray(points_mm, dtype=np.float64).reshape(-1, 3).T.copy())
-        q = q.view(3, -1, 1, 1)
-        start_map, precond = self._preconditioner()
-        p, _, _ = self._solve(q, apply_affine(start_map, q), precond, iterations, tolerance)
-        residual = (q - p - self.displacement_at(p)).norm(dim=0)
-        return p.view(3, -1).T.numpy(), residual.flatten().numpy()
+        the fixed-space points ``p`` with ``p + u(p) = q`` (no inverse field, no moving grid
+        needed). Newton's method from the best-fit affine map's inverse, with the Jacobian
+        of ``p + u(p)`` by central differences and the step halved until the residual
+        falls, so that it also converges where the field is strongly curved (the fixed
+        point iteration of :meth:`inverse` may not). Returns ``p`` and the residual
+        ``|p + u(p) - q|`` (mm) of each point. ``start``: first guesses ``(N, 3)``."""
+        q = np.asarray(points_mm, dtype=np.float64).reshape(-1, 3)
+        if start is None:
+            start_map, _ = self._preconditioner()
+            p = q @ start_map[:3, :3].T + start_map[:3, 3]
+        else:
+            p = np.array(start, dtype=np.float64).reshape(-1, 3)
+        r = q - self._forward(p)
+        h = 0.25 * min(spacing_from_affine(self.grid.affine))
+        for _ in range(iterations):
+            err = np.linalg.norm(r, axis=1)
+            active = np.flatnonzero(err >= tolerance)
+            if active.size == 0:
+                break
+            step = _newton_step(self._jacobian(p[active], h), r[active])
+            t = np.ones(active.size)
+            for _ in range(10):  # halve each point's step until its residual falls
+                trial = p[active] + t[:, None] * step
+                r_trial = q[active] - self._forward(trial)
+                worse = np.linalg.norm(r_trial, axis=1) >= err[active]
+                if not worse.any():
+                    break
+                t[worse] *= 0.5
+            keep = ~worse  # a point that found no better step stays where it was
+            p[active[keep]], r[active[keep]] = trial[keep], r_trial[keep]
+            if not keep.any():
+                break
+        return p, np.linalg.norm(r, axis=1)
+
+    def _polish(self, q: Tensor, p: Tensor, tolerance: float) -> tuple[Tensor, Tensor, int]:
+        """Points ``(3, N)`` where the fixed-point iteration left ``|p + u(p) - q|`` above
+        ``tolerance`` go on with Newton's method (:meth:`unmap_points`) from there; returns
+        the points, their residuals and how many went on."""
+        residual = (q - p - self.displacement_at(p.view(3, -1, 1, 1)).view(3, -1)).norm(dim=0)
+        stalled = torch.nonzero(residual > tolerance).flatten()
+        if stalled.numel():
+            start = p[:, stalled].T.numpy()
+            solved, res = self.unmap_points(
+                q[:, stalled].T.numpy(), start=start, tolerance=tolerance
+            )
+            p, residual = p.clone(), residual.clone()
+            p[:, stalled], residual[stalled] = torch.from_numpy(solved.T), torch.from_numpy(res)
+        return p, residual, int(stalled.numel())
+
+    def _forward(self, points: np.ndarray) -> np.ndarray:
+        """``p + u(p)`` at world points ``(N, 3)``."""
+        return self.map_points(points)
+
+    def _jacobian(self, points: np.ndarray, h: float) -> np.ndarray:
+        """The Jacobian of ``p + u(p)`` at world points ``(N, 3)``, by central differences
+        with step ``h`` mm: ``(N, 3, 3)``."""
+        n = len(points)
+        offsets = np.concatenate([np.eye(3) * h, -np.eye(3) * h])  # (6, 3)
+        probes = (points[:, None, :] + offsets[None]).reshape(-1, 3)
+        values = self._forward(probes).reshape(n, 6, 3)
+        return ((values[:, :3] - values[:, 3:]) / (2 * h)).transpose(0, 2, 1)
 
     def _preconditioner(self) -> tuple[np.ndarray, Tensor]:
         """The inverse of the best-fit affine map (where the iteration starts) and of its
@@ -416,3 +477,12 @@ def _extended(field: np.ndarray) -> np.ndarray:
             last = 2 * last - np.take(out, [-2], axis)
         out = np.concatenate([first, out, last], axis=axis)
     return out
+
+
+def _newton_step(jacobian: np.ndarray, residual: np.ndarray) -> np.ndarray:
+    """Solve ``J d = r`` per point; where ``J`` is singular, the plain step ``d = r``."""
+    step = residual.copy()
+    ok = np.abs(np.linalg.det(jacobian)) > 1e-8
+    if ok.any():
+        step[ok] = np.linalg.solve(jacobian[ok], residual[ok][..., None])[..., 0]
+    return step
