@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -316,3 +317,74 @@ def test_inverse_at_points_converges_inside_a_strong_twist() -> None:
     # the rest is w's linear interpolation; the fixed-point iteration alone left 1.4 % of
     # the points up to 5.9 mm off and a round trip of up to 4.4 mm here
     assert inverse.inversion["residual_mm"]["max"] < 1e-3 and inverse.round_trip_mm["max"] < 0.5
+
+
+def _images(folder: Path) -> tuple[Path, Path]:
+    from tests.helpers import smooth_image
+
+    a = np.diag([3.0, 3.0, 3.0, 1.0])
+    for name, seed in (("f", 5), ("m", 6)):
+        nib.save(
+            nib.Nifti1Image(smooth_image((20, 18, 16), seed) * 500, a), folder / f"{name}.nii.gz"
+        )
+    return folder / "f.nii.gz", folder / "m.nii.gz"
+
+
+def test_register_reports_the_landmark_error_before_and_after(tmp_path, capsys):
+    """The identity model started from a known affine T (``--affine none``) maps p to T p
+    exactly, so fixed landmarks F and moving landmarks T F end with zero error."""
+    from ranreg.affine import write_itk_affine
+    from ranreg.api import register
+
+    fixed, moving = _images(tmp_path)
+    t = affine_map()
+    start = write_itk_affine(tmp_path / "t.txt", t)
+    inside = np.random.default_rng(7).uniform(6.0, 42.0, (8, 3))  # in the 60x54x48 mm box
+    moved = inside @ t[:3, :3].T + t[:3, 3]
+    f_csv = write_csv(tmp_path / "F.csv", inside)
+    m_csv = write_csv(tmp_path / "M.csv", moved)
+    argv = ["register", "--fixed", str(fixed), "--moving", str(moving), "--model", "identity"]
+    argv += ["--affine", "none", "--initial-affine", str(start)]
+    marks = ["--fixed-landmarks", str(f_csv), "--moving-landmarks", str(m_csv)]
+    assert main([*argv, *marks, "--out", str(tmp_path / "out")]) == 0
+    lm = json.loads((tmp_path / "out" / "metrics.json").read_text())["landmarks"]
+    before = np.linalg.norm(inside - moved, axis=1)
+    assert lm["count"] == 8 and lm["outside"] == 0 and lm["fixed"] == str(f_csv)
+    assert lm["before_mm"]["mean"] == pytest.approx(before.mean(), abs=1e-4)
+    assert lm["before_mm"]["max"] == pytest.approx(before.max(), abs=1e-4)
+    assert lm["after_mm"]["max"] < 1e-3 < before.min()
+    text = capsys.readouterr().out
+    assert f"landmark error (8 points) before -> after: mean {before.mean():.2f} -> 0.00 mm" in text
+    # the API takes arrays (RAS) as well as files
+    api = register(fixed, moving, model="identity", affine="none", initial_affine=t,
+                   fixed_landmarks=inside, moving_landmarks=m_csv)  # fmt: skip
+    assert api.metrics["landmarks"]["fixed"] == "array"
+    assert api.metrics["landmarks"]["after_mm"]["max"] < 1e-3
+    # a cohort: the landmark files in columns, the mean errors in summary.csv
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(
+        "fixed,moving,initial_affine,fixed_landmarks,moving_landmarks,name\n"
+        "f.nii.gz,m.nii.gz,t.txt,F.csv,M.csv,p1\n"
+    )
+    cohort = ["register", "--pairs", str(pairs), "--out", str(tmp_path / "cohort")]
+    assert main([*cohort, "--model", "identity", "--affine", "none"]) == 0
+    with (tmp_path / "cohort" / "summary.csv").open() as fh:
+        row = next(csv.DictReader(fh))
+    assert float(row["landmark_error_before_mm"]) == pytest.approx(before.mean(), abs=1e-3)
+    assert float(row["landmark_error_after_mm"]) < 1e-3
+
+
+def test_landmarks_that_do_not_pair_are_refused_before_registering(tmp_path, capsys):
+    fixed, moving = _images(tmp_path)
+    f_csv = write_csv(tmp_path / "F.csv", np.ones((3, 3)))
+    m_csv = write_csv(tmp_path / "M.csv", np.ones((2, 3)))
+    argv = ["register", "--fixed", str(fixed), "--moving", str(moving), "--model", "identity"]
+    out = ["--out", str(tmp_path / "out")]
+    assert (
+        main([*argv, *out, "--fixed-landmarks", str(f_csv), "--moving-landmarks", str(m_csv)]) == 2
+    )
+    assert main([*argv, *out, "--fixed-landmarks", str(f_csv)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error:") for line in err)
+    assert "3 fixed and 2 moving points" in err[0] and "give both" in err[1]
+    assert not (tmp_path / "out").exists()

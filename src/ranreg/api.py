@@ -34,6 +34,7 @@ from ranreg.outputs import (
     write_outputs,
 )
 from ranreg.pipeline import RegistrationResult, align_labels, register_volumes
+from ranreg.points import check_landmarks, landmark_metrics
 from ranreg.transform import Grid, ImageLike, Transform, as_volume
 
 __all__ = ["Registration", "register"]
@@ -151,6 +152,9 @@ def register(
     device: str | torch.device = "cpu",
     labels_to_score: Sequence[int] | None = None,
     label_names: str | os.PathLike[str] | dict[int, str] | None = None,
+    fixed_landmarks: str | os.PathLike[str] | np.ndarray | None = None,
+    moving_landmarks: str | os.PathLike[str] | np.ndarray | None = None,
+    landmark_coordinates: str = "lps",
     **options: Any,
 ) -> Registration:
     """Register ``moving`` to ``fixed``, as ``ranreg register`` does.
@@ -165,6 +169,9 @@ def register(
     ``initial_affine``: an ITK transform file or a 4x4 world matrix to start from).
     With both label maps, ``metrics`` scores ``labels_to_score`` named by ``label_names``,
     with the defaults of ``ranreg register`` (:func:`ranreg.infer.register_files`).
+    With ``fixed_landmarks`` and ``moving_landmarks`` (files of :mod:`ranreg.points` or RAS
+    arrays ``(N, 3)``, paired in order), ``metrics["landmarks"]`` holds their error before
+    and after (:func:`ranreg.points.landmark_errors`).
     """
     opts = _options(options)
     net = model if isinstance(model, torch.nn.Module) else resolve_model(model)
@@ -178,6 +185,7 @@ def register(
     mov_lab = align_labels(mov_lab, mov, "moving")
     fix_lab = align_labels(fix_lab, fix, "fixed")
     labels = choose_labels(labels_to_score, label_names, fix_lab)
+    landmarks = check_landmarks(fixed_landmarks, moving_landmarks, landmark_coordinates)
     result = register_volumes(net, mov, fix, mov_lab, fix_lab, device, options=opts)
     metrics = result_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device, labels, names)
     _name_inputs(metrics, fix, mov, fix_lab, mov_lab)
@@ -187,6 +195,9 @@ def register(
         target=Grid.of(mov),
         origin=f"{metrics['moving'] or 'moving array'} -> {metrics['fixed'] or 'fixed array'}",
     )
+    if landmarks is not None:
+        pair = (fixed_landmarks, moving_landmarks, landmarks)
+        metrics["landmarks"] = landmark_metrics(transform, *pair)  # type: ignore[arg-type]
     return Registration(
         result=result,
         transform=transform,

@@ -2,8 +2,9 @@
 
 ``pairs.csv`` has a header with the columns ``fixed`` and ``moving`` and optionally
 ``moving_labels``, ``fixed_labels``, ``initial_affine`` (an ITK transform file to start the
-affine stage from, as ``--initial-affine``) and ``name`` (relative paths are taken from the
-CSV's folder). The model is loaded once; every pair gets its own folder ``DIR/NAME`` (default
+affine stage from, as ``--initial-affine``), ``fixed_landmarks`` and ``moving_landmarks``
+(as ``--fixed-landmarks``/``--moving-landmarks``) and ``name`` (relative paths are taken from
+the CSV's folder). The model is loaded once; every pair gets its own folder ``DIR/NAME`` (default
 name ``pair-0001``, ...) with the files of a single ``ranreg register``, written atomically,
 so a folder that exists is a finished pair. Run again after a kill (or with new rows), the
 finished pairs are skipped, stale temporary folders of the killed run are removed, and
@@ -38,6 +39,8 @@ SUMMARY_FIELDS = (
     "sd_log_jacobian",
     "mean_dice_before",
     "mean_dice_after",
+    "landmark_error_before_mm",
+    "landmark_error_after_mm",
     "error",
 )
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -53,6 +56,8 @@ class Pair:
     moving_labels: Path | None = None
     fixed_labels: Path | None = None
     initial_affine: Path | None = None
+    fixed_landmarks: Path | None = None
+    moving_landmarks: Path | None = None
 
 
 def _resolve(base: Path, text: str | None) -> Path | None:
@@ -85,7 +90,15 @@ def _pair(path: Path, index: int, row: dict[str, str]) -> Pair:
     name = (row.get("name") or "").strip() or f"pair-{index:04d}"
     if not _NAME.match(name) or name.startswith("."):
         raise RanregError(f"{path}: line {index + 1}: name {name!r} is not a safe folder name")
-    keys = ("fixed", "moving", "moving_labels", "fixed_labels", "initial_affine")
+    keys = (
+        "fixed",
+        "moving",
+        "moving_labels",
+        "fixed_labels",
+        "initial_affine",
+        "fixed_landmarks",
+        "moving_landmarks",
+    )
     files = {k: _resolve(base, row.get(k)) for k in keys}
     for key in ("fixed", "moving"):
         if files[key] is None:
@@ -101,6 +114,7 @@ def _summary_row(pair: Pair, metrics: dict[str, Any] | None, error: str | None) 
     if metrics is None:
         return {**row, "status": "failed", "error": error or ""}
     dice = (metrics.get("mean_before") or {}), (metrics.get("mean_after") or {})
+    landmarks = metrics.get("landmarks") or {}
     return {
         **row,
         "status": "done",
@@ -109,6 +123,8 @@ def _summary_row(pair: Pair, metrics: dict[str, Any] | None, error: str | None) 
         "sd_log_jacobian": metrics.get("sd_log_jacobian"),
         "mean_dice_before": dice[0].get("dice"),
         "mean_dice_after": dice[1].get("dice"),
+        "landmark_error_before_mm": (landmarks.get("before_mm") or {}).get("mean"),
+        "landmark_error_after_mm": (landmarks.get("after_mm") or {}).get("mean"),
         "error": "",
     }
 

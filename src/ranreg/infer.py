@@ -28,7 +28,9 @@ from ranreg.models import resolve_model
 from ranreg.options import RegistrationOptions
 from ranreg.outputs import choose_labels, jsonable, result_metrics, write_json, write_outputs
 from ranreg.pipeline import align_labels, check_inputs, model_settings, register_volumes
+from ranreg.points import check_landmarks, landmark_metrics
 from ranreg.runtime import resolve_device
+from ranreg.transform import Grid, Transform
 
 __all__ = ["register_files"]
 
@@ -47,6 +49,9 @@ def register_files(
     label_names: str | os.PathLike[str] | dict[int, str] | None = None,
     output_format: str | None = None,
     options: RegistrationOptions | None = None,
+    fixed_landmarks: str | os.PathLike[str] | None = None,
+    moving_landmarks: str | os.PathLike[str] | None = None,
+    landmark_coordinates: str = "lps",
     **changes: Any,
 ) -> dict[str, Any]:
     """Register two NIfTI files and write the results into the new folder ``out_dir``.
@@ -60,7 +65,10 @@ def register_files(
     folder is written as a temporary sibling and renamed into place, and a failure leaves
     nothing behind. ``out_dir`` must not exist or be empty. ``model`` is a model or a spec
     for :func:`ranreg.models.resolve_model`; ``options`` and ``changes`` as for
-    :func:`ranreg.pipeline.register_volumes`. Returns the metrics dict (as in
+    :func:`ranreg.pipeline.register_volumes`. With ``fixed_landmarks`` and
+    ``moving_landmarks`` (files of :mod:`ranreg.points`, paired in order; a CSV's axes are
+    ``landmark_coordinates``), ``metrics["landmarks"]`` holds their error before and after
+    (:func:`ranreg.points.landmark_errors`). Returns the metrics dict (as in
     ``metrics.json``).
     """
     t0 = time.perf_counter()
@@ -79,11 +87,16 @@ def register_files(
     model_settings(net.config)
     names = label_names if isinstance(label_names, dict) else load_label_names(label_names)
     labels = choose_labels(labels_to_score, label_names, fix_lab)
+    landmarks = check_landmarks(fixed_landmarks, moving_landmarks, landmark_coordinates)
 
     result = register_volumes(
         net, mov, fix, mov_lab, fix_lab, device, options=opts, return_levels=head_masks
     )
     metrics = result_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device, labels, names)
+    if landmarks is not None:
+        transform = Transform(result.ddf_mm, Grid.of(fix))
+        pair = (fixed_landmarks, moving_landmarks, landmarks)
+        metrics["landmarks"] = landmark_metrics(transform, *pair)  # type: ignore[arg-type]
     with new_output_dir(out) as tmp:
         fmt = _output_format(fixed, output_format).lstrip(".")
         write_outputs(

@@ -43,9 +43,13 @@ __all__ = [
     "COORDINATES",
     "POINT_FORMATS",
     "PointFile",
+    "check_landmarks",
     "check_points_out",
+    "landmark_errors",
+    "landmark_metrics",
     "map_points_file",
     "outside_grid",
+    "read_landmark_pair",
     "read_points",
 ]
 
@@ -248,3 +252,82 @@ def map_points_file(
     table.write(target, mapped)
     summary["outside"] = int(outside_grid(fixed_points, transform.grid).sum())
     return summary
+
+
+Points = str | os.PathLike[str] | np.ndarray
+
+
+def _as_points(points: Points, coordinates: str, role: str) -> np.ndarray:
+    """A file's points (:func:`read_points`), or an array ``(N, 3)`` of RAS world mm."""
+    if isinstance(points, np.ndarray):
+        if points.ndim != 2 or points.shape[1] != 3 or not np.all(np.isfinite(points)):
+            raise RanregError(f"{role} landmarks: expected finite points of shape (N, 3)")
+        return points.astype(np.float64)
+    return read_points(points, coordinates).ras
+
+
+def read_landmark_pair(
+    fixed: Points, moving: Points, coordinates: str = "lps"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Corresponding landmarks of the fixed and the moving image (files in a format of
+    :func:`read_points`, or RAS arrays), paired in the order they are listed; both
+    ``(N, 3)`` RAS world mm. Different numbers of points are an error."""
+    f = _as_points(fixed, coordinates, "fixed")
+    m = _as_points(moving, coordinates, "moving")
+    if len(f) != len(m):
+        raise RanregError(
+            f"landmarks: {len(f)} fixed and {len(m)} moving points; they are paired in "
+            "order, so both files must list the same landmarks"
+        )
+    return f, m
+
+
+def _stats(distances: np.ndarray) -> dict[str, float]:
+    d = np.asarray(distances, dtype=np.float64)
+    return {
+        "mean": float(d.mean()),
+        "sd": float(d.std()),
+        "median": float(np.median(d)),
+        "max": float(d.max()),
+    }
+
+
+def check_landmarks(
+    fixed: Points | None, moving: Points | None, coordinates: str = "lps"
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Both landmark sets read and paired (:func:`read_landmark_pair`), or None when
+    neither is given; one without the other is an error."""
+    if fixed is None and moving is None:
+        return None
+    if fixed is None or moving is None:
+        raise RanregError("landmarks: give both the fixed and the moving landmarks")
+    return read_landmark_pair(fixed, moving, coordinates)
+
+
+def landmark_errors(
+    transform: Transform, fixed: Points, moving: Points, coordinates: str = "lps"
+) -> dict[str, Any]:
+    """Target registration error of corresponding landmarks (:func:`read_landmark_pair`):
+    ``|p + u(p) - m|`` for each fixed landmark ``p`` and its moving landmark ``m``, and
+    before registration ``|p - m|`` (both in world mm: mean, sd, median, max), with the
+    number of points and how many fixed landmarks lie outside the field's grid."""
+    f, m = read_landmark_pair(fixed, moving, coordinates)
+    after = np.linalg.norm(transform.map_points(f) - m, axis=1)
+    return {
+        "count": len(f),
+        "before_mm": _stats(np.linalg.norm(f - m, axis=1)),
+        "after_mm": _stats(after),
+        "outside": int(outside_grid(f, transform.grid).sum()),
+    }
+
+
+def landmark_metrics(
+    transform: Transform, fixed: Points, moving: Points, pair: tuple[np.ndarray, np.ndarray]
+) -> dict[str, Any]:
+    """``metrics.json``'s ``landmarks``: where the landmarks came from (a file, or
+    ``array``) and their errors (:func:`landmark_errors` of the checked ``pair``)."""
+
+    def source(points: Points) -> str:
+        return "array" if isinstance(points, np.ndarray) else str(points)
+
+    return {"fixed": source(fixed), "moving": source(moving), **landmark_errors(transform, *pair)}

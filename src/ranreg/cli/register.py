@@ -43,6 +43,9 @@ def _run(args: Any) -> int:
         options=options_from_args(args),
         label_names=args.label_names,
         output_format=args.format,
+        fixed_landmarks=args.fixed_landmarks,
+        moving_landmarks=args.moving_landmarks,
+        landmark_coordinates=args.landmark_coordinates,
     )
     print_report(metrics, Path(args.out), args.moving, args.fixed)
     return 0
@@ -52,7 +55,8 @@ def _run_pairs(args: Any) -> int:
     """``--pairs``: the model loaded once, one folder per pair, a summary (ranreg.batch)."""
     from ranreg.batch import read_pairs, run_batch
 
-    if args.fixed or args.moving or args.moving_labels or args.fixed_labels:
+    per_pair = (args.fixed, args.moving, args.moving_labels, args.fixed_labels)
+    if any(per_pair) or args.fixed_landmarks or args.moving_landmarks:
         raise RanregError("register: --pairs takes the images from the CSV, not --fixed etc.")
     if args.initial_affine:
         raise RanregError(
@@ -77,6 +81,9 @@ def _run_pairs(args: Any) -> int:
             options=opts.with_(initial_affine=pair.initial_affine),
             label_names=names if args.label_names else None,
             output_format=args.format,
+            fixed_landmarks=pair.fixed_landmarks,
+            moving_landmarks=pair.moving_landmarks,
+            landmark_coordinates=args.landmark_coordinates,
         )
 
     rows = run_batch(pairs, args.out, one, progress=sys.stderr.isatty())
@@ -127,6 +134,18 @@ def print_report(metrics: dict[str, Any], out: Path, moving: Any, fixed: Any) ->
             if b is None and a is None:
                 continue
             print(f"  {lab:>3} {s['organ']:<24} {_fmt(b)} -> {_fmt(a)}")
+    if "landmarks" in metrics:
+        lm = metrics["landmarks"]
+        b, a = lm["before_mm"], lm["after_mm"]
+        print(
+            f"landmark error ({lm['count']} points) before -> after: mean {b['mean']:.2f} -> "
+            f"{a['mean']:.2f} mm, max {b['max']:.2f} -> {a['max']:.2f} mm"
+        )
+        if lm["outside"]:
+            print(
+                f"warning: {lm['outside']} fixed landmarks lie outside the fixed image",
+                file=sys.stderr,
+            )
     sys.stdout.flush()
 
 
@@ -147,8 +166,8 @@ def add_parser(sub: Any) -> None:
         "--pairs",
         metavar="CSV",
         help="register a cohort instead: a CSV with columns fixed, moving [, moving_labels, "
-        "fixed_labels, initial_affine, name]; one folder per pair in --out and a "
-        "summary.csv; finished pairs are skipped when run again",
+        "fixed_labels, initial_affine, fixed_landmarks, moving_landmarks, name]; one folder "
+        "per pair in --out and a summary.csv; finished pairs are skipped when run again",
     )
     p.add_argument(
         "--model",
@@ -166,6 +185,23 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--moving-labels", help="moving label map (warped with nearest neighbour)")
     p.add_argument("--fixed-labels", help="fixed label map (Dice/ASD/HD95 before and after)")
+    p.add_argument(
+        "--fixed-landmarks",
+        metavar="POINTS",
+        help="landmarks of the fixed image (CSV x, y, z; Slicer .fcsv or .mrk.json); with "
+        "--moving-landmarks, their error (TRE) before and after goes into metrics.json",
+    )
+    p.add_argument(
+        "--moving-landmarks",
+        metavar="POINTS",
+        help="the corresponding landmarks of the moving image, in the same order",
+    )
+    p.add_argument(
+        "--landmark-coordinates",
+        choices=("lps", "ras"),
+        default="lps",
+        help="world axes of landmark CSVs: lps (ITK, ANTs; default) or ras (NIfTI)",
+    )
     add_label_options(p)
     add_device_option(p)
     add_registration_options(p)
