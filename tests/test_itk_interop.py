@@ -1,6 +1,7 @@
 """Outputs that ITK-based tools read correctly: ``ddf.nii.gz`` applied by SimpleITK and by
-ANTsPy reproduces ranreg's own ``warped.nii.gz``, and ``affine.txt`` maps points as the
-RAS matrix in ``metrics.json`` does, on oblique, anisotropic grids with flipped axes."""
+ANTsPy reproduces ranreg's own ``warped.nii.gz``, ``inverse_ddf.nii.gz`` undoes it in
+SimpleITK as ranreg's inverse does, and ``affine.txt`` maps points as the RAS matrix in
+``metrics.json`` does, on oblique, anisotropic grids with flipped axes."""
 
 from __future__ import annotations
 
@@ -62,7 +63,13 @@ def result(tmp_path_factory) -> dict:
     write_nifti(tmp / "moving.nii.gz", body((40, 44, 36), 1), a_m)
     out = tmp / "out"
     register_files(
-        tmp / "fixed.nii.gz", tmp / "moving.nii.gz", out, SmoothField(), affine="rigid", fast=True
+        tmp / "fixed.nii.gz",
+        tmp / "moving.nii.gz",
+        out,
+        SmoothField(),
+        affine="rigid",
+        fast=True,
+        save_inverse=True,
     )
     return {"dir": tmp, "out": out}
 
@@ -124,3 +131,32 @@ def test_the_field_file_says_what_it_is(result) -> None:
     np.testing.assert_allclose(
         header.get_best_affine(), nib.load(result["dir"] / "fixed.nii.gz").affine, atol=1e-5
     )
+
+
+def test_simpleitk_reads_the_inverse_field_as_ranreg_applies_it(result) -> None:
+    """``inverse_ddf.nii.gz`` brings a fixed-space image onto the moving grid in SimpleITK
+    as ``ranreg apply --inverse`` does, and maps the fixed-to-moving image of fixed points
+    back to them."""
+    from ranreg.transform import Transform
+
+    out, folder = result["out"], result["dir"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["inverse"]["file"] == "inverse_ddf.nii.gz"
+    assert metrics["inverse"]["round_trip_mm"]["p95"] < 0.1
+    field = sitk.ReadImage(str(out / "inverse_ddf.nii.gz"), sitk.sitkVectorFloat64)
+    moving = sitk.ReadImage(str(folder / "moving.nii.gz"))
+    np.testing.assert_allclose(field.GetOrigin(), moving.GetOrigin(), atol=1e-4)  # moving grid
+    fixed = sitk.ReadImage(str(folder / "fixed.nii.gz"))
+    inverse = sitk.DisplacementFieldTransform(field)
+    theirs = sitk.GetArrayFromImage(sitk.Resample(fixed, moving, inverse, sitk.sitkLinear, -1000.0))
+    ours = Transform.load(out).inverse().apply(str(folder / "fixed.nii.gz")).array
+    on_moving = nib.load(folder / "moving.nii.gz").get_fdata() > -500
+    reached = ours > -999  # moving voxels whose preimage is inside the fixed image
+    assert _agreement(theirs.transpose(2, 1, 0), ours, on_moving & reached) < 0.01
+    # fixed points p -> p + u(p) (ranreg) -> back through the inverse field (SimpleITK)
+    forward = Transform.load(out)
+    p = forward.grid.affine[:3, :3] @ np.array([[20.0, 18.0, 15.0], [14.0, 20.0, 12.0]]).T
+    p = (p + forward.grid.affine[:3, 3:]).T
+    q = forward.map_points(p)
+    back = [inverse.TransformPoint((-x, -y, z)) for x, y, z in q]
+    np.testing.assert_allclose(np.asarray(back) * [-1, -1, 1], p, atol=0.05)

@@ -346,8 +346,17 @@ def test_register_reports_the_landmark_error_before_and_after(tmp_path, capsys):
     argv = ["register", "--fixed", str(fixed), "--moving", str(moving), "--model", "identity"]
     argv += ["--affine", "none", "--initial-affine", str(start)]
     marks = ["--fixed-landmarks", str(f_csv), "--moving-landmarks", str(m_csv)]
-    assert main([*argv, *marks, "--out", str(tmp_path / "out")]) == 0
+    assert main([*argv, *marks, "--save-inverse", "--out", str(tmp_path / "out")]) == 0
     lm = json.loads((tmp_path / "out" / "metrics.json").read_text())["landmarks"]
+    # --save-inverse: T^-1 q - q on the moving grid, in the DISPVECT convention of ddf.nii.gz
+    inv = nib.load(tmp_path / "out" / "inverse_ddf.nii.gz")
+    q = grid_points(Grid(inv.shape[:3], inv.affine))
+    t_inv = np.linalg.inv(t)
+    pre = q @ t_inv[:3, :3].T + t_inv[:3, 3]  # where each moving point comes from
+    known = np.all((pre > 3.0) & (pre < 42.0), axis=-1)  # well inside the fixed image
+    got = np.asarray(inv.dataobj)[..., 0, :]
+    np.testing.assert_allclose(got[known], (pre - q)[known], atol=1e-3)
+    assert inv.header.get_intent()[0] == "displacement vector"
     before = np.linalg.norm(inside - moved, axis=1)
     assert lm["count"] == 8 and lm["outside"] == 0 and lm["fixed"] == str(f_csv)
     assert lm["before_mm"]["mean"] == pytest.approx(before.mean(), abs=1e-4)
@@ -355,11 +364,16 @@ def test_register_reports_the_landmark_error_before_and_after(tmp_path, capsys):
     assert lm["after_mm"]["max"] < 1e-3 < before.min()
     text = capsys.readouterr().out
     assert f"landmark error (8 points) before -> after: mean {before.mean():.2f} -> 0.00 mm" in text
+    assert "inverse_ddf.nii.gz: round-trip error mean 0.000 mm" in text
     # the API takes arrays (RAS) as well as files
     api = register(fixed, moving, model="identity", affine="none", initial_affine=t,
                    fixed_landmarks=inside, moving_landmarks=m_csv)  # fmt: skip
     assert api.metrics["landmarks"]["fixed"] == "array"
     assert api.metrics["landmarks"]["after_mm"]["max"] < 1e-3
+    api.save(tmp_path / "api", inverse=True)
+    saved = json.loads((tmp_path / "api" / "metrics.json").read_text())
+    assert saved["inverse"]["round_trip_mm"]["max"] < 1e-3 and saved["landmarks"]["count"] == 8
+    assert (tmp_path / "api" / "inverse_ddf.nii.gz").is_file()
     # a cohort: the landmark files in columns, the mean errors in summary.csv
     pairs = tmp_path / "pairs.csv"
     pairs.write_text(

@@ -30,6 +30,7 @@ from ranreg.outputs import (
     choose_labels,
     jsonable,
     result_metrics,
+    write_inverse,
     write_json,
     write_outputs,
 )
@@ -104,10 +105,11 @@ class Registration:
         :meth:`Transform.inverse <ranreg.transform.Transform.inverse>`."""
         return self.transform.inverse(**kwargs)
 
-    def save(self, out_dir: str | os.PathLike[str]) -> Path:
+    def save(self, out_dir: str | os.PathLike[str], *, inverse: bool = False) -> Path:
         """Write the files of ``ranreg register --out out_dir`` (warped image and labels,
-        ddf.nii.gz, affine.txt, jacobian.nii.gz, overlay.png, metrics.json) into the new
-        folder ``out_dir``, atomically (a failure leaves nothing)."""
+        ddf.nii.gz, affine.txt, jacobian.nii.gz, overlay.png, metrics.json; with
+        ``inverse`` also inverse_ddf.nii.gz, as ``--save-inverse``) into the new folder
+        ``out_dir``, atomically (a failure leaves nothing)."""
         out = Path(out_dir)
         with new_output_dir(out) as tmp:
             write_outputs(
@@ -120,7 +122,12 @@ class Registration:
                 fix_lab=self.fixed_labels,
                 labels=self.labels_to_score,
             )
-            write_json(tmp / "metrics.json", self.metrics)
+            metrics = dict(self.metrics)
+            if inverse:
+                metrics["inverse"] = jsonable(
+                    write_inverse(tmp, self.result, self.fixed, self.moving)
+                )
+            write_json(tmp / "metrics.json", metrics)
         return out
 
 

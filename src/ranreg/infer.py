@@ -26,7 +26,14 @@ from ranreg.data.io import load_label_volume, load_nifti
 from ranreg.labelnames import load_label_names
 from ranreg.models import resolve_model
 from ranreg.options import RegistrationOptions
-from ranreg.outputs import choose_labels, jsonable, result_metrics, write_json, write_outputs
+from ranreg.outputs import (
+    choose_labels,
+    jsonable,
+    result_metrics,
+    write_inverse,
+    write_json,
+    write_outputs,
+)
 from ranreg.pipeline import align_labels, check_inputs, model_settings, register_volumes
 from ranreg.points import check_landmarks, landmark_metrics
 from ranreg.runtime import resolve_device
@@ -52,6 +59,7 @@ def register_files(
     fixed_landmarks: str | os.PathLike[str] | None = None,
     moving_landmarks: str | os.PathLike[str] | None = None,
     landmark_coordinates: str = "lps",
+    save_inverse: bool = False,
     **changes: Any,
 ) -> dict[str, Any]:
     """Register two NIfTI files and write the results into the new folder ``out_dir``.
@@ -68,8 +76,9 @@ def register_files(
     :func:`ranreg.pipeline.register_volumes`. With ``fixed_landmarks`` and
     ``moving_landmarks`` (files of :mod:`ranreg.points`, paired in order; a CSV's axes are
     ``landmark_coordinates``), ``metrics["landmarks"]`` holds their error before and after
-    (:func:`ranreg.points.landmark_errors`). Returns the metrics dict (as in
-    ``metrics.json``).
+    (:func:`ranreg.points.landmark_errors`). ``save_inverse`` adds ``inverse_ddf.nii.gz``,
+    the inverse mapping on the moving grid (:func:`ranreg.outputs.write_inverse`). Returns
+    the metrics dict (as in ``metrics.json``).
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -111,6 +120,8 @@ def register_files(
             head_masks=head_masks,
             fmt=fmt,
         )
+        if save_inverse:
+            metrics["inverse"] = write_inverse(tmp, result, fix, mov)
         metrics["total_s"] = time.perf_counter() - t0
         write_json(tmp / "metrics.json", metrics)
     return jsonable(metrics)

@@ -31,6 +31,8 @@ from ranreg.runtime import is_neural, resolve_device, resolve_precision
 
 __all__ = [
     "OUTPUT_FILES",
+    "INVERSE_FILE",
+    "write_inverse",
     "DDF_CONVENTION",
     "score_labels",
     "save_ddf",
@@ -50,8 +52,11 @@ OUTPUT_FILES = (
     "affine.txt",
     "overlay.png",
     "head_masks.png",
+    "inverse_ddf.nii.gz",
     "metrics.json",
 )
+#: the inverse mapping's field, on the moving grid (with ``--save-inverse``)
+INVERSE_FILE = "inverse_ddf.nii.gz"
 DDF_CONVENTION = (
     "ddf.nii.gz holds u(p) in mm along the world (RAS+) axes on the fixed grid, shape "
     "(X, Y, Z, 1, 3), NIfTI intent DISPVECT (1006, which ITK, ANTs, SimpleITK and 3D Slicer "
@@ -85,6 +90,25 @@ def _mean_scores(per_label: dict[int, dict[str, float]]) -> dict[str, float | No
         vals = [s[key] for s in per_label.values() if math.isfinite(s[key])]
         out[key] = float(np.mean(vals)) if vals else None
     return out
+
+
+def write_inverse(
+    folder: Path, result: RegistrationResult, fix: Volume, mov: Volume
+) -> dict[str, Any]:
+    """Write :data:`INVERSE_FILE`, the inverse mapping as a field on the moving grid
+    (moving points to fixed points, as ANTs' ``InverseWarp``; same convention as
+    ``ddf.nii.gz``), and return what ``metrics.json`` says of it: round-trip error and
+    how the inversion went (:meth:`ranreg.transform.Transform.inverse`)."""
+    from ranreg.transform import Grid, Transform
+
+    forward = Transform(result.ddf_mm, Grid.of(fix), target=Grid.of(mov))
+    inverse = forward.inverse()
+    save_ddf(folder / INVERSE_FILE, inverse.ddf_mm, inverse.grid.affine)
+    return {
+        "file": INVERSE_FILE,
+        "round_trip_mm": inverse.round_trip_mm,
+        "inversion": inverse.inversion,
+    }
 
 
 def save_ddf(path: Path, ddf_mm: np.ndarray, affine: np.ndarray) -> Path:

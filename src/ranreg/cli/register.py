@@ -46,6 +46,7 @@ def _run(args: Any) -> int:
         fixed_landmarks=args.fixed_landmarks,
         moving_landmarks=args.moving_landmarks,
         landmark_coordinates=args.landmark_coordinates,
+        save_inverse=args.save_inverse,
     )
     print_report(metrics, Path(args.out), args.moving, args.fixed)
     return 0
@@ -84,6 +85,7 @@ def _run_pairs(args: Any) -> int:
             fixed_landmarks=pair.fixed_landmarks,
             moving_landmarks=pair.moving_landmarks,
             landmark_coordinates=args.landmark_coordinates,
+            save_inverse=args.save_inverse,
         )
 
     rows = run_batch(pairs, args.out, one, progress=sys.stderr.isatty())
@@ -134,6 +136,10 @@ def print_report(metrics: dict[str, Any], out: Path, moving: Any, fixed: Any) ->
             if b is None and a is None:
                 continue
             print(f"  {lab:>3} {s['organ']:<24} {_fmt(b)} -> {_fmt(a)}")
+    if "inverse" in metrics:
+        rt = metrics["inverse"]["round_trip_mm"]
+        mean, p95 = _fmt(rt.get("mean")), _fmt(rt.get("p95"))
+        print(f"inverse_ddf.nii.gz: round-trip error mean {mean} mm, 95th percentile {p95} mm")
     if "landmarks" in metrics:
         lm = metrics["landmarks"]
         b, a = lm["before_mm"], lm["after_mm"]
@@ -195,6 +201,12 @@ def add_parser(sub: Any) -> None:
         "--moving-landmarks",
         metavar="POINTS",
         help="the corresponding landmarks of the moving image, in the same order",
+    )
+    p.add_argument(
+        "--save-inverse",
+        action="store_true",
+        help="also write inverse_ddf.nii.gz: the inverse mapping on the moving grid (moving "
+        "to fixed points, as ANTs' InverseWarp), with its round-trip error in metrics.json",
     )
     p.add_argument(
         "--landmark-coordinates",
