@@ -160,3 +160,16 @@ def test_simpleitk_reads_the_inverse_field_as_ranreg_applies_it(result) -> None:
     q = forward.map_points(p)
     back = [inverse.TransformPoint((-x, -y, z)) for x, y, z in q]
     np.testing.assert_allclose(np.asarray(back) * [-1, -1, 1], p, atol=0.05)
+
+
+def test_apply_inverse_uses_the_saved_inverse(result, tmp_path, capsys) -> None:
+    from ranreg.cli import main
+    from ranreg.transform import Transform
+
+    out, fixed = result["out"], result["dir"] / "fixed.nii.gz"
+    argv = ["apply", "--transform", str(out), "--image", str(fixed), "--inverse"]
+    assert main([*argv, "--out", str(tmp_path / "saved.nii.gz")]) == 0
+    assert "(saved " in capsys.readouterr().out
+    recomputed = Transform.load(out).inverse().apply(str(fixed)).array
+    saved = nib.load(tmp_path / "saved.nii.gz").get_fdata()
+    np.testing.assert_allclose(saved, recomputed, atol=1e-2)  # the same field, stored float32

@@ -121,6 +121,27 @@ class Transform:
             origin=str(folder),
         )
 
+    @classmethod
+    def load_inverse(cls, path: str | os.PathLike[str]) -> Transform | None:
+        """The inverse saved in a result folder by ``ranreg register --save-inverse``
+        (``inverse_ddf.nii.gz`` on the moving grid, its round trip in ``metrics.json``),
+        or None when the folder has none."""
+        folder = Path(path)
+        file = folder / "inverse_ddf.nii.gz"
+        if not file.is_file():
+            return None
+        ddf, grid = _read_ddf(file)
+        saved = _read_json(folder / "metrics.json").get("inverse") or {}
+        fixed = nib.load(str(folder / "ddf.nii.gz")) if (folder / "ddf.nii.gz").is_file() else None
+        return cls(
+            ddf,
+            grid,
+            target=None if fixed is None else Grid(fixed.shape[:3], fixed.affine),
+            round_trip_mm=saved.get("round_trip_mm"),
+            inversion=saved.get("inversion"),
+            origin=f"{file}",
+        )
+
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
         """Write ``ddf.nii.gz`` (the ``ranreg register`` convention) and ``transform.json``
         (grids, round-trip error) into the new folder ``out_dir``, atomically."""

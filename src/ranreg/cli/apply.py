@@ -26,9 +26,14 @@ def _run(args: argparse.Namespace) -> int:
     image = as_volume(args.image, "image", labels=args.labels)
     note = ""
     if args.inverse:
-        transform = transform.inverse(reference)  # defined on REF (or the moving grid)
+        saved = None if reference is not None else Transform.load_inverse(args.transform)
+        # the inverse saved by `register --save-inverse`, or computed on REF (or the
+        # moving grid)
+        transform = saved or transform.inverse(reference)
         reference = None
         note = "; " + _round_trip_text(transform)
+        if saved is not None:
+            note += f" (saved {saved.origin})"
     result = transform.apply(image, labels=args.labels, interp=args.interp, reference=reference)
     write_new_image(out, result)
     what = "the inverse of" if args.inverse else "the transform"
