@@ -260,6 +260,29 @@ def test_slicer_markups_json_maps_every_placed_point_in_its_system(affine_result
     assert [c["label"] for c in second["controlPoints"]] == ["b", "c"]
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"markups": 5}', "markups: expected a list of objects, got int"),
+        ("[1, 2]", "no 'markups' list"),
+        ("{not json", "not JSON"),
+        ('{"markups": [{"controlPoints": {"a": 1}}]}', "points: expected a list of objects"),
+        ('{"markups": [{"coordinateSystem": "XYZ", "controlPoints": []}]}', "expected LPS"),
+        ('{"markups": [{"controlPoints": [{"position": [1, "a", 2]}]}]}', "'a' is not a finite"),
+        ('{"markups": [{"controlPoints": [{"label": "unplaced"}]}]}', "no control point"),
+    ],
+)
+def test_broken_markups_files_are_one_error_line(affine_result, tmp_path, capsys, content, message):
+    folder, _ = affine_result
+    src = tmp_path / "B.mrk.json"
+    src.write_text(content)
+    out = tmp_path / "o.mrk.json"
+    assert main(["apply", "--transform", str(folder), "--points", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not out.exists()
+
+
 def test_slicer_files_refuse_a_coordinates_option_and_another_format(affine_result, tmp_path,
                                                                       capsys):  # fmt: skip
     folder, _ = affine_result

@@ -123,7 +123,10 @@ def _setter(row: int, columns: tuple[int, int, int]) -> Any:
 
 def _read_table(path: Path, text: str, coordinates: str) -> PointFile:
     """``.csv`` (header row) or ``.fcsv`` (``#`` lines give the system and columns)."""
-    table = list(csv.reader(io.StringIO(text)))
+    try:
+        table = list(csv.reader(io.StringIO(text)))
+    except csv.Error as exc:
+        raise RanregError(f"{path}: not a readable CSV ({exc})") from None
     system, names, cells = coordinates, None, []
     for index, row in enumerate(table):
         line = index + 1  # a file line, unless a quoted field spans lines
@@ -157,17 +160,25 @@ def _read_table(path: Path, text: str, coordinates: str) -> PointFile:
     return PointFile(path, _format(path), table, cells, [system] * len(cells))
 
 
+def _list_of_dicts(value: Any, where: str) -> list[dict]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise RanregError(f"{where}: expected a list of objects, got {type(value).__name__}")
+    return value
+
+
 def _read_markups(path: Path, text: str) -> PointFile:
     """Slicer's ``.mrk.json``: every control point that has a position."""
     try:
         content = json.loads(text)
-        markups = content["markups"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise RanregError(f"{path}: not a Slicer markups file (no 'markups' list)") from None
+    except json.JSONDecodeError:
+        raise RanregError(f"{path}: not a Slicer markups file (not JSON)") from None
+    if not isinstance(content, dict) or "markups" not in content:
+        raise RanregError(f"{path}: not a Slicer markups file (no 'markups' list)")
     cells, systems = [], []
-    for m, markup in enumerate(markups):
+    for m, markup in enumerate(_list_of_dicts(content["markups"], f"{path}: markups")):
         system = _system(markup.get("coordinateSystem", "LPS"), f"{path}: markup {m}")
-        for p, point in enumerate(markup.get("controlPoints", [])):
+        points = _list_of_dicts(markup.get("controlPoints", []), f"{path}: markup {m} points")
+        for p, point in enumerate(points):
             if "position" not in point:
                 continue  # a point not placed yet
             where = f"{path}: markup {m} point {p} position"
