@@ -314,7 +314,7 @@ class Transform:
             p = q @ start_map[:3, :3].T + start_map[:3, 3]
         else:
             p = np.array(start, dtype=np.float64).reshape(-1, 3)
-        r = q - self._forward(p)
+        r = q - self.map_points(p)
         h = 0.25 * min(spacing_from_affine(self.grid.affine))
         for _ in range(iterations):
             err = np.linalg.norm(r, axis=1)
@@ -325,7 +325,7 @@ class Transform:
             t = np.ones(active.size)
             for _ in range(10):  # halve each point's step until its residual falls
                 trial = p[active] + t[:, None] * step
-                r_trial = q[active] - self._forward(trial)
+                r_trial = q[active] - self.map_points(trial)
                 worse = np.linalg.norm(r_trial, axis=1) >= err[active]
                 if not worse.any():
                     break
@@ -351,17 +351,13 @@ class Transform:
             p[:, stalled], residual[stalled] = torch.from_numpy(solved.T), torch.from_numpy(res)
         return p, residual, int(stalled.numel())
 
-    def _forward(self, points: np.ndarray) -> np.ndarray:
-        """``p + u(p)`` at world points ``(N, 3)``."""
-        return self.map_points(points)
-
     def _jacobian(self, points: np.ndarray, h: float) -> np.ndarray:
         """The Jacobian of ``p + u(p)`` at world points ``(N, 3)``, by central differences
         with step ``h`` mm: ``(N, 3, 3)``."""
         n = len(points)
         offsets = np.concatenate([np.eye(3) * h, -np.eye(3) * h])  # (6, 3)
         probes = (points[:, None, :] + offsets[None]).reshape(-1, 3)
-        values = self._forward(probes).reshape(n, 6, 3)
+        values = self.map_points(probes).reshape(n, 6, 3)
         return ((values[:, :3] - values[:, 3:]) / (2 * h)).transpose(0, 2, 1)
 
     def _preconditioner(self) -> tuple[np.ndarray, Tensor]:
