@@ -147,7 +147,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--inverse",
         action="store_true",
-        help="IMAGE (or the points) is in fixed (moving) space: map it through the inverse",
+        help="through the inverse: IMAGE lives in fixed space, or the points in moving space",
     )
     p.add_argument(
         "--reference",
