@@ -81,6 +81,7 @@ def test_evaluate_identity_and_ran0(tmp_path: Path, capsys: pytest.CaptureFixtur
     for text in ("identity", "RAN0 (ran0)", "mean over organs", "Wilcoxon", "spleen"):
         assert text in summary
     assert "identity vs RAN0 (ran0) | 6 |" in summary
+    assert "landmark error" not in summary  # no landmarks/ folder: no such column
     assert (out / "summary.json").is_file()
     assert (out / "boxplots.png").stat().st_size > 1000
     organ_pngs = sorted(p.name for p in (out / "boxplots").iterdir())
@@ -170,3 +171,32 @@ def test_evaluate_refine_suffix_adds_instance_optimisation(tmp_path: Path) -> No
     row = "| identity+refine60 | `identity` | identity | n/a | model + optimisation 60 x 2 |"
     assert row in summary
     assert "| identity | `identity` | identity | n/a | model |" in summary
+
+
+def test_evaluate_reports_the_landmark_error_of_each_pair(tmp_path: Path, capsys) -> None:
+    """Subject i is the same anatomy shifted by shifts[i] voxels of 1.5 mm along x, so
+    without registration corresponding landmarks are 1.5 * |shift difference| mm apart."""
+    shifts = (0, 1, 3)
+    data = _dataset(tmp_path / "data", shifts)
+    (data / "landmarks").mkdir()
+    anatomy = np.array([[0.0, 10.0, 20.0], [5.0, 12.0, 40.0], [-3.0, 20.0, 30.0]])  # RAS
+    for i, shift in enumerate(shifts):
+        ras = anatomy - [1.5 * shift, 0.0, 0.0]
+        lines = ["x,y,z"] + [f"{-x},{-y},{z}" for x, y, z in ras]  # LPS
+        (data / "landmarks" / f"s{i}.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--data", str(data), "--model", "identity", "--labels", "1", "2"]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    with (out / "results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        gap = 1.5 * abs(shifts[int(r["moving"][1])] - shifts[int(r["fixed"][1])])
+        assert float(r["landmark_error_mm"]) == pytest.approx(gap, abs=1e-6)
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    assert "landmark error (mm)" in summary
+    assert "| identity | 0.000 ± 0.000 | 0.0000 ± 0.0000 |" in summary  # folding, SD log J
+    # a subject whose file lists another number of points stops the run before it starts
+    (data / "landmarks" / "s2.csv").write_text("x,y,z\n1,2,3\n")
+    assert main([*argv, "--out", str(tmp_path / "eval2"), "--no-progress"]) == 2
+    assert "different numbers of points" in capsys.readouterr().err
+    assert not (tmp_path / "eval2").exists()

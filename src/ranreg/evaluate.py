@@ -19,12 +19,14 @@ The statistics and the summaries are computed and rendered by :mod:`ranreg.evalu
 from __future__ import annotations
 
 import csv
+import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -38,9 +40,11 @@ from ranreg.metrics import PAPER_ORGANS
 from ranreg.models import IDENTITY, IdentityModel, model_label, resolve_model
 from ranreg.options import PRECISIONS, RegistrationOptions
 from ranreg.outputs import score_labels, write_json
-from ranreg.pipeline import register_volumes
+from ranreg.pipeline import RegistrationResult, register_volumes
+from ranreg.points import read_points
 from ranreg.refine import DEFAULT_STEPS
 from ranreg.runtime import is_neural, resolve_device
+from ranreg.transform import Grid, Transform
 
 __all__ = ["FIELDS", "evaluate", "model_runs"]
 
@@ -58,6 +62,7 @@ FIELDS = (
     "sd_log_jacobian",
     "runtime_s",
     "network_s",
+    "landmark_error_mm",
 )
 
 
@@ -185,6 +190,30 @@ def _load_all(subjects: Sequence[Subject]) -> dict[str, tuple[Volume, Volume]]:
     return volumes
 
 
+def _load_landmarks(subjects: Sequence[Subject], coordinates: str) -> dict[str, np.ndarray]:
+    """The landmarks (RAS, ``(N, 3)``) of the subjects that have them, all read before the
+    long loop; every subject must list the same number of points."""
+    marks = {s.name: read_points(s.landmarks, coordinates).ras for s in subjects if s.landmarks}
+    counts = {name: len(points) for name, points in marks.items()}
+    if len(set(counts.values())) > 1:
+        raise RanregError(
+            f"landmarks: the subjects list different numbers of points ({counts}); they are "
+            "paired in order, so every file must list the same landmarks"
+        )
+    return marks
+
+
+def _landmark_error(
+    result: RegistrationResult, fix: Volume, fixed: np.ndarray | None, moving: np.ndarray | None
+) -> float:
+    """Mean distance (mm) between the fixed landmarks mapped by ``result`` and the moving
+    ones (NaN when a subject of the pair has none)."""
+    if fixed is None or moving is None:
+        return math.nan
+    mapped = Transform(result.ddf_mm, Grid.of(fix)).map_points(fixed)
+    return float(np.linalg.norm(mapped - moving, axis=1).mean())
+
+
 def _score_pair(
     run: ModelRun,
     moving: Subject,
@@ -193,12 +222,14 @@ def _score_pair(
     organs: Sequence[int],
     table: dict[int, str],
     dev: torch.device,
+    landmarks: dict[str, np.ndarray],
 ) -> list[dict[str, Any]]:
     """Register one pair with one model: a row of ``results.csv`` per organ."""
     name, net, opts = run
     mov, mov_lab = volumes[moving.name]
     fix, fix_lab = volumes[fixed.name]
     result = register_volumes(net, mov, fix, mov_lab, fix_lab, dev, options=opts)
+    marks = landmarks.get(fixed.name), landmarks.get(moving.name)
     assert result.warped_label is not None
     scores = score_labels(result.warped_label, fix_lab.array, organs, fix.spacing)
     jac = result.jacobian_stats()
@@ -214,6 +245,7 @@ def _score_pair(
             **jac,
             "runtime_s": result.runtime_s,
             "network_s": result.network_s,
+            "landmark_error_mm": _landmark_error(result, fix, *marks),
         }
         for lab in organs
     ]
@@ -227,6 +259,7 @@ def _run_all(
     table: dict[int, str],
     dev: torch.device,
     progress: bool,
+    landmarks: dict[str, np.ndarray],
 ) -> list[dict[str, Any]]:
     """The rows of every model on every pair, pair by pair (the order of ``results.csv``)."""
     rows: list[dict[str, Any]] = []
@@ -241,7 +274,7 @@ def _run_all(
     for mov_s, fix_s in pairs:
         for run in named:
             bar.set_postfix_str(f"{run.name}: {mov_s.name} -> {fix_s.name}")
-            rows += _score_pair(run, mov_s, fix_s, volumes, organs, table, dev)
+            rows += _score_pair(run, mov_s, fix_s, volumes, organs, table, dev, landmarks)
             bar.update(1)
     bar.close()
     return rows
@@ -293,6 +326,7 @@ def evaluate(
     *,
     options: RegistrationOptions | None = None,
     label_names: str | os.PathLike[str] | None = None,
+    landmark_coordinates: str = "lps",
 ) -> dict[str, Any]:
     """Evaluate ``models`` (default: the packaged default) and ``identity`` on every ordered
     pair of the subjects of ``data`` (``split`` default: ``test``, or none for a folder that
@@ -300,7 +334,9 @@ def evaluate(
     module docstring). ``options`` is the pipeline every model runs with (a ``MODEL@bf16`` or
     ``MODEL+fast`` spec changes it for one model). ``label_names``: the table naming the
     labels (:func:`ranreg.labelnames.load_label_names`; default the abdomen organs).
-    Returns the summary dict (as ``summary.json``)."""
+    Subjects with landmarks (``landmarks/``, :mod:`ranreg.data.datasets`; a CSV's axes are
+    ``landmark_coordinates``) add each pair's mean landmark error. Returns the summary dict
+    (as ``summary.json``)."""
     table = load_label_names(label_names)
     # matplotlib loads only for evaluate, but before the long loop: a broken install fails early
     from ranreg import figures  # noqa: F401
@@ -314,7 +350,8 @@ def evaluate(
     organs = [int(v) for v in (labels if labels else PAPER_ORGANS)]
     pairs = ordered_pairs(subjects)
     volumes = _load_all(subjects)
-    rows = _run_all(named, pairs, volumes, organs, table, dev, progress)
+    landmarks = _load_landmarks(subjects, landmark_coordinates)
+    rows = _run_all(named, pairs, volumes, organs, table, dev, progress, landmarks)
     info = {
         "data": str(root),
         "split": _default_split(root, split),

@@ -105,10 +105,11 @@ def _name(info: dict[str, Any], label: int) -> str:
 #: per-pair quantities of the regularity table (they repeat over a pair's organ rows)
 #: and the digits shown for each
 _PER_PAIR = (
-    ("folding_percent", 3),
-    ("sd_log_jacobian", 4),
-    ("runtime_s", 2),
-    ("network_s", 2),
+    ("folding_percent", 3, "folding %"),
+    ("sd_log_jacobian", 4, "SD log det J"),
+    ("runtime_s", 2, "runtime (s)"),
+    ("network_s", 2, "network (s)"),
+    ("landmark_error_mm", 2, "landmark error (mm)"),  # shown when the subjects have them
 )
 
 
@@ -145,7 +146,7 @@ def _model_stats(rows: list[dict[str, Any]], model: str, labels: Sequence[int]) 
         key: _stat(list(_pair_means(rows, model, key).values())) for key in keys
     }
     pairs = _pair_rows(rows, model)
-    stats["per_pair"] = {key: _stat([r[key] for r in pairs]) for key, _ in _PER_PAIR}
+    stats["per_pair"] = {key: _stat([r.get(key, math.nan) for r in pairs]) for key, *_ in _PER_PAIR}
     return stats
 
 
@@ -196,17 +197,23 @@ def _md_scores(
 
 
 def _md_regularity(stats: dict[str, dict[str, Any]], names: Sequence[str]) -> list[str]:
-    """The folding, SD log det J and runtimes over pairs, a row per model."""
+    """The folding, SD log det J, runtimes (and landmark error, where measured) over pairs,
+    a row per model."""
+    shown = [
+        (key, digits, title)
+        for key, digits, title in _PER_PAIR
+        if any(stats[name]["per_pair"][key]["n"] for name in names)
+    ]
     lines = [
         "",
         "## Regularity and runtime per pair",
         "",
-        "| model | folding % | SD log det J | runtime (s) | network (s) |",
-        "|---|---|---|---|---|",
+        "| model | " + " | ".join(title for *_, title in shown) + " |",
+        "|---" * (len(shown) + 1) + "|",
     ]
     for name in names:
         per_pair = stats[name]["per_pair"]
-        cells = [_fmt_stat(per_pair[key], digits) for key, digits in _PER_PAIR]
+        cells = [_fmt_stat(per_pair[key], digits) for key, digits, _ in shown]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 

@@ -7,6 +7,7 @@ from typing import Any
 from ranreg.cli.options import (
     add_device_option,
     add_label_options,
+    add_landmark_coordinates_option,
     add_registration_options,
     options_from_args,
 )
@@ -26,6 +27,7 @@ def _run(args: Any) -> int:
         progress=not args.no_progress,
         options=options_from_args(args),
         label_names=args.label_names,
+        landmark_coordinates=args.landmark_coordinates,
     )
     info = summary["info"]
     print(
@@ -67,6 +69,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     add_label_options(p)
+    add_landmark_coordinates_option(p)
     add_device_option(p)
     add_registration_options(p, progress_flag=False)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -147,3 +147,13 @@ def add_label_options(p: Any) -> None:
         "or a JSON/CSV file of id,name; with a table other than abdomen, every label of the "
         "fixed map is scored unless --labels says otherwise",
     )
+
+
+def add_landmark_coordinates_option(p: Any) -> None:
+    """``--landmark-coordinates``: the world axes of landmark CSVs (Slicer files say theirs)."""
+    p.add_argument(
+        "--landmark-coordinates",
+        choices=("lps", "ras"),
+        default="lps",
+        help="world axes of landmark CSVs: lps (ITK, ANTs; default) or ras (NIfTI)",
+    )

@@ -9,6 +9,7 @@ from typing import Any
 from ranreg.cli.options import (
     add_device_option,
     add_label_options,
+    add_landmark_coordinates_option,
     add_registration_options,
     options_from_args,
 )
@@ -208,12 +209,7 @@ def add_parser(sub: Any) -> None:
         help="also write inverse_ddf.nii.gz: the inverse mapping on the moving grid (moving "
         "to fixed points, as ANTs' InverseWarp), with its round-trip error in metrics.json",
     )
-    p.add_argument(
-        "--landmark-coordinates",
-        choices=("lps", "ras"),
-        default="lps",
-        help="world axes of landmark CSVs: lps (ITK, ANTs; default) or ras (NIfTI)",
-    )
+    add_landmark_coordinates_option(p)
     add_label_options(p)
     add_device_option(p)
     add_registration_options(p)

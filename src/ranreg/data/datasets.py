@@ -6,8 +6,10 @@ DeepReg unpaired::
 
     root/{train,val,test}/images/NAME.nii.gz
     root/{train,val,test}/labels/NAME.nii.gz      (optional)
+    root/{train,val,test}/landmarks/NAME.csv      (optional; or .fcsv, .mrk.json)
 
-or a root that directly holds ``images/`` and ``labels/``.
+or a root that directly holds ``images/`` and ``labels/`` (and ``landmarks/``). Landmarks
+are points files of :mod:`ranreg.points`, listed in the same order for every subject.
 
 Learn2Reg::
 
@@ -64,16 +66,31 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Subject:
-    """One subject: its image file and, when the dataset has labels, its label file."""
+    """One subject: its image file and, when the dataset has them, its label file and its
+    landmarks file."""
 
     name: str
     image: Path
     label: Path | None = None
+    landmarks: Path | None = None
 
 
 def _image_files(folder: Path) -> list[Path]:
     """Image files of a folder (NIfTI, NRRD, MHA/MHD; ranreg.data.formats), by name."""
     return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+
+
+def _landmark_files(folder: Path) -> dict[str, Path]:
+    """``NAME -> file`` of the points files in ``folder`` (none when it does not exist)."""
+    from ranreg.points import POINT_FORMATS
+
+    found: dict[str, Path] = {}
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            ending = next((e for e in POINT_FORMATS if p.name.lower().endswith(e)), None)
+            if ending and p.is_file() and not p.name.startswith("."):
+                found[p.name[: -len(ending)]] = p
+    return found
 
 
 def _pair_folder(images_dir: Path, labels_dir: Path | None, strip: str = "") -> list[Subject]:
@@ -89,6 +106,7 @@ def _pair_folder(images_dir: Path, labels_dir: Path | None, strip: str = "") -> 
         labels = {image_stem(p): p for p in _image_files(labels_dir)}
     else:
         labels_dir = None
+    marks = _landmark_files(images_dir.parent / "landmarks") if not strip else {}
     subjects = []
     seen: set[str] = set()
     for img in images:
@@ -102,7 +120,7 @@ def _pair_folder(images_dir: Path, labels_dir: Path | None, strip: str = "") -> 
             label = labels.get(stem) or labels.get(name)
             if label is None:
                 raise RanregError(f"{img}: no label file for this image in {labels_dir}")
-        subjects.append(Subject(name=name, image=img, label=label))
+        subjects.append(Subject(name, img, label, marks.get(name)))
     return subjects
 
 
