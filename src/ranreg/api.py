@@ -203,8 +203,9 @@ def register(
         origin=f"{metrics['moving'] or 'moving array'} -> {metrics['fixed'] or 'fixed array'}",
     )
     if landmarks is not None:
-        pair = (fixed_landmarks, moving_landmarks, landmarks)
-        metrics["landmarks"] = landmark_metrics(transform, *pair)  # type: ignore[arg-type]
+        metrics["landmarks"] = landmark_metrics(
+            transform, fixed_landmarks, moving_landmarks, landmarks
+        )
     return Registration(
         result=result,
         transform=transform,

@@ -104,8 +104,9 @@ def register_files(
     metrics = result_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device, labels, names)
     if landmarks is not None:
         transform = Transform(result.ddf_mm, Grid.of(fix))
-        pair = (fixed_landmarks, moving_landmarks, landmarks)
-        metrics["landmarks"] = landmark_metrics(transform, *pair)  # type: ignore[arg-type]
+        metrics["landmarks"] = landmark_metrics(
+            transform, fixed_landmarks, moving_landmarks, landmarks
+        )
     with new_output_dir(out) as tmp:
         fmt = _output_format(fixed, output_format).lstrip(".")
         write_outputs(
