@@ -260,6 +260,28 @@ def test_slicer_markups_json_maps_every_placed_point_in_its_system(affine_result
     assert [c["label"] for c in second["controlPoints"]] == ["b", "c"]
 
 
+@pytest.mark.parametrize(("axes", "sign"), [("l,p,s", LPS), ("r,a,s", np.ones(3))])
+def test_slicer_control_point_tables_name_their_system(affine_result, tmp_path, capsys, axes, sign):
+    folder, t = affine_result
+    p = inside_points(oblique_grid(), 4, seed=8)
+    rows = [f"F-{i},{x:.6f},{y:.6f},{z:.6f},1,1,1,0," for i, (x, y, z) in enumerate(p * sign)]
+    src = tmp_path / "table.csv"
+    src.write_text(f"label,{axes},defined,selected,visible,locked,description\n" + "\n".join(rows))
+    out = tmp_path / "moved.csv"
+    argv = ["apply", "--transform", str(folder), "--points", str(src), "--out", str(out)]
+    assert main(argv) == 0
+    system = "LPS" if axes.startswith("l") else "RAS"
+    assert f"mapped 4 points ({system}, mm)" in capsys.readouterr().out
+    with out.open(newline="") as fh:
+        got = list(csv.reader(fh))
+    assert got[0][:4] == ["label", *axes.split(",")] and got[1][0] == "F-0"
+    xyz = np.array([[float(v) for v in r[1:4]] for r in got[1:]])
+    np.testing.assert_allclose(xyz * sign, p @ t[:3, :3].T + t[:3, 3], atol=1e-3)
+    # the columns say the system: a system given as well is refused, not ignored
+    assert main([*argv[:-1], str(tmp_path / "again.csv"), "--coordinates", "ras"]) == 2
+    assert f"names its coordinate system ({system})" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -161,7 +161,7 @@ def register(
     label_names: str | os.PathLike[str] | dict[int, str] | None = None,
     fixed_landmarks: str | os.PathLike[str] | np.ndarray | None = None,
     moving_landmarks: str | os.PathLike[str] | np.ndarray | None = None,
-    landmark_coordinates: str = "lps",
+    landmark_coordinates: str | None = None,
     **options: Any,
 ) -> Registration:
     """Register ``moving`` to ``fixed``, as ``ranreg register`` does.

@@ -190,7 +190,7 @@ def _load_all(subjects: Sequence[Subject]) -> dict[str, tuple[Volume, Volume]]:
     return volumes
 
 
-def _load_landmarks(subjects: Sequence[Subject], coordinates: str) -> dict[str, np.ndarray]:
+def _load_landmarks(subjects: Sequence[Subject], coordinates: str | None) -> dict[str, np.ndarray]:
     """The landmarks (RAS, ``(N, 3)``) of the subjects that have them, all read before the
     long loop; every subject must list the same number of points."""
     marks = {s.name: read_points(s.landmarks, coordinates).ras for s in subjects if s.landmarks}
@@ -326,7 +326,7 @@ def evaluate(
     *,
     options: RegistrationOptions | None = None,
     label_names: str | os.PathLike[str] | None = None,
-    landmark_coordinates: str = "lps",
+    landmark_coordinates: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``models`` (default: the packaged default) and ``identity`` on every ordered
     pair of the subjects of ``data`` (``split`` default: ``test``, or none for a folder that

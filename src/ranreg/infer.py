@@ -58,7 +58,7 @@ def register_files(
     options: RegistrationOptions | None = None,
     fixed_landmarks: str | os.PathLike[str] | None = None,
     moving_landmarks: str | os.PathLike[str] | None = None,
-    landmark_coordinates: str = "lps",
+    landmark_coordinates: str | None = None,
     save_inverse: bool = False,
     **changes: Any,
 ) -> dict[str, Any]:

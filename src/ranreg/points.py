@@ -5,7 +5,8 @@ Three formats, each written back in its own format with only the coordinates cha
 - ``.csv``: a header row with the columns ``x``, ``y``, ``z`` (world mm; any case) and any
   others (a name, ITK's ``t``, ...). The coordinates are LPS by default, as ITK and ANTs
   (``antsApplyTransformsToPoints``) write them, or RAS (NIfTI's world axes, nibabel) with
-  ``coordinates="ras"``.
+  ``coordinates="ras"``. Columns ``l, p, s`` or ``r, a, s`` instead (3D Slicer's control
+  point tables) name their system.
 - ``.fcsv``: 3D Slicer's fiducial list, whose ``# CoordinateSystem`` line says LPS or RAS
   and whose ``# columns`` line says where ``x``, ``y``, ``z`` are.
 - ``.mrk.json``: 3D Slicer's markups file: every control point's ``position``, in each
@@ -97,6 +98,11 @@ class PointFile:
         self.ras = np.array([value for _, value in cells], dtype=np.float64).reshape(-1, 3)
         self.ras = self.ras * self.signs
 
+    def describe_system(self) -> str:
+        """The coordinate systems of the points, for messages: ``LPS``, ``RAS`` or both."""
+        kinds = {"LPS" if sign[0] < 0 else "RAS" for sign in self.signs}
+        return " and ".join(sorted(kinds))
+
     def write(self, out: Path, ras: np.ndarray) -> None:
         """The same file with the points ``ras`` (RAS world mm, one per point), in the
         file's own systems, into the new file ``out`` (never replaced; whole or not at
@@ -121,42 +127,73 @@ def _setter(row: int, columns: tuple[int, int, int]) -> Any:
     return put
 
 
-def _read_table(path: Path, text: str, coordinates: str) -> PointFile:
-    """``.csv`` (header row) or ``.fcsv`` (``#`` lines give the system and columns)."""
+#: the coordinate columns a table may have and the system they name (None: ``x, y, z``,
+#: whose system the user gives; ``l, p, s`` and ``r, a, s`` as 3D Slicer's tables write)
+_AXES: tuple[tuple[tuple[str, str, str], str | None], ...] = (
+    (("x", "y", "z"), None),
+    (("l", "p", "s"), "lps"),
+    (("r", "a", "s"), "ras"),
+)
+
+
+def _columns(names: list[str], where: str) -> tuple[tuple[int, int, int], str | None, str]:
+    """Where the coordinates are among ``names``, the system the columns name, and their
+    names (for messages)."""
+    for axes, system in _AXES:
+        if set(axes) <= set(names):
+            return (names.index(axes[0]), names.index(axes[1]), names.index(axes[2])), system, axes
+    raise RanregError(f"{where} has no columns x, y and z (or l, p, s or r, a, s)")
+
+
+def _one_system(path: Path, named: str | None, given: str | None) -> str:
+    """The system of a table: the one the file names, else the one given, else LPS; a
+    system given for a file that names its own is refused rather than ignored."""
+    if named is not None and given is not None:
+        raise RanregError(
+            f"{path}: the file names its coordinate system ({named.upper()}); give none for it"
+        )
+    return named or given or "lps"
+
+
+def _fcsv_comments(path: Path, rows: list[tuple[int, list[str]]]) -> tuple[str | None, list]:
+    """The system and the column names that a ``.fcsv``'s ``#`` lines give."""
+    system, names = None, None
+    for index, row in rows:
+        key, _, value = ",".join(row).lstrip("#").partition("=")
+        if key.strip().lower() == "coordinatesystem":
+            system = _system(value, f"{path}: line {index + 1}")
+        elif key.strip().lower() == "columns":
+            names = [c.strip().lower() for c in value.split(",")]
+    return system, names
+
+
+def _read_table(path: Path, text: str, coordinates: str | None) -> PointFile:
+    """``.csv`` (a header row) or ``.fcsv`` (``#`` lines give the system and the columns)."""
     try:
         table = list(csv.reader(io.StringIO(text)))
     except csv.Error as exc:
         raise RanregError(f"{path}: not a readable CSV ({exc})") from None
-    system, names, cells = coordinates, None, []
-    for index, row in enumerate(table):
-        line = index + 1  # a file line, unless a quoted field spans lines
-        first = row[0].strip() if row else ""
-        if path.suffix.lower() == ".fcsv" and first.startswith("#"):
-            key, _, value = ",".join(row).lstrip("#").partition("=")
-            if key.strip().lower() == "coordinatesystem":
-                system = _system(value, f"{path}: line {line}")
-            elif key.strip().lower() == "columns":
-                names = [c.strip().lower() for c in value.split(",")]
-            continue
-        if not any(c.strip() for c in row):
-            continue
-        if names is None:  # a CSV's header row
-            names = [c.strip().lower() for c in row]
-            if not {"x", "y", "z"} <= set(names):
-                raise RanregError(f"{path}: the header {row} has no columns x, y and z")
-            continue
-        if not {"x", "y", "z"} <= set(names):
-            raise RanregError(f"{path}: the columns {names} have no x, y and z")
-        if len(row) < len(names):
-            raise RanregError(f"{path}: line {line} has {len(row)} fields, the header {len(names)}")
-        columns = (names.index("x"), names.index("y"), names.index("z"))
-        point = [
-            _number(row[c], f"{path}: line {line}: {n}")
-            for c, n in zip(columns, "xyz", strict=True)
-        ]
-        cells.append((_setter(index, columns), point))
-    if not cells:
+    rows = [(i, row) for i, row in enumerate(table) if any(c.strip() for c in row)]
+    if path.suffix.lower() == ".fcsv":
+        comments = [(i, r) for i, r in rows if r[0].strip().startswith("#")]
+        rows = [(i, r) for i, r in rows if not r[0].strip().startswith("#")]
+        file_system, names = _fcsv_comments(path, comments)
+    else:
+        file_system, names = None, [c.strip().lower() for c in rows[0][1]] if rows else None
+        rows = rows[1:]
+    if names is None or not rows:
         raise RanregError(f"{path}: no points (expected a header with x, y, z and rows below)")
+    columns, named, axes = _columns(names, f"{path}: the header {names}")
+    system = _one_system(path, named or file_system, coordinates)
+    cells = []
+    for index, row in rows:
+        if len(row) < len(names):
+            raise RanregError(
+                f"{path}: line {index + 1} has {len(row)} fields, the header {len(names)}"
+            )
+        where = f"{path}: line {index + 1}"
+        point = [_number(row[c], f"{where}: {n}") for c, n in zip(columns, axes, strict=True)]
+        cells.append((_setter(index, columns), point))
     return PointFile(path, _format(path), table, cells, [system] * len(cells))
 
 
@@ -166,8 +203,10 @@ def _list_of_dicts(value: Any, where: str) -> list[dict]:
     return value
 
 
-def _read_markups(path: Path, text: str) -> PointFile:
+def _read_markups(path: Path, text: str, coordinates: str | None) -> PointFile:
     """Slicer's ``.mrk.json``: every control point that has a position."""
+    if coordinates is not None:  # each markup names its own
+        raise RanregError(f"{path}: the file names its coordinate system; give none for it")
     try:
         content = json.loads(text)
     except json.JSONDecodeError:
@@ -199,11 +238,11 @@ def _json_setter(m: int, p: int) -> Any:
     return put
 
 
-def read_points(path: str | os.PathLike[str], coordinates: str = "lps") -> PointFile:
+def read_points(path: str | os.PathLike[str], coordinates: str | None = None) -> PointFile:
     """Read a points file (``.csv``, ``.fcsv`` or ``.mrk.json``: the module docstring).
-    ``coordinates`` (``lps`` or ``ras``) is the system of a ``.csv``; the Slicer formats
-    name their own."""
-    if coordinates not in COORDINATES:
+    ``coordinates`` (``lps`` or ``ras``; None: LPS) is the system of a CSV's ``x, y, z``
+    columns; the files that name their own system refuse one."""
+    if coordinates is not None and coordinates not in COORDINATES:
         choices = ", ".join(COORDINATES)
         raise RanregError(f"coordinates must be one of {choices}, got {coordinates!r}")
     file = Path(path)
@@ -215,7 +254,7 @@ def read_points(path: str | os.PathLike[str], coordinates: str = "lps") -> Point
     except (UnicodeDecodeError, IsADirectoryError):
         raise RanregError(f"{file}: not a text file") from None
     if kind == ".mrk.json":
-        return _read_markups(file, text)
+        return _read_markups(file, text, coordinates)
     return _read_table(file, text, coordinates)
 
 
@@ -242,7 +281,7 @@ def map_points_file(
     out: str | os.PathLike[str],
     *,
     inverse: bool = False,
-    coordinates: str = "lps",
+    coordinates: str | None = None,
 ) -> dict[str, Any]:
     """Map the points of the file ``points`` through ``transform`` (a
     :class:`ranreg.transform.Transform`): fixed -> moving, or with ``inverse`` moving ->
@@ -253,7 +292,7 @@ def map_points_file(
     ``|p + u(p) - q|`` (mm)."""
     target = check_points_out(out, points)
     table = read_points(points, coordinates)
-    summary: dict[str, Any] = {"points": len(table.ras)}
+    summary: dict[str, Any] = {"points": len(table.ras), "system": table.describe_system()}
     if inverse:
         mapped, residual = transform.unmap_points(table.ras)
         fixed_points = mapped
@@ -268,7 +307,7 @@ def map_points_file(
 Points = str | os.PathLike[str] | np.ndarray
 
 
-def _as_points(points: Points, coordinates: str, role: str) -> np.ndarray:
+def _as_points(points: Points, coordinates: str | None, role: str) -> np.ndarray:
     """A file's points (:func:`read_points`), or an array ``(N, 3)`` of RAS world mm."""
     if isinstance(points, np.ndarray):
         if points.ndim != 2 or points.shape[1] != 3 or not np.all(np.isfinite(points)):
@@ -278,7 +317,7 @@ def _as_points(points: Points, coordinates: str, role: str) -> np.ndarray:
 
 
 def read_landmark_pair(
-    fixed: Points, moving: Points, coordinates: str = "lps"
+    fixed: Points, moving: Points, coordinates: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Corresponding landmarks of the fixed and the moving image (files in a format of
     :func:`read_points`, or RAS arrays), paired in the order they are listed; both
@@ -304,7 +343,7 @@ def _stats(distances: np.ndarray) -> dict[str, float]:
 
 
 def check_landmarks(
-    fixed: Points | None, moving: Points | None, coordinates: str = "lps"
+    fixed: Points | None, moving: Points | None, coordinates: str | None = None
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Both landmark sets read and paired (:func:`read_landmark_pair`), or None when
     neither is given; one without the other is an error."""
@@ -316,7 +355,7 @@ def check_landmarks(
 
 
 def landmark_errors(
-    transform: Transform, fixed: Points, moving: Points, coordinates: str = "lps"
+    transform: Transform, fixed: Points, moving: Points, coordinates: str | None = None
 ) -> dict[str, Any]:
     """Target registration error of corresponding landmarks (:func:`read_landmark_pair`):
     ``|p + u(p) - m|`` for each fixed landmark ``p`` and its moving landmark ``m``, and

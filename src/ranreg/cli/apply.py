@@ -56,18 +56,15 @@ def _run_points(args: argparse.Namespace) -> int:
     if args.reference is not None:
         raise RanregError("--reference is for --image; points keep no grid")
     check_points_out(args.out, args.points)
-    if args.coordinates is not None and not args.points.lower().endswith(".csv"):
-        raise RanregError(f"{args.points}: a Slicer file names its coordinate system itself")
     transform = Transform.load(args.transform)
-    coordinates = args.coordinates or "lps"
     done = map_points_file(
-        transform, args.points, args.out, inverse=args.inverse, coordinates=coordinates
+        transform, args.points, args.out, inverse=args.inverse, coordinates=args.coordinates
     )
     spaces, note = "fixed space to the moving space", ""
     if args.inverse:
         spaces = "moving space to the fixed space"
         note = f"; inverse solved at each point, residual at most {done['residual_max_mm']:.4f} mm"
-    system = coordinates.upper() if args.points.lower().endswith(".csv") else "the file's system"
+    system = done["system"]
     if done["outside"]:
         print(
             f"warning: {done['outside']} of {done['points']} points lie outside the field's "
@@ -131,7 +128,8 @@ def add_parser(sub: Any) -> None:
         "--coordinates",
         choices=("lps", "ras"),
         default=None,
-        help="with --points CSV: its world axes, lps (ITK, ANTs; default) or ras (NIfTI)",
+        help="with --points: the world axes of a CSV's x, y, z, lps (ITK, ANTs; default) or "
+        "ras (NIfTI); files that name theirs (Slicer's) take none",
     )
     p.add_argument(
         "--labels",

@@ -154,6 +154,6 @@ def add_landmark_coordinates_option(p: Any) -> None:
     p.add_argument(
         "--landmark-coordinates",
         choices=("lps", "ras"),
-        default="lps",
-        help="world axes of landmark CSVs: lps (ITK, ANTs; default) or ras (NIfTI)",
+        default=None,
+        help="world axes of landmark CSVs' x, y, z: lps (ITK, ANTs; default) or ras (NIfTI)",
     )
