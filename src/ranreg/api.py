@@ -124,9 +124,7 @@ class Registration:
             )
             metrics = dict(self.metrics)
             if inverse:
-                metrics["inverse"] = jsonable(
-                    write_inverse(tmp, self.result, self.fixed, self.moving)
-                )
+                metrics["inverse"] = jsonable(write_inverse(tmp, self.transform))
             write_json(tmp / "metrics.json", metrics)
         return out
 

@@ -102,8 +102,9 @@ def register_files(
         net, mov, fix, mov_lab, fix_lab, device, options=opts, return_levels=head_masks
     )
     metrics = result_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device, labels, names)
+    # the mapping as a Transform, once, for what is measured or written through it
+    transform = Transform(result.ddf_mm, Grid.of(fix), target=Grid.of(mov))
     if landmarks is not None:
-        transform = Transform(result.ddf_mm, Grid.of(fix))
         metrics["landmarks"] = landmark_metrics(
             transform, fixed_landmarks, moving_landmarks, landmarks
         )
@@ -122,7 +123,7 @@ def register_files(
             fmt=fmt,
         )
         if save_inverse:
-            metrics["inverse"] = write_inverse(tmp, result, fix, mov)
+            metrics["inverse"] = write_inverse(tmp, transform)
         metrics["total_s"] = time.perf_counter() - t0
         write_json(tmp / "metrics.json", metrics)
     return jsonable(metrics)

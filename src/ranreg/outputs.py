@@ -92,16 +92,12 @@ def _mean_scores(per_label: dict[int, dict[str, float]]) -> dict[str, float | No
     return out
 
 
-def write_inverse(
-    folder: Path, result: RegistrationResult, fix: Volume, mov: Volume
-) -> dict[str, Any]:
-    """Write :data:`INVERSE_FILE`, the inverse mapping as a field on the moving grid
-    (moving points to fixed points, as ANTs' ``InverseWarp``; same convention as
-    ``ddf.nii.gz``), and return what ``metrics.json`` says of it: round-trip error and
-    how the inversion went (:meth:`ranreg.transform.Transform.inverse`)."""
-    from ranreg.transform import Grid, Transform
-
-    forward = Transform(result.ddf_mm, Grid.of(fix), target=Grid.of(mov))
+def write_inverse(folder: Path, forward: Any) -> dict[str, Any]:
+    """Write :data:`INVERSE_FILE`, the inverse of the registration's mapping ``forward`` (a
+    :class:`ranreg.transform.Transform` that knows the moving grid) as a field on the moving
+    grid (moving points to fixed points, as ANTs' ``InverseWarp``; same convention as
+    ``ddf.nii.gz``), and return what ``metrics.json`` says of it: round-trip error and how
+    the inversion went (:meth:`ranreg.transform.Transform.inverse`)."""
     inverse = forward.inverse()
     save_ddf(folder / INVERSE_FILE, inverse.ddf_mm, inverse.grid.affine)
     return {
