@@ -41,7 +41,7 @@ from ranreg.models import IDENTITY, IdentityModel, model_label, resolve_model
 from ranreg.options import PRECISIONS, RegistrationOptions
 from ranreg.outputs import score_labels, write_json
 from ranreg.pipeline import RegistrationResult, register_volumes
-from ranreg.points import read_points
+from ranreg.points import landmark_errors, read_points
 from ranreg.refine import DEFAULT_STEPS
 from ranreg.runtime import is_neural, resolve_device
 from ranreg.transform import Grid, Transform
@@ -210,8 +210,8 @@ def _landmark_error(
     ones (NaN when a subject of the pair has none)."""
     if fixed is None or moving is None:
         return math.nan
-    mapped = Transform(result.ddf_mm, Grid.of(fix)).map_points(fixed)
-    return float(np.linalg.norm(mapped - moving, axis=1).mean())
+    errors = landmark_errors(Transform(result.ddf_mm, Grid.of(fix)), fixed, moving)
+    return errors["after_mm"]["mean"]
 
 
 def _score_pair(

@@ -50,6 +50,7 @@ __all__ = [
     "landmark_metrics",
     "map_points_file",
     "outside_grid",
+    "point_format",
     "read_landmark_pair",
     "read_points",
 ]
@@ -61,12 +62,17 @@ POINT_FORMATS = (".csv", ".fcsv", ".mrk.json")
 _TO_RAS = {"lps": np.array([-1.0, -1.0, 1.0]), "ras": np.ones(3)}
 
 
-def _format(path: Path) -> str:
+def point_format(path: Path) -> str | None:
+    """The points format a file's name says (an ending of :data:`POINT_FORMATS`), or None."""
     name = path.name.lower()
-    for ending in POINT_FORMATS:
-        if name.endswith(ending) and len(name) > len(ending):
-            return ending
-    raise RanregError(f"{path}: a points file is named *{', *'.join(POINT_FORMATS)}")
+    return next((e for e in POINT_FORMATS if name.endswith(e) and len(name) > len(e)), None)
+
+
+def _format(path: Path) -> str:
+    ending = point_format(path)
+    if ending is None:
+        raise RanregError(f"{path}: a points file is named *{', *'.join(POINT_FORMATS)}")
+    return ending
 
 
 def _system(text: Any, where: str) -> str:

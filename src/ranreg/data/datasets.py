@@ -82,12 +82,12 @@ def _image_files(folder: Path) -> list[Path]:
 
 def _landmark_files(folder: Path) -> dict[str, Path]:
     """``NAME -> file`` of the points files in ``folder`` (none when it does not exist)."""
-    from ranreg.points import POINT_FORMATS
+    from ranreg.points import point_format
 
     found: dict[str, Path] = {}
     if folder.is_dir():
         for p in sorted(folder.iterdir()):
-            ending = next((e for e in POINT_FORMATS if p.name.lower().endswith(e)), None)
+            ending = point_format(p)
             if ending and p.is_file() and not p.name.startswith("."):
                 found[p.name[: -len(ending)]] = p
     return found
