@@ -376,6 +376,67 @@ def convergence(progress: list[dict[str, Any]], cycle: int) -> dict[str, Any]:
     return {"points": points, "rows": rows, "ranking": ranking}
 
 
+#: cycle ends in the trend fit: the recent slope, not the warm-up of the first cycles
+TREND_POINTS = 3
+
+
+def trends(progress: list[dict[str, Any]], cycle: int) -> dict[str, Any]:
+    """Where each network's validation EPE is heading: a power law E = k s^slope fitted
+    (least squares in log-log) to its last :data:`TREND_POINTS` cycle ends, and the step at
+    which it would meet the trend of the network first at the last cycle end.
+
+    A floor cannot be fitted from a handful of points (a 3-parameter fit left it anywhere
+    within +-5 mm here), so the trend has none: an extrapolation to read as "how far away",
+    never as a result."""
+    last = max((step for r in progress for step, _, _ in r["val"]), default=0) // cycle * cycle
+    ends = list(range(cycle, last + 1, cycle))[-TREND_POINTS:]
+    if len(ends) < 2:
+        return {"ends": ends, "rows": {}}
+    fits = {}
+    for model, curve in _val_by_model(progress, last).items():
+        epe = np.log([curve[k] for k in ends])
+        slope, log_k = np.polyfit(np.log(ends), epe, 1)
+        fits[model] = (float(slope), float(log_k), float(math.exp(epe[-1])))
+    best = min(fits, key=lambda m: fits[m][2])
+    rows = {}
+    for model, (slope, log_k, end) in fits.items():
+        b_slope, b_log_k, _ = fits[best]
+        # k s^slope = k_b s^slope_b; a meeting ahead needs the worse network to fall faster
+        meet = math.exp((b_log_k - log_k) / (slope - b_slope)) if slope < b_slope else None
+        rows[model] = {
+            "epe": end,
+            "slope": slope,
+            "fall_per_doubling": 1 - 2**slope,
+            "at_double": math.exp(log_k) * (2 * last) ** slope,
+            "meets_best_at": None if model == best else meet,  # None: never
+        }
+    return {"ends": ends, "best": best, "rows": rows}
+
+
+def trends_table(trend: dict[str, Any]) -> list[str]:
+    if not trend["rows"]:
+        return ["Fewer than two cycles have finished: no trend yet."]
+    last = trend["ends"][-1]
+    lines = [
+        f"Trend of the validation EPE over the cycle ends {', '.join(map(str, trend['ends']))} "
+        f"(a power law with no floor, least squares in log-log), projected to {2 * last} "
+        f"steps, and where each network would meet {trend['best']}, the first at {last}. "
+        "An extrapolation, not a measurement.",
+        "",
+        f"| network | val EPE at {last} | fall per doubling of steps | projected at "
+        f"{2 * last} | meets {trend['best']} at step |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for model, r in sorted(trend["rows"].items(), key=lambda kv: kv[1]["epe"]):
+        meet = r["meets_best_at"]
+        where = "–" if model == trend["best"] else "never" if meet is None else f"{meet:,.0f}"
+        lines.append(
+            f"| {model} | {r['epe']:.2f} | {r['fall_per_doubling']:.1%} | "
+            f"{r['at_double']:.2f} | {where} |"
+        )
+    return lines
+
+
 def best_against_peers(conv: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
     """Comparisons of the network first by validation EPE at the last point (never chosen
     on the test pairs) with :data:`PEERS`, near the sliding boundaries and in Dice."""
@@ -417,6 +478,7 @@ def report(
     done = sum(r["steps"] >= args.steps for r in result["progress"])
     cycle = args.cycle
     result["convergence"] = convergence(result["progress"], cycle)
+    result["trends"] = trends(result["progress"], cycle)
     lines = [
         "# 2D study: every variant on sliding motion (issue 14)",
         "",
@@ -450,6 +512,8 @@ def report(
         "and, after a restart, over the whole last cycle.",
         "",
         *convergence_table(result["convergence"]),
+        "",
+        *trends_table(result["trends"]),
         "",
         "## Test scores",
         "",

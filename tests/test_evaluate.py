@@ -200,3 +200,15 @@ def test_evaluate_reports_the_landmark_error_of_each_pair(tmp_path: Path, capsys
     assert main([*argv, "--out", str(tmp_path / "eval2"), "--no-progress"]) == 2
     assert "different numbers of points" in capsys.readouterr().err
     assert not (tmp_path / "eval2").exists()
+    # the same landmarks as Learn2Reg keypoints: voxel indices of each image, no header
+    for i, shift in enumerate(shifts):
+        ras = anatomy - [1.5 * shift, 0.0, 0.0]
+        vox = np.linalg.solve(_affine()[:3, :3], (ras - _affine()[:3, 3]).T).T
+        (data / "landmarks" / f"s{i}.csv").write_text(
+            "".join(",".join(f"{v:.6f}" for v in row) + "\n" for row in vox)
+        )
+    voxel = ["--out", str(tmp_path / "eval-vox"), "--landmark-coordinates", "voxel"]
+    assert main([*argv, *voxel, "--no-progress"]) == 0
+    with (tmp_path / "eval-vox" / "results.csv").open() as fh:
+        errors = [float(r["landmark_error_mm"]) for r in csv.DictReader(fh)]
+    np.testing.assert_allclose(errors, [float(r["landmark_error_mm"]) for r in rows], atol=1e-5)

@@ -323,6 +323,68 @@ def test_slicer_files_refuse_a_coordinates_option_and_another_format(affine_resu
     assert not [q for q in tmp_path.iterdir() if q.name.startswith("o.")]
 
 
+def moving_grid() -> Grid:
+    """Another grid for the moving image: other voxel sizes, axes flipped, another origin."""
+    affine = np.diag([-1.2, 2.5, 2.0, 1.0])
+    affine[:3, 3] = (20.0, 10.0, -30.0)
+    return Grid((24, 12, 30), affine)
+
+
+def write_keypoints(path: Path, vox: np.ndarray) -> Path:
+    """A Learn2Reg keypoint file: voxel indices, three per row, no header."""
+    path.write_text("".join(",".join(f"{v:.6f}" for v in row) + "\n" for row in vox))
+    return path
+
+
+def to_voxel(points: np.ndarray, grid: Grid) -> np.ndarray:
+    return np.linalg.solve(grid.affine[:3, :3], (points - grid.affine[:3, 3]).T).T
+
+
+def test_voxel_keypoints_go_between_the_two_images_grids(tmp_path, capsys):
+    """Learn2Reg keypoints: indices of the fixed image in, of the moving image out (and
+    back with --inverse), through an analytic affine field."""
+    fixed, moving, t = oblique_grid(), moving_grid(), affine_map()
+    p = grid_points(fixed)
+    folder = tmp_path / "result"
+    Transform((p @ t[:3, :3].T + t[:3, 3] - p).astype(np.float32), fixed, target=moving).save(
+        folder
+    )
+    vox = np.random.default_rng(3).uniform(2.0, np.asarray(SHAPE) - 3.0, (9, 3))
+    world = vox @ fixed.affine[:3, :3].T + fixed.affine[:3, 3]
+    expected = to_voxel(world @ t[:3, :3].T + t[:3, 3], moving)
+    src = write_keypoints(tmp_path / "kp_0000.csv", vox)
+    argv = ["apply", "--transform", str(folder), "--coordinates", "voxel", "--points"]
+    assert main([*argv, str(src), "--out", str(tmp_path / "kp_0001.csv")]) == 0
+    assert "mapped 9 points (voxel indices) of" in capsys.readouterr().out
+    got = np.loadtxt(tmp_path / "kp_0001.csv", delimiter=",")
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert (
+        main([*argv, str(tmp_path / "kp_0001.csv"), "--inverse", "--out", str(tmp_path / "b.csv")])
+        == 0
+    )
+    np.testing.assert_allclose(np.loadtxt(tmp_path / "b.csv", delimiter=","), vox, atol=1e-3)
+    # a header x, y, z is kept; the Slicer formats hold world points and refuse voxel
+    with_header = tmp_path / "named.csv"
+    with_header.write_text("x,y,z\n" + src.read_text())
+    assert main([*argv, str(with_header), "--out", str(tmp_path / "named_out.csv")]) == 0
+    assert (tmp_path / "named_out.csv").read_text().startswith("x,y,z\n")
+    fcsv = tmp_path / "p.fcsv"
+    fcsv.write_text("# columns = id,x,y,z\nvtk1,1,2,3\n")
+    assert main([*argv, str(fcsv), "--out", str(tmp_path / "p_out.fcsv")]) == 2
+    # keypoints without --coordinates voxel: no header, and the message says what to give
+    plain = ["apply", "--transform", str(folder), "--points", str(src)]
+    assert main([*plain, "--out", str(tmp_path / "w.csv")]) == 2
+    # a result without the moving image's grid cannot say where its voxels are
+    Transform(np.zeros((*SHAPE, 3), np.float32), fixed).save(tmp_path / "no-target")
+    argv[2] = str(tmp_path / "no-target")
+    assert main([*argv, str(src), "--out", str(tmp_path / "x.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error:") for line in err)
+    assert "world points, not voxel indices" in err[0] and "does not record" in err[2]
+    assert "no header x, y, z" in err[1] and "coordinates 'voxel'" in err[1]
+    assert not any((tmp_path / n).exists() for n in ("p_out.fcsv", "w.csv", "x.csv"))
+
+
 def test_inverse_at_points_needs_no_moving_grid_and_undoes_a_smooth_field() -> None:
     grid = oblique_grid()
     p = grid_points(grid)
@@ -419,6 +481,20 @@ def test_register_reports_the_landmark_error_before_and_after(tmp_path, capsys):
     saved = json.loads((tmp_path / "api" / "metrics.json").read_text())
     assert saved["inverse"]["round_trip_mm"]["max"] < 1e-3 and saved["landmarks"]["count"] == 8
     assert (tmp_path / "api" / "inverse_ddf.nii.gz").is_file()
+    # Learn2Reg keypoints: voxel indices of each image (3 mm grids; the moving one shifted)
+    origin = np.array([6.0, -3.0, 9.0])
+    shifted = np.diag([3.0, 3.0, 3.0, 1.0])
+    shifted[:3, 3] = origin
+    image = np.asarray(nib.load(moving).dataobj)
+    nib.save(nib.Nifti1Image(image, shifted), tmp_path / "m_shifted.nii.gz")
+    f_kp = write_keypoints(tmp_path / "F_kp.csv", inside / 3.0)
+    m_kp = write_keypoints(tmp_path / "M_kp.csv", (moved - origin) / 3.0)
+    voxel = register(fixed, tmp_path / "m_shifted.nii.gz", model="identity", affine="none",
+                     initial_affine=t,
+                     fixed_landmarks=f_kp, moving_landmarks=m_kp,
+                     landmark_coordinates="voxel")  # fmt: skip
+    assert voxel.metrics["landmarks"]["before_mm"]["mean"] == pytest.approx(before.mean())
+    assert voxel.metrics["landmarks"]["after_mm"]["max"] < 1e-3
     # a cohort: the landmark files in columns, the mean errors in summary.csv
     pairs = tmp_path / "pairs.csv"
     pairs.write_text(

@@ -217,3 +217,23 @@ def test_the_figure_curves_average_seeds_where_all_were_validated() -> None:
     assert report._val_by_model(progress) == {"A": {0: 11.0, 250: 7.0}}
     assert report._val_by_model(progress, column=2) == {"A": {0: 8.5, 250: 4.5}}
     assert report._val_by_model(progress, at=500) == {"A": {0: 10.0, 250: 6.0, 500: 4.0}}
+
+
+def test_trends_recover_a_power_law_and_where_two_curves_meet() -> None:
+    def run(name: str, k: float, slope: float) -> dict:
+        return {"run": name, "val": [(s, k * s**slope, 0.0) for s in range(1000, 5001, 500)]}
+
+    # A is ahead but falls slower: k_a s^-0.1 = k_b s^-0.2 at s = (k_b / k_a)^10 = 20,000
+    k_b = 5.0 * 20000**0.1
+    progress = [run("A-s0", 5.0, -0.1), run("B-s0", k_b, -0.2), run("C-s0", 9.0, 0.0)]
+    trend = report.trends(progress, cycle=1000)
+    assert trend["ends"] == [3000, 4000, 5000] and trend["best"] == "A"
+    a, b, c = (trend["rows"][m] for m in "ABC")
+    assert a["slope"] == pytest.approx(-0.1) and b["slope"] == pytest.approx(-0.2)
+    assert b["fall_per_doubling"] == pytest.approx(1 - 2**-0.2)
+    assert b["at_double"] == pytest.approx(k_b * 10000**-0.2)
+    assert b["meets_best_at"] == pytest.approx(20000, rel=1e-6)
+    assert a["meets_best_at"] is None and c["meets_best_at"] is None  # the best; flat: never
+    table = "\n".join(report.trends_table(trend))
+    assert "| C | 9.00 | 0.0% | 9.00 | never |" in table and "| A |" in table
+    assert report.trends([run("A-s0", 5.0, -0.1)], cycle=5000)["rows"] == {}

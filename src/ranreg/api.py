@@ -175,7 +175,8 @@ def register(
     With both label maps, ``metrics`` scores ``labels_to_score`` named by ``label_names``,
     with the defaults of ``ranreg register`` (:func:`ranreg.infer.register_files`).
     With ``fixed_landmarks`` and ``moving_landmarks`` (files of :mod:`ranreg.points` or RAS
-    arrays ``(N, 3)``, paired in order), ``metrics["landmarks"]`` holds their error before
+    arrays ``(N, 3)``, paired in order; voxel indices of each image with
+    ``landmark_coordinates="voxel"``), ``metrics["landmarks"]`` holds their error before
     and after (:func:`ranreg.points.landmark_errors`).
     """
     opts = _options(options)
@@ -190,7 +191,9 @@ def register(
     mov_lab = align_labels(mov_lab, mov, "moving")
     fix_lab = align_labels(fix_lab, fix, "fixed")
     labels = choose_labels(labels_to_score, label_names, fix_lab)
-    landmarks = check_landmarks(fixed_landmarks, moving_landmarks, landmark_coordinates)
+    landmarks = check_landmarks(
+        fixed_landmarks, moving_landmarks, landmark_coordinates, (Grid.of(fix), Grid.of(mov))
+    )
     result = register_volumes(net, mov, fix, mov_lab, fix_lab, device, options=opts)
     metrics = result_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device, labels, names)
     _name_inputs(metrics, fix, mov, fix_lab, mov_lab)

@@ -35,6 +35,7 @@ from ranreg.data.datasets import Subject, discover_subjects, load_subject, order
 from ranreg.data.io import Volume, spacing_from_affine
 from ranreg.errors import RanregError
 from ranreg.evaluate_report import ModelRun, summarise
+from ranreg.grids import read_grid
 from ranreg.labelnames import label_name, load_label_names
 from ranreg.metrics import PAPER_ORGANS
 from ranreg.models import IDENTITY, IdentityModel, model_label, resolve_model
@@ -190,10 +191,19 @@ def _load_all(subjects: Sequence[Subject]) -> dict[str, tuple[Volume, Volume]]:
     return volumes
 
 
+def _voxel_grid(subject: Subject, coordinates: str | None) -> Grid | None:
+    """The grid of a subject's image, through which voxel-index landmarks are read."""
+    return read_grid(subject.image) if coordinates == "voxel" else None
+
+
 def _load_landmarks(subjects: Sequence[Subject], coordinates: str | None) -> dict[str, np.ndarray]:
     """The landmarks (RAS, ``(N, 3)``) of the subjects that have them, all read before the
     long loop; every subject must list the same number of points."""
-    marks = {s.name: read_points(s.landmarks, coordinates).ras for s in subjects if s.landmarks}
+    marks = {
+        s.name: read_points(s.landmarks, coordinates, _voxel_grid(s, coordinates)).ras
+        for s in subjects
+        if s.landmarks
+    }
     counts = {name: len(points) for name, points in marks.items()}
     if len(set(counts.values())) > 1:
         raise RanregError(

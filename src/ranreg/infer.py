@@ -96,7 +96,9 @@ def register_files(
     model_settings(net.config)
     names = label_names if isinstance(label_names, dict) else load_label_names(label_names)
     labels = choose_labels(labels_to_score, label_names, fix_lab)
-    landmarks = check_landmarks(fixed_landmarks, moving_landmarks, landmark_coordinates)
+    landmarks = check_landmarks(
+        fixed_landmarks, moving_landmarks, landmark_coordinates, (Grid.of(fix), Grid.of(mov))
+    )
 
     result = register_volumes(
         net, mov, fix, mov_lab, fix_lab, device, options=opts, return_levels=head_masks

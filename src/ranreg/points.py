@@ -12,6 +12,12 @@ Three formats, each written back in its own format with only the coordinates cha
 - ``.mrk.json``: 3D Slicer's markups file: every control point's ``position``, in each
   markup's ``coordinateSystem`` (LPS when absent, as in Slicer's schema).
 
+A CSV may instead hold **voxel indices** (``coordinates="voxel"``), as Learn2Reg's keypoint
+files do: three numbers per row (0-based ``i, j, k`` of the image's array as nibabel reads
+it, the same as ITK's index), with or without a header ``x, y, z``. They are read through
+the grid of the image they belong to and written in the grid of the image they are mapped
+into.
+
 Direction: a registration result maps a point ``p`` of the **fixed** space to ``p + u(p)``
 in the **moving** space (:meth:`ranreg.transform.Transform.map_points`), so fixed-space
 landmarks are mapped directly, which is how landmark errors (TRE) are measured; moving-space
@@ -56,7 +62,9 @@ __all__ = [
 ]
 
 #: coordinate systems of a points file: ITK's (LPS) or NIfTI's (RAS)
-COORDINATES = ("lps", "ras")
+COORDINATES = ("lps", "ras", "voxel")
+#: the world systems a file may name for itself
+_WORLD = ("lps", "ras")
 #: file endings of the points formats
 POINT_FORMATS = (".csv", ".fcsv", ".mrk.json")
 _TO_RAS = {"lps": np.array([-1.0, -1.0, 1.0]), "ras": np.ones(3)}
@@ -78,7 +86,7 @@ def _format(path: Path) -> str:
 def _system(text: Any, where: str) -> str:
     """A coordinate system as a file names it (Slicer's old codes: 0 RAS, 1 LPS)."""
     value = {"0": "ras", "1": "lps"}.get(str(text).strip(), str(text).strip().lower())
-    if value not in COORDINATES:
+    if value not in _WORLD:
         raise RanregError(f"{where}: coordinate system {text!r}: expected LPS or RAS")
     return value
 
@@ -96,24 +104,47 @@ def _number(text: Any, where: str) -> float:
 class PointFile:
     """A points file as read: its text (or JSON), where its coordinates are, their systems,
     and the points as RAS world mm ``(N, 3)`` (:attr:`ras`); :meth:`write` writes the same
-    file with other points."""
+    file with other points. Voxel indices (``systems`` all ``voxel``) are read through
+    ``grid``."""
 
-    def __init__(self, path: Path, kind: str, content: Any, cells: list, systems: list[str]):
+    def __init__(
+        self,
+        path: Path,
+        kind: str,
+        content: Any,
+        cells: list,
+        systems: list[str],
+        grid: Grid | None = None,
+    ):
         self.path, self.kind, self.content, self.cells = path, kind, content, cells
-        self.signs = np.array([_TO_RAS[s] for s in systems]).reshape(-1, 3)
-        self.ras = np.array([value for _, value in cells], dtype=np.float64).reshape(-1, 3)
-        self.ras = self.ras * self.signs
+        self.voxel = "voxel" in systems
+        self.signs = np.array([_TO_RAS.get(s, np.ones(3)) for s in systems]).reshape(-1, 3)
+        values = np.array([value for _, value in cells], dtype=np.float64).reshape(-1, 3)
+        if self.voxel:
+            if grid is None:
+                raise RanregError(f"{path}: voxel indices need the image the points belong to")
+            self.ras = voxel_to_world(values, grid)
+        else:
+            self.ras = values * self.signs
 
     def describe_system(self) -> str:
-        """The coordinate systems of the points, for messages: ``LPS``, ``RAS`` or both."""
+        """The coordinate systems of the points, for messages: ``LPS``, ``RAS``, both, or
+        ``voxel indices``."""
+        if self.voxel:
+            return "voxel indices"
         kinds = {"LPS" if sign[0] < 0 else "RAS" for sign in self.signs}
         return " and ".join(sorted(kinds))
 
-    def write(self, out: Path, ras: np.ndarray) -> None:
+    def write(self, out: Path, ras: np.ndarray, grid: Grid | None = None) -> None:
         """The same file with the points ``ras`` (RAS world mm, one per point), in the
-        file's own systems, into the new file ``out`` (never replaced; whole or not at
-        all)."""
-        values = np.asarray(ras, dtype=np.float64) * self.signs
+        file's own systems (voxel indices of ``grid``, the image they now belong to), into
+        the new file ``out`` (never replaced; whole or not at all)."""
+        values = np.asarray(ras, dtype=np.float64)
+        if self.voxel:
+            if grid is None:
+                raise RanregError(f"{out}: voxel indices need the image the points go to")
+            values = world_to_voxel(values, grid)
+        values = values * self.signs
         content = copy.deepcopy(self.content)
         for (where, _), value in zip(self.cells, values, strict=True):
             where(content, value)
@@ -173,22 +204,39 @@ def _fcsv_comments(path: Path, rows: list[tuple[int, list[str]]]) -> tuple[str |
     return system, names
 
 
-def _read_table(path: Path, text: str, coordinates: str | None) -> PointFile:
-    """``.csv`` (a header row) or ``.fcsv`` (``#`` lines give the system and the columns)."""
+def _numeric(row: list[str]) -> bool:
+    try:
+        return len(row) >= 3 and all(math.isfinite(float(c)) for c in row)
+    except ValueError:
+        return False
+
+
+def _read_table(path: Path, text: str, coordinates: str | None, grid: Grid | None) -> PointFile:
+    """``.csv`` (a header row; none for voxel indices in a row of numbers) or ``.fcsv``
+    (``#`` lines give the system and the columns)."""
     try:
         table = list(csv.reader(io.StringIO(text)))
     except csv.Error as exc:
         raise RanregError(f"{path}: not a readable CSV ({exc})") from None
     rows = [(i, row) for i, row in enumerate(table) if any(c.strip() for c in row)]
     if path.suffix.lower() == ".fcsv":
+        if coordinates == "voxel":
+            raise RanregError(f"{path}: a Slicer file holds world points, not voxel indices")
         comments = [(i, r) for i, r in rows if r[0].strip().startswith("#")]
         rows = [(i, r) for i, r in rows if not r[0].strip().startswith("#")]
         file_system, names = _fcsv_comments(path, comments)
+    elif coordinates == "voxel" and rows and _numeric(rows[0][1]):
+        file_system, names = None, ["x", "y", "z"] + [""] * (len(rows[0][1]) - 3)  # Learn2Reg
     else:
         file_system, names = None, [c.strip().lower() for c in rows[0][1]] if rows else None
         rows = rows[1:]
     if names is None or not rows:
         raise RanregError(f"{path}: no points (expected a header with x, y, z and rows below)")
+    if _numeric(names):
+        raise RanregError(
+            f"{path}: no header x, y, z; a file of voxel indices alone (as Learn2Reg's "
+            "keypoints) needs the coordinates 'voxel'"
+        )
     columns, named, axes = _columns(names, f"{path}: the header {names}")
     system = _one_system(path, named or file_system, coordinates)
     cells = []
@@ -200,7 +248,7 @@ def _read_table(path: Path, text: str, coordinates: str | None) -> PointFile:
         where = f"{path}: line {index + 1}"
         point = [_number(row[c], f"{where}: {n}") for c, n in zip(columns, axes, strict=True)]
         cells.append((_setter(index, columns), point))
-    return PointFile(path, _format(path), table, cells, [system] * len(cells))
+    return PointFile(path, _format(path), table, cells, [system] * len(cells), grid)
 
 
 def _list_of_dicts(value: Any, where: str) -> list[dict]:
@@ -244,10 +292,13 @@ def _json_setter(m: int, p: int) -> Any:
     return put
 
 
-def read_points(path: str | os.PathLike[str], coordinates: str | None = None) -> PointFile:
+def read_points(
+    path: str | os.PathLike[str], coordinates: str | None = None, grid: Grid | None = None
+) -> PointFile:
     """Read a points file (``.csv``, ``.fcsv`` or ``.mrk.json``: the module docstring).
-    ``coordinates`` (``lps`` or ``ras``; None: LPS) is the system of a CSV's ``x, y, z``
-    columns; the files that name their own system refuse one."""
+    ``coordinates`` (``lps``, ``ras`` or ``voxel``; None: LPS) is the system of a CSV's
+    ``x, y, z`` columns; the files that name their own system refuse one. Voxel indices
+    are read through ``grid``, the grid of the image the points belong to."""
     if coordinates is not None and coordinates not in COORDINATES:
         choices = ", ".join(COORDINATES)
         raise RanregError(f"coordinates must be one of {choices}, got {coordinates!r}")
@@ -261,7 +312,7 @@ def read_points(path: str | os.PathLike[str], coordinates: str | None = None) ->
         raise RanregError(f"{file}: not a text file") from None
     if kind == ".mrk.json":
         return _read_markups(file, text, coordinates)
-    return _read_table(file, text, coordinates)
+    return _read_table(file, text, coordinates, grid)
 
 
 def check_points_out(out: str | os.PathLike[str], points: str | os.PathLike[str]) -> Path:
@@ -274,10 +325,21 @@ def check_points_out(out: str | os.PathLike[str], points: str | os.PathLike[str]
     return target
 
 
+def voxel_to_world(indices: np.ndarray, grid: Grid) -> np.ndarray:
+    """RAS world mm of voxel indices ``(N, 3)`` of ``grid``."""
+    return np.asarray(indices, dtype=np.float64) @ grid.affine[:3, :3].T + grid.affine[:3, 3]
+
+
+def world_to_voxel(points_ras: np.ndarray, grid: Grid) -> np.ndarray:
+    """Voxel indices of ``grid`` (fractional) of RAS world points ``(N, 3)``."""
+    offset = np.asarray(points_ras, dtype=np.float64) - grid.affine[:3, 3]
+    return offset @ np.linalg.inv(grid.affine[:3, :3]).T
+
+
 def outside_grid(points_ras: np.ndarray, grid: Grid) -> np.ndarray:
     """Which world points lie outside ``grid`` (more than half a voxel beyond its border),
     where a field is extrapolated rather than known."""
-    vox = (np.asarray(points_ras) - grid.affine[:3, 3]) @ np.linalg.inv(grid.affine[:3, :3]).T
+    vox = world_to_voxel(points_ras, grid)
     return np.any((vox < -0.5) | (vox > np.asarray(grid.shape) - 0.5), axis=1)
 
 
@@ -292,12 +354,21 @@ def map_points_file(
     """Map the points of the file ``points`` through ``transform`` (a
     :class:`ranreg.transform.Transform`): fixed -> moving, or with ``inverse`` moving ->
     fixed (:meth:`~ranreg.transform.Transform.unmap_points`), into the new file ``out`` of
-    the same format (refused if it exists; written whole or not at all). Returns the
-    number of points, how many of the fixed-space points lie outside the field's grid
-    (where it is extrapolated) and, with ``inverse``, the largest residual
-    ``|p + u(p) - q|`` (mm)."""
+    the same format (refused if it exists; written whole or not at all). Voxel indices
+    (``coordinates="voxel"``) are read in the grid of the space the points come from and
+    written in the other's (the fixed image's grid, and the moving image's that the result
+    records). Returns the number of points, how many of the fixed-space points lie outside
+    the field's grid (where it is extrapolated) and, with ``inverse``, the largest
+    residual ``|p + u(p) - q|`` (mm)."""
     target = check_points_out(out, points)
-    table = read_points(points, coordinates)
+    grids = (transform.grid, transform.target)
+    source, destination = grids[::-1] if inverse else grids
+    if coordinates == "voxel" and transform.target is None:
+        raise RanregError(
+            f"{points}: voxel indices of the moving image need its grid, which this "
+            "registration result does not record (register again to write it)"
+        )
+    table = read_points(points, coordinates, source)
     summary: dict[str, Any] = {"points": len(table.ras), "system": table.describe_system()}
     if inverse:
         mapped, residual = transform.unmap_points(table.ras)
@@ -305,7 +376,7 @@ def map_points_file(
         summary["residual_max_mm"] = float(residual.max())
     else:
         mapped, fixed_points = transform.map_points(table.ras), table.ras
-    table.write(target, mapped)
+    table.write(target, mapped, destination)
     summary["outside"] = int(outside_grid(fixed_points, transform.grid).sum())
     return summary
 
@@ -313,23 +384,34 @@ def map_points_file(
 Points = str | os.PathLike[str] | np.ndarray
 
 
-def _as_points(points: Points, coordinates: str | None, role: str) -> np.ndarray:
-    """A file's points (:func:`read_points`), or an array ``(N, 3)`` of RAS world mm."""
-    if isinstance(points, np.ndarray):
-        if points.ndim != 2 or points.shape[1] != 3 or not np.all(np.isfinite(points)):
-            raise RanregError(f"{role} landmarks: expected finite points of shape (N, 3)")
+def _as_points(points: Points, coordinates: str | None, role: str, grid: Grid | None) -> np.ndarray:
+    """A file's points (:func:`read_points`), or an array ``(N, 3)`` of RAS world mm (of
+    voxel indices of ``grid`` with ``coordinates="voxel"``)."""
+    if not isinstance(points, np.ndarray):
+        return read_points(points, coordinates, grid).ras
+    if points.ndim != 2 or points.shape[1] != 3 or not np.all(np.isfinite(points)):
+        raise RanregError(f"{role} landmarks: expected finite points of shape (N, 3)")
+    if coordinates != "voxel":
         return points.astype(np.float64)
-    return read_points(points, coordinates).ras
+    if grid is None:
+        raise RanregError(f"{role} landmarks: voxel indices need the image they belong to")
+    return voxel_to_world(points, grid)
 
 
 def read_landmark_pair(
-    fixed: Points, moving: Points, coordinates: str | None = None
+    fixed: Points,
+    moving: Points,
+    coordinates: str | None = None,
+    grids: tuple[Grid | None, Grid | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Corresponding landmarks of the fixed and the moving image (files in a format of
     :func:`read_points`, or RAS arrays), paired in the order they are listed; both
-    ``(N, 3)`` RAS world mm. Different numbers of points are an error."""
-    f = _as_points(fixed, coordinates, "fixed")
-    m = _as_points(moving, coordinates, "moving")
+    ``(N, 3)`` RAS world mm. Voxel indices (``coordinates="voxel"``) are read through
+    ``grids``, the fixed and the moving image's. Different numbers of points are an
+    error."""
+    fixed_grid, moving_grid = grids if grids is not None else (None, None)
+    f = _as_points(fixed, coordinates, "fixed", fixed_grid)
+    m = _as_points(moving, coordinates, "moving", moving_grid)
     if len(f) != len(m):
         raise RanregError(
             f"landmarks: {len(f)} fixed and {len(m)} moving points; they are paired in "
@@ -349,7 +431,10 @@ def _stats(distances: np.ndarray) -> dict[str, float]:
 
 
 def check_landmarks(
-    fixed: Points | None, moving: Points | None, coordinates: str | None = None
+    fixed: Points | None,
+    moving: Points | None,
+    coordinates: str | None = None,
+    grids: tuple[Grid | None, Grid | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Both landmark sets read and paired (:func:`read_landmark_pair`), or None when
     neither is given; one without the other is an error."""
@@ -357,7 +442,7 @@ def check_landmarks(
         return None
     if fixed is None or moving is None:
         raise RanregError("landmarks: give both the fixed and the moving landmarks")
-    return read_landmark_pair(fixed, moving, coordinates)
+    return read_landmark_pair(fixed, moving, coordinates, grids)
 
 
 def landmark_errors(
@@ -366,8 +451,9 @@ def landmark_errors(
     """Target registration error of corresponding landmarks (:func:`read_landmark_pair`):
     ``|p + u(p) - m|`` for each fixed landmark ``p`` and its moving landmark ``m``, and
     before registration ``|p - m|`` (both in world mm: mean, sd, median, max), with the
-    number of points and how many fixed landmarks lie outside the field's grid."""
-    f, m = read_landmark_pair(fixed, moving, coordinates)
+    number of points and how many fixed landmarks lie outside the field's grid. Voxel
+    indices are read through the grids of ``transform`` (fixed, and moving where known)."""
+    f, m = read_landmark_pair(fixed, moving, coordinates, (transform.grid, transform.target))
     after = np.linalg.norm(transform.map_points(f) - m, axis=1)
     return {
         "count": len(f),

@@ -64,7 +64,7 @@ def _run_points(args: argparse.Namespace) -> int:
     if args.inverse:
         spaces = "moving space to the fixed space"
         note = f"; inverse solved at each point, residual at most {done['residual_max_mm']:.4f} mm"
-    system = done["system"]
+    system = done["system"] if done["system"] == "voxel indices" else f"{done['system']}, mm"
     if done["outside"]:
         print(
             f"warning: {done['outside']} of {done['points']} points lie outside the field's "
@@ -72,7 +72,7 @@ def _run_points(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(
-        f"mapped {done['points']} points ({system}, mm) of {args.points} from the "
+        f"mapped {done['points']} points ({system}) of {args.points} from the "
         f"{spaces} through {args.transform}: wrote {args.out}{note}"
     )
     return 0
@@ -106,7 +106,8 @@ def add_parser(sub: Any) -> None:
         "overwritten. With --points, landmarks of the fixed space go to the moving space (with "
         "--inverse: moving to fixed) into the new file OUT of the same format: a CSV (columns "
         "x, y, z in mm, LPS as ITK and ANTs write them, or --coordinates ras; other columns "
-        "kept), or 3D Slicer's .fcsv or .mrk.json (in the system the file names).",
+        "kept; or voxel indices with --coordinates voxel, header optional, as Learn2Reg's "
+        "keypoints), or 3D Slicer's .fcsv or .mrk.json (in the system the file names).",
     )
     p.add_argument("--transform", required=True, help="result folder of `ranreg register`")
     what = p.add_mutually_exclusive_group(required=True)
@@ -126,10 +127,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--coordinates",
-        choices=("lps", "ras"),
+        choices=("lps", "ras", "voxel"),
         default=None,
-        help="with --points: the world axes of a CSV's x, y, z, lps (ITK, ANTs; default) or "
-        "ras (NIfTI); files that name theirs (Slicer's) take none",
+        help="with --points: the axes of a CSV's x, y, z, world lps (ITK, ANTs; default) or "
+        "ras (NIfTI), or voxel: 0-based indices of the fixed image's array (of the moving "
+        "image's with --inverse; Learn2Reg keypoints), written as the other image's; files "
+        "that name theirs (Slicer's) take none",
     )
     p.add_argument(
         "--labels",

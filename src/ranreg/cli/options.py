@@ -150,10 +150,12 @@ def add_label_options(p: Any) -> None:
 
 
 def add_landmark_coordinates_option(p: Any) -> None:
-    """``--landmark-coordinates``: the world axes of landmark CSVs (Slicer files say theirs)."""
+    """``--landmark-coordinates``: the axes of landmark CSVs (Slicer files say theirs)."""
     p.add_argument(
         "--landmark-coordinates",
-        choices=("lps", "ras"),
+        choices=("lps", "ras", "voxel"),
         default=None,
-        help="world axes of landmark CSVs' x, y, z: lps (ITK, ANTs; default) or ras (NIfTI)",
+        help="axes of landmark CSVs' x, y, z: world lps (ITK, ANTs; default) or ras (NIfTI), "
+        "or voxel: 0-based indices of each image's array (Learn2Reg keypoints; no header "
+        "needed)",
     )
