@@ -230,18 +230,21 @@ def _figures(result: dict[str, Any], out: Path) -> list[str]:
     fig.savefig(dice_png, dpi=110)
     plt.close(fig)
 
-    curve_png = _curve_figure(result["progress"], out.with_name(out.stem + "-curves.png"))
+    curve_png = _curve_figure(
+        result["progress"], result["trends"], out.with_name(out.stem + "-curves.png")
+    )
     return [f"![per-organ Dice]({dice_png.name})", "", f"![learning curves]({curve_png.name})"]
 
 
-def _curve_figure(progress: list[dict[str, Any]], png: Path) -> Path:
+def _curve_figure(progress: list[dict[str, Any]], trend: dict[str, Any], png: Path) -> Path:
     """Validation EPE and EPE near sliding boundaries against steps, one line per network
-    (the mean over its seeds) and its running mean."""
+    (the mean over its seeds) and its running mean; then the cycle ends in log-log with
+    their fitted trend (:func:`trends`) carried on to twice the steps."""
     import matplotlib.pyplot as plt
 
     from ranreg.figures_training import running_mean
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     seeds = Counter(_network(r["run"]) for r in progress)
     for ax, column, title in (
         (axes[0], 1, "validation EPE (mm)"),
@@ -255,6 +258,7 @@ def _curve_figure(progress: list[dict[str, Any]], png: Path) -> Path:
             ax.plot(steps, running_mean(values, CURVE_WINDOW), color=colour, label=label)
         ax.set_xlabel("step")
         ax.set_title(title)
+    _trend_panel(axes[2], progress, trend)
     axes[0].legend(fontsize=7)
     fig.text(
         0.5,
@@ -267,6 +271,37 @@ def _curve_figure(progress: list[dict[str, Any]], png: Path) -> Path:
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
+
+
+def _trend_panel(ax: Any, progress: list[dict[str, Any]], trend: dict[str, Any]) -> None:
+    """Each network's validation EPE at its cycle ends (dots) and the power law fitted to
+    the last of them (line), extrapolated to twice the steps (dashed)."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title("validation EPE at cycle ends, trend (log-log)")
+    if not trend["rows"]:
+        return
+    ends = trend["ends"]
+    curves = _val_by_model(progress, ends[-1])
+    for j, model in enumerate(_val_by_model(progress)):
+        if model not in trend["rows"]:
+            continue
+        colour, row = plt.cm.tab10(j % 10), trend["rows"][model]
+        cycle_ends = range(trend["cycle"], ends[-1] + 1, trend["cycle"])
+        ax.plot(cycle_ends, [curves[model][k] for k in cycle_ends], "o", color=colour, ms=4)
+        fitted = np.geomspace(ends[0], ends[-1])
+        ahead = np.geomspace(ends[-1], 2 * ends[-1])
+        ax.plot(fitted, row["scale"] * fitted ** row["slope"], "-", color=colour, label=model)
+        ax.plot(ahead, row["scale"] * ahead ** row["slope"], "--", color=colour)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers, not powers of ten
+        axis.set_major_formatter(plt.ScalarFormatter())
+        axis.set_minor_formatter(plt.NullFormatter())
+    ax.set_yticks([5, 6, 7, 8, 9, 10, 11])
+    ax.set_xticks([2500, 5000, 10000, 20000])
+    ax.set_xlabel("step (dashed: extrapolated)")
+    ax.legend(fontsize=7)
 
 
 def _separability(args: argparse.Namespace, result: dict[str, Any], out: Path) -> list[str]:
@@ -391,7 +426,7 @@ def trends(progress: list[dict[str, Any]], cycle: int) -> dict[str, Any]:
     last = max((step for r in progress for step, _, _ in r["val"]), default=0) // cycle * cycle
     ends = list(range(cycle, last + 1, cycle))[-TREND_POINTS:]
     if len(ends) < 2:
-        return {"ends": ends, "rows": {}}
+        return {"ends": ends, "cycle": cycle, "rows": {}}
     fits = {}
     for model, curve in _val_by_model(progress, last).items():
         epe = np.log([curve[k] for k in ends])
@@ -406,11 +441,12 @@ def trends(progress: list[dict[str, Any]], cycle: int) -> dict[str, Any]:
         rows[model] = {
             "epe": end,
             "slope": slope,
+            "scale": math.exp(log_k),
             "fall_per_doubling": 1 - 2**slope,
             "at_double": math.exp(log_k) * (2 * last) ** slope,
             "meets_best_at": None if model == best else meet,  # None: never
         }
-    return {"ends": ends, "best": best, "rows": rows}
+    return {"ends": ends, "cycle": cycle, "best": best, "rows": rows}
 
 
 def trends_table(trend: dict[str, Any]) -> list[str]:
