@@ -219,7 +219,7 @@ def test_the_figure_curves_average_seeds_where_all_were_validated() -> None:
     assert report._val_by_model(progress, at=500) == {"A": {0: 10.0, 250: 6.0, 500: 4.0}}
 
 
-def test_trends_recover_a_power_law_and_where_two_curves_meet() -> None:
+def test_trends_recover_a_power_law_and_where_two_curves_meet(tmp_path: Path) -> None:
     def run(name: str, k: float, slope: float) -> dict:
         return {"run": name, "val": [(s, k * s**slope, 0.0) for s in range(1000, 5001, 500)]}
 
@@ -237,3 +237,5 @@ def test_trends_recover_a_power_law_and_where_two_curves_meet() -> None:
     table = "\n".join(report.trends_table(trend))
     assert "| C | 9.00 | 0.0% | 9.00 | never |" in table and "| A |" in table
     assert report.trends([run("A-s0", 5.0, -0.1)], cycle=5000)["rows"] == {}
+    png = report._curve_figure(progress, trend, tmp_path / "curves.png")
+    assert png.stat().st_size > 10_000  # three panels drawn
