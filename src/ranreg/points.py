@@ -61,7 +61,7 @@ __all__ = [
     "read_points",
 ]
 
-#: coordinate systems of a points file: ITK's (LPS) or NIfTI's (RAS)
+#: coordinate systems of a points file: ITK's (LPS), NIfTI's (RAS), or voxel indices
 COORDINATES = ("lps", "ras", "voxel")
 #: the world systems a file may name for itself
 _WORLD = ("lps", "ras")
