@@ -379,6 +379,11 @@ def _val_by_model(
     return curves
 
 
+def _last_cycle_end(progress: list[dict[str, Any]], cycle: int) -> int:
+    """The last cycle end any run has been validated at (0: none yet)."""
+    return max((step for r in progress for step, _, _ in r["val"]), default=0) // cycle * cycle
+
+
 def convergence(progress: list[dict[str, Any]], cycle: int) -> dict[str, Any]:
     """Has each network stopped improving, and does the ranking change late in training?
 
@@ -388,7 +393,7 @@ def convergence(progress: list[dict[str, Any]], cycle: int) -> dict[str, Any]:
     the verdict against :data:`PLATEAU`."""
     from study_2d import DECAY_AT
 
-    last = max((step for r in progress for step, _, _ in r["val"]), default=0) // cycle * cycle
+    last = _last_cycle_end(progress, cycle)
     if last == 0:
         return {"points": [], "rows": {}, "ranking": {}}
     curves = _val_by_model(progress, last)
@@ -423,7 +428,7 @@ def trends(progress: list[dict[str, Any]], cycle: int) -> dict[str, Any]:
     A floor cannot be fitted from a handful of points (a 3-parameter fit left it anywhere
     within +-5 mm here), so the trend has none: an extrapolation to read as "how far away",
     never as a result."""
-    last = max((step for r in progress for step, _, _ in r["val"]), default=0) // cycle * cycle
+    last = _last_cycle_end(progress, cycle)
     ends = list(range(cycle, last + 1, cycle))[-TREND_POINTS:]
     if len(ends) < 2:
         return {"ends": ends, "cycle": cycle, "rows": {}}

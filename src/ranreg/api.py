@@ -191,16 +191,15 @@ def register(
     mov_lab = align_labels(mov_lab, mov, "moving")
     fix_lab = align_labels(fix_lab, fix, "fixed")
     labels = choose_labels(labels_to_score, label_names, fix_lab)
-    landmarks = check_landmarks(
-        fixed_landmarks, moving_landmarks, landmark_coordinates, (Grid.of(fix), Grid.of(mov))
-    )
+    grids = (Grid.of(fix), Grid.of(mov))
+    landmarks = check_landmarks(fixed_landmarks, moving_landmarks, landmark_coordinates, grids)
     result = register_volumes(net, mov, fix, mov_lab, fix_lab, device, options=opts)
     metrics = result_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device, labels, names)
     _name_inputs(metrics, fix, mov, fix_lab, mov_lab)
     transform = Transform(
         result.ddf_mm,
-        Grid.of(fix),
-        target=Grid.of(mov),
+        grids[0],
+        target=grids[1],
         origin=f"{metrics['moving'] or 'moving array'} -> {metrics['fixed'] or 'fixed array'}",
     )
     if landmarks is not None:

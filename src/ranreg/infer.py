@@ -96,16 +96,15 @@ def register_files(
     model_settings(net.config)
     names = label_names if isinstance(label_names, dict) else load_label_names(label_names)
     labels = choose_labels(labels_to_score, label_names, fix_lab)
-    landmarks = check_landmarks(
-        fixed_landmarks, moving_landmarks, landmark_coordinates, (Grid.of(fix), Grid.of(mov))
-    )
+    grids = (Grid.of(fix), Grid.of(mov))
+    landmarks = check_landmarks(fixed_landmarks, moving_landmarks, landmark_coordinates, grids)
 
     result = register_volumes(
         net, mov, fix, mov_lab, fix_lab, device, options=opts, return_levels=head_masks
     )
     metrics = result_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device, labels, names)
     # the mapping as a Transform, once, for what is measured or written through it
-    transform = Transform(result.ddf_mm, Grid.of(fix), target=Grid.of(mov))
+    transform = Transform(result.ddf_mm, grids[0], target=grids[1])
     if landmarks is not None:
         metrics["landmarks"] = landmark_metrics(
             transform, fixed_landmarks, moving_landmarks, landmarks

@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -28,6 +28,9 @@ from ranreg.models import model_label
 from ranreg.options import RegistrationOptions
 from ranreg.pipeline import RegistrationResult
 from ranreg.runtime import is_neural, resolve_device, resolve_precision
+
+if TYPE_CHECKING:
+    from ranreg.transform import Transform
 
 __all__ = [
     "OUTPUT_FILES",
@@ -92,7 +95,7 @@ def _mean_scores(per_label: dict[int, dict[str, float]]) -> dict[str, float | No
     return out
 
 
-def write_inverse(folder: Path, forward: Any) -> dict[str, Any]:
+def write_inverse(folder: Path, forward: Transform) -> dict[str, Any]:
     """Write :data:`INVERSE_FILE`, the inverse of the registration's mapping ``forward`` (a
     :class:`ranreg.transform.Transform` that knows the moving grid) as a field on the moving
     grid (moving points to fixed points, as ANTs' ``InverseWarp``; same convention as

@@ -325,22 +325,31 @@ def check_points_out(out: str | os.PathLike[str], points: str | os.PathLike[str]
     return target
 
 
+def _columns_of(points: np.ndarray) -> Any:
+    """Points ``(N, 3)`` as the ``(3, N)`` float64 tensor of :mod:`ranreg.geometry`."""
+    import torch
+
+    return torch.from_numpy(np.asarray(points, dtype=np.float64).T.copy())
+
+
 def voxel_to_world(indices: np.ndarray, grid: Grid) -> np.ndarray:
     """RAS world mm of voxel indices ``(N, 3)`` of ``grid``."""
-    return np.asarray(indices, dtype=np.float64) @ grid.affine[:3, :3].T + grid.affine[:3, 3]
+    from ranreg.geometry import apply_affine
+
+    return apply_affine(grid.affine, _columns_of(indices)).T.numpy()
 
 
 def world_to_voxel(points_ras: np.ndarray, grid: Grid) -> np.ndarray:
     """Voxel indices of ``grid`` (fractional) of RAS world points ``(N, 3)``."""
-    offset = np.asarray(points_ras, dtype=np.float64) - grid.affine[:3, 3]
-    return offset @ np.linalg.inv(grid.affine[:3, :3]).T
+    from ranreg.geometry import apply_affine
+
+    return apply_affine(np.linalg.inv(grid.affine), _columns_of(points_ras)).T.numpy()
 
 
 def outside_grid(points_ras: np.ndarray, grid: Grid) -> np.ndarray:
-    """Which world points lie outside ``grid`` (more than half a voxel beyond its border),
-    where a field is extrapolated rather than known."""
-    vox = world_to_voxel(points_ras, grid)
-    return np.any((vox < -0.5) | (vox > np.asarray(grid.shape) - 0.5), axis=1)
+    """Which world points lie outside ``grid`` (more than half a voxel beyond its border,
+    :meth:`ranreg.grids.Grid.inside`), where a field is extrapolated rather than known."""
+    return ~grid.inside(_columns_of(points_ras)).numpy()
 
 
 def map_points_file(
