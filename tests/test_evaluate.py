@@ -1,8 +1,10 @@
-"""``ranreg evaluate``: every ordered pair, results.csv, summary.md, box plots, errors."""
+"""``ranreg evaluate``: every ordered pair or listed pairs (CSV, Learn2Reg JSON), results.csv,
+summary.md, box plots, errors."""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -212,3 +214,143 @@ def test_evaluate_reports_the_landmark_error_of_each_pair(tmp_path: Path, capsys
     with (tmp_path / "eval-vox" / "results.csv").open() as fh:
         errors = [float(r["landmark_error_mm"]) for r in csv.DictReader(fh)]
     np.testing.assert_allclose(errors, [float(r["landmark_error_mm"]) for r in rows], atol=1e-5)
+
+
+#: landmarks of the test anatomy (RAS, mm) before the shift of each subject
+_ANATOMY = np.array([[0.0, 10.0, 20.0], [5.0, 12.0, 40.0], [-3.0, 20.0, 30.0]])
+
+
+def _voxel_lines(shift: int) -> str:
+    """The anatomy's landmarks in a subject shifted by ``shift`` voxels, as Learn2Reg
+    keypoints: voxel indices, no header."""
+    ras = _ANATOMY - [1.5 * shift, 0.0, 0.0]
+    vox = np.linalg.solve(_affine()[:3, :3], (ras - _affine()[:3, 3]).T).T
+    return "".join(",".join(f"{v:.6f}" for v in row) + "\n" for row in vox)
+
+
+def _learn2reg(root: Path, shifts: dict[str, int], labels: bool) -> Path:
+    """A Learn2Reg folder: imagesTr/NAME.nii.gz, keypointsTr/NAME.csv, labelsTr when
+    ``labels``, and a dataset.json whose lists the test writes."""
+    for folder in ("imagesTr", "keypointsTr") + (("labelsTr",) if labels else ()):
+        (root / folder).mkdir(parents=True)
+    for name, shift in shifts.items():
+        image, label = _subject(shift)
+        write_nifti(root / "imagesTr" / f"{name}.nii.gz", image, _affine())
+        (root / "keypointsTr" / f"{name}.csv").write_text(_voxel_lines(shift))
+        if labels:
+            write_nifti(root / "labelsTr" / f"{name}.nii.gz", label, _affine())
+    return root
+
+
+def _write_json(root: Path, **lists: list[tuple[str, str]]) -> None:
+    """``lists``: key -> (moving, fixed) names, written as Learn2Reg's fixed/moving paths."""
+    data = {
+        key: [{"fixed": f"./imagesTr/{f}.nii.gz", "moving": f"./imagesTr/{m}.nii.gz"} for m, f in v]
+        for key, v in lists.items()
+    }
+    (root / "Task_dataset.json").write_text(json.dumps({"name": "Task", **data}))
+
+
+def test_evaluate_learn2reg_pairs_without_labels_by_keypoints(tmp_path: Path) -> None:
+    """NLST's layout: two time points per patient (_0000 fixed, _0001 moving), keypoints
+    in voxel indices, no label maps. The time points differ by a shift along x, so without
+    registration each pair's keypoints are 1.5 mm per voxel of shift apart."""
+    shifts = {"P1_0000": 0, "P1_0001": 1, "P2_0000": 0, "P2_0001": 3, "P3_0000": 2}
+    data = _learn2reg(tmp_path / "l2r", shifts, labels=False)
+    pairs = [("P1_0001", "P1_0000"), ("P2_0001", "P2_0000")]
+    _write_json(data, registration_val=pairs, training_paired_images=[("P3_0000", "P1_0000")])
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--data", str(data), "--pairs", "registration_val", "--out", str(out)]
+    assert main([*argv, "--model", "identity", "identity+refine20", "--no-progress"]) == 0
+    with (out / "results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["moving"], r["fixed"]) for r in rows if r["model"] == "identity"] == pairs
+    assert len(rows) == 4 and {r["organ"] for r in rows} == {""}  # one row per model and pair
+    for r in rows:
+        if r["model"] == "identity":
+            gap = 1.5 * abs(shifts[r["moving"]] - shifts[r["fixed"]])
+            assert float(r["landmark_error_mm"]) == pytest.approx(gap, abs=1e-5)
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    assert "(registration_val); organs: none (no label maps)" in summary
+    assert "Dice per organ" not in summary
+    assert "## Paired Wilcoxon signed-rank tests (per-pair mean landmark error)" in summary
+    assert "| identity vs identity+refine20 | 2 |" in summary
+    result = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert "wilcoxon" not in result and len(result["wilcoxon_landmarks"]) == 1
+    assert result["info"]["subject_names"] == ["P1_0001", "P1_0000", "P2_0001", "P2_0000"]
+    assert (out / "landmarks.png").stat().st_size > 1000 and not (out / "boxplots.png").exists()
+
+
+def test_evaluate_learn2reg_pairs_with_labels_keep_the_json_order(tmp_path: Path) -> None:
+    """AbdomenCTCT's layout: labels beside the images; the pairs are the JSON's, in order,
+    each (moving, fixed) as the JSON names them."""
+    data = _learn2reg(tmp_path / "l2r", {"A_0000": 0, "B_0000": 1, "C_0000": 3}, labels=True)
+    pairs = [("B_0000", "A_0000"), ("A_0000", "C_0000"), ("C_0000", "B_0000")]
+    _write_json(data, registration_test=pairs)
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--data", str(data), "--pairs", "registration_test", "--labels", "1"]
+    assert main([*argv, "--model", "identity", "--out", str(out), "--no-progress"]) == 0
+    with (out / "results.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["moving"], r["fixed"]) for r in rows] == pairs
+    # B is A shifted by one voxel: the spleen box of 7 voxels overlaps in 6 (Dice 12/14)
+    assert float(rows[0]["dice"]) == pytest.approx(12 / 14)
+    assert float(rows[0]["landmark_error_mm"]) == pytest.approx(1.5, abs=1e-5)
+    assert (out / "boxplots.png").is_file() and (out / "landmarks.png").is_file()
+
+
+def test_evaluate_pairs_from_a_csv_file(tmp_path: Path) -> None:
+    """Longitudinal data in the DeepReg layout: only the listed pairs, in the file's order."""
+    data = _dataset(tmp_path / "data", shifts=(0, 1, 3))
+    listed = tmp_path / "pairs.csv"
+    listed.write_text("moving,fixed\ns2,s0\ns0,s1\n")
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--data", str(data), "--pairs", str(listed), "--labels", "2"]
+    assert main([*argv, "--model", "identity", "--out", str(out), "--no-progress"]) == 0
+    with (out / "results.csv").open() as fh:
+        assert [(r["moving"], r["fixed"]) for r in csv.DictReader(fh)] == [
+            ("s2", "s0"),
+            ("s0", "s1"),
+        ]
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("split", "leave out the split"),
+        ("unknown-key", "registration_val, registration_test"),
+        ("missing-image", "./imagesTr/Z_0000.nii.gz not found"),
+        ("no-json", "no *_dataset.json"),
+        ("csv-name", "pairs.csv, line 3: no subject 'nobody'"),
+        ("csv-header", "columns moving and fixed"),
+        ("some-labels", "no label map, while other subjects have one"),
+        ("no-scores", "no label map and no landmarks"),
+    ],
+)
+def test_bad_pairs(case: str, message: str, tmp_path: Path, capsys) -> None:
+    data = _learn2reg(tmp_path / "l2r", {"A_0000": 0, "B_0000": 1}, labels=case == "some-labels")
+    pairs, key, extra = [("B_0000", "A_0000")], "registration_val", []
+    if case == "split":
+        extra = ["--split", "test"]
+    elif case == "unknown-key":
+        key = "validation"
+    elif case == "missing-image":
+        pairs = [("B_0000", "Z_0000")]
+    elif case == "some-labels":
+        (data / "labelsTr" / "A_0000.nii.gz").unlink()
+    elif case == "no-scores":
+        (data / "keypointsTr" / "B_0000.csv").unlink()
+    elif case.startswith("csv"):
+        data = _dataset(tmp_path / "data", shifts=(0, 1))
+        key = str(tmp_path / "pairs.csv")
+        body = "moving,fixed\ns0,s1\nnobody,s0\n" if case == "csv-name" else "a,b\ns0,s1\n"
+        Path(key).write_text(body)
+    if case != "no-json":
+        _write_json(tmp_path / "l2r", registration_val=pairs)
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--data", str(data), "--pairs", key, "--model", "identity"]
+    assert main([*argv, *extra, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert message in err, err
+    assert not out.exists()

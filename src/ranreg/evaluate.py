@@ -1,8 +1,10 @@
-"""Evaluating models on every ordered pair of a data set: ``ranreg evaluate``.
+"""Evaluating models on the pairs of a data set: ``ranreg evaluate``.
 
-For each ordered pair (moving, fixed) of distinct subjects and each model (plus
-``identity``, the no-registration reference), the pair is registered in world space with
-:func:`ranreg.pipeline.register_volumes` and scored on the fixed image's original grid:
+For each ordered pair (moving, fixed) of distinct subjects, or each pair of a list
+(:mod:`ranreg.data.pair_lists`: a CSV file, or a Learn2Reg ``*_dataset.json`` key such as
+``registration_val``), and each model (plus ``identity``, the no-registration reference),
+the pair is registered in world space with :func:`ranreg.pipeline.register_volumes` and
+scored on the fixed image's original grid:
 Dice, ASD and HD95 (mm, :mod:`ranreg.metrics`) per organ, folding % and SD of log det J of
 the world map, and the runtime. Outputs (written into a temporary sibling folder and
 renamed into place):
@@ -11,7 +13,11 @@ renamed into place):
 * ``summary.md`` (and ``summary.json``): mean ± sd over pairs per organ and model, the
   mean over organs, regularity and runtime, and paired Wilcoxon signed-rank tests of the
   per-pair mean Dice between the first model and each other one;
-* ``boxplots/NN_<organ>.png`` per organ and ``boxplots.png`` with all organs.
+* ``boxplots/NN_<organ>.png`` per organ and ``boxplots.png`` with all organs;
+* ``landmarks.png``, when the subjects have landmarks: the mean landmark error per pair.
+
+A data set without label maps (Learn2Reg's keypoint tasks, such as NLST) is scored by its
+landmarks alone: one row per pair, and the Wilcoxon tests compare the landmark error.
 
 The statistics and the summaries are computed and rendered by :mod:`ranreg.evaluate_report`.
 """
@@ -33,8 +39,9 @@ from tqdm import tqdm
 from ranreg.atomic import check_out_dir, new_output_dir
 from ranreg.data.datasets import Subject, discover_subjects, load_subject, ordered_pairs
 from ranreg.data.io import Volume, spacing_from_affine
+from ranreg.data.pair_lists import csv_pairs, is_pairs_file, learn2reg_pairs
 from ranreg.errors import RanregError
-from ranreg.evaluate_report import ModelRun, summarise
+from ranreg.evaluate_report import ModelRun, has_landmarks, summarise
 from ranreg.grids import read_grid
 from ranreg.labelnames import label_name, load_label_names
 from ranreg.metrics import PAPER_ORGANS
@@ -74,23 +81,53 @@ def _default_split(root: Path, split: str | None) -> str | None:
     return None if (root / "images").is_dir() else "test"
 
 
-def _subjects(data: Path, split: str | None) -> list[Subject]:
-    subjects = discover_subjects(data, _default_split(data, split))
-    if len(subjects) < 2:
-        raise RanregError(f"{data}: need at least 2 subjects to form pairs, found {len(subjects)}")
-    for s in subjects:
-        if s.label is None:
-            raise RanregError(f"{s.image}: no label map (evaluation needs a labels/ folder)")
-    return subjects
+def _subject_pairs(
+    data: Path, split: str | None, pairs: str | None
+) -> tuple[list[Subject], list[tuple[Subject, Subject]]]:
+    """The subjects and the (moving, fixed) pairs: every ordered pair of the split, the
+    pairs of a CSV file among the split's subjects, or a Learn2Reg key's pairs
+    (:mod:`ranreg.data.pair_lists`)."""
+    if pairs is not None and not is_pairs_file(pairs):
+        if split is not None:
+            raise RanregError(f"pairs {pairs!r} name their own images: leave out the split")
+        chosen = learn2reg_pairs(data, pairs)
+    else:
+        subjects = discover_subjects(data, _default_split(data, split))
+        if pairs is None and len(subjects) < 2:
+            raise RanregError(
+                f"{data}: need at least 2 subjects to form pairs, found {len(subjects)}"
+            )
+        chosen = ordered_pairs(subjects) if pairs is None else csv_pairs(pairs, subjects)
+    used: dict[str, Subject] = {}
+    for s in (s for pair in chosen for s in pair):
+        if used.setdefault(s.name, s) != s:
+            raise RanregError(f"{s.image} and {used[s.name].image}: two images named {s.name!r}")
+    _check_scores(list(used.values()))
+    return list(used.values()), chosen
 
 
-def _load(subject: Subject) -> tuple[Volume, Volume]:
+def _check_scores(subjects: Sequence[Subject]) -> None:
+    """Every subject has a label map, or none has and every one has landmarks (Learn2Reg's
+    keypoint tasks): something to score each pair with."""
+    unlabelled = [s for s in subjects if s.label is None]
+    if unlabelled and len(unlabelled) < len(subjects):
+        raise RanregError(
+            f"{unlabelled[0].image}: no label map, while other subjects have one (evaluation "
+            "needs label maps for all subjects or for none)"
+        )
+    for s in unlabelled:
+        if s.landmarks is None:
+            raise RanregError(
+                f"{s.image}: no label map and no landmarks (evaluation needs one of them)"
+            )
+
+
+def _load(subject: Subject) -> tuple[Volume, Volume | None]:
     image, label, affine = load_subject(subject)  # checks shapes, names both files
-    assert label is not None and subject.label is not None
     spacing = spacing_from_affine(affine)
     return (
         Volume(image, affine, spacing, subject.image),
-        Volume(label, affine, spacing, subject.label),
+        None if label is None else Volume(label, affine, spacing, subject.label),
     )
 
 
@@ -181,10 +218,10 @@ def model_runs(
     return named
 
 
-def _load_all(subjects: Sequence[Subject]) -> dict[str, tuple[Volume, Volume]]:
+def _load_all(subjects: Sequence[Subject]) -> dict[str, tuple[Volume, Volume | None]]:
     """Image and label volumes by subject name: each read once, and all of them before the
     long loop so that a bad file stops the run at once."""
-    volumes: dict[str, tuple[Volume, Volume]] = {}
+    volumes: dict[str, tuple[Volume, Volume | None]] = {}
     for s in subjects:
         if s.name not in volumes:
             volumes[s.name] = _load(s)
@@ -198,12 +235,13 @@ def _voxel_grid(subject: Subject, coordinates: str | None) -> Grid | None:
 
 def _load_landmarks(subjects: Sequence[Subject], coordinates: str | None) -> dict[str, np.ndarray]:
     """The landmarks (RAS, ``(N, 3)``) of the subjects that have them, all read before the
-    long loop; every subject must list the same number of points."""
-    marks = {
-        s.name: read_points(s.landmarks, coordinates, _voxel_grid(s, coordinates)).ras
-        for s in subjects
-        if s.landmarks
-    }
+    long loop; every subject must list the same number of points. A CSV's axes are the
+    data set's (:attr:`Subject.coordinates`), else ``coordinates``."""
+    marks = {}
+    for s in subjects:
+        if s.landmarks:
+            axes = s.coordinates or coordinates
+            marks[s.name] = read_points(s.landmarks, axes, _voxel_grid(s, axes)).ras
     counts = {name: len(points) for name, points in marks.items()}
     if len(set(counts.values())) > 1:
         raise RanregError(
@@ -224,47 +262,51 @@ def _landmark_error(
     return errors["after_mm"]["mean"]
 
 
+#: the per-organ scores of a row (NaN on the one row of a pair without label maps)
+_LABEL_SCORES = ("dice", "asd_mm", "hd95_mm")
+
+
 def _score_pair(
     run: ModelRun,
     moving: Subject,
     fixed: Subject,
-    volumes: dict[str, tuple[Volume, Volume]],
+    volumes: dict[str, tuple[Volume, Volume | None]],
     organs: Sequence[int],
     table: dict[int, str],
     dev: torch.device,
     landmarks: dict[str, np.ndarray],
 ) -> list[dict[str, Any]]:
-    """Register one pair with one model: a row of ``results.csv`` per organ."""
+    """Register one pair with one model: a row of ``results.csv`` per organ (one row with
+    no organ when the data set has no label maps)."""
     name, net, opts = run
     mov, mov_lab = volumes[moving.name]
     fix, fix_lab = volumes[fixed.name]
     result = register_volumes(net, mov, fix, mov_lab, fix_lab, dev, options=opts)
     marks = landmarks.get(fixed.name), landmarks.get(moving.name)
-    assert result.warped_label is not None
-    scores = score_labels(result.warped_label, fix_lab.array, organs, fix.spacing)
-    jac = result.jacobian_stats()
+    scores: dict[Any, dict[str, float]] = {"": dict.fromkeys(_LABEL_SCORES, math.nan)}
+    if organs:
+        assert result.warped_label is not None and fix_lab is not None
+        scores = score_labels(result.warped_label, fix_lab.array, organs, fix.spacing)
+    common = {
+        "model": name,
+        "source": str(getattr(net, "source", "")),
+        "moving": moving.name,
+        "fixed": fixed.name,
+        **result.jacobian_stats(),
+        "runtime_s": result.runtime_s,
+        "network_s": result.network_s,
+        "landmark_error_mm": _landmark_error(result, fix, *marks),
+    }
     return [
-        {
-            "model": name,
-            "source": str(getattr(net, "source", "")),
-            "moving": moving.name,
-            "fixed": fixed.name,
-            "label": lab,
-            "organ": label_name(table, lab),
-            **scores[lab],
-            **jac,
-            "runtime_s": result.runtime_s,
-            "network_s": result.network_s,
-            "landmark_error_mm": _landmark_error(result, fix, *marks),
-        }
-        for lab in organs
+        {**common, "label": lab, "organ": label_name(table, lab) if organs else "", **scores[lab]}
+        for lab in (organs or [""])
     ]
 
 
 def _run_all(
     named: list[ModelRun],
     pairs: list[tuple[Subject, Subject]],
-    volumes: dict[str, tuple[Volume, Volume]],
+    volumes: dict[str, tuple[Volume, Volume | None]],
     organs: Sequence[int],
     table: dict[int, str],
     dev: torch.device,
@@ -315,14 +357,18 @@ def _write_outputs(
         _write_csv(tmp / "results.csv", rows)
         (tmp / "summary.md").write_text(text, encoding="utf-8")
         write_json(tmp / "summary.json", summary)
-        figures.boxplot_figure(
-            rows,
-            info["labels"],
-            list(names),
-            tmp / "boxplots",
-            tmp / "boxplots.png",
-            names={int(k): v for k, v in info["label_names"].items()},
-        )
+        if info["labels"]:
+            figures.boxplot_figure(
+                rows,
+                info["labels"],
+                list(names),
+                tmp / "boxplots",
+                tmp / "boxplots.png",
+                names={int(k): v for k, v in info["label_names"].items()},
+            )
+        if has_landmarks(rows):
+            first = {(r["model"], r["moving"], r["fixed"]): r for r in reversed(rows)}
+            figures.landmark_boxplot(first.values(), names, tmp / "landmarks.png")
 
 
 def evaluate(
@@ -337,15 +383,19 @@ def evaluate(
     options: RegistrationOptions | None = None,
     label_names: str | os.PathLike[str] | None = None,
     landmark_coordinates: str | None = None,
+    pairs: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``models`` (default: the packaged default) and ``identity`` on every ordered
     pair of the subjects of ``data`` (``split`` default: ``test``, or none for a folder that
-    directly holds ``images/``); write the outputs into the new folder ``out_dir`` (see the
-    module docstring). ``options`` is the pipeline every model runs with (a ``MODEL@bf16`` or
-    ``MODEL+fast`` spec changes it for one model). ``label_names``: the table naming the
-    labels (:func:`ranreg.labelnames.load_label_names`; default the abdomen organs).
-    Subjects with landmarks (``landmarks/``, :mod:`ranreg.data.datasets`; a CSV's axes are
-    ``landmark_coordinates``) add each pair's mean landmark error. Returns the summary dict
+    directly holds ``images/``), or on the ``pairs`` of a CSV file among them or of a
+    Learn2Reg key such as ``"registration_val"`` (:mod:`ranreg.data.pair_lists`; a data set
+    without label maps is then scored by its landmarks alone); write the outputs into the
+    new folder ``out_dir`` (see the module docstring). ``options`` is the pipeline every
+    model runs with (a ``MODEL@bf16`` or ``MODEL+fast`` spec changes it for one model).
+    ``label_names``: the table naming the labels (:func:`ranreg.labelnames.load_label_names`;
+    default the abdomen organs). Subjects with landmarks (``landmarks/``,
+    :mod:`ranreg.data.datasets`; a CSV's axes are ``landmark_coordinates``, Learn2Reg
+    keypoints are voxel indices) add each pair's mean landmark error. Returns the summary dict
     (as ``summary.json``)."""
     table = load_label_names(label_names)
     # matplotlib loads only for evaluate, but before the long loop: a broken install fails early
@@ -356,18 +406,21 @@ def evaluate(
     root = Path(data)
     dev = resolve_device(device)
     named = model_runs(models, options)
-    subjects = _subjects(root, split)
+    spec = None if pairs is None else str(pairs)
+    subjects, chosen = _subject_pairs(root, split, spec)
     organs = [int(v) for v in (labels if labels else PAPER_ORGANS)]
-    pairs = ordered_pairs(subjects)
+    if subjects[0].label is None:
+        organs = []  # a Learn2Reg keypoint task: scored by its landmarks
     volumes = _load_all(subjects)
     landmarks = _load_landmarks(subjects, landmark_coordinates)
-    rows = _run_all(named, pairs, volumes, organs, table, dev, progress, landmarks)
+    rows = _run_all(named, chosen, volumes, organs, table, dev, progress, landmarks)
     info = {
         "data": str(root),
-        "split": _default_split(root, split),
+        "split": None if spec and not is_pairs_file(spec) else _default_split(root, split),
+        "pairs_from": spec,
         "subjects": len(subjects),
         "subject_names": [s.name for s in subjects],
-        "pairs": len(pairs),
+        "pairs": len(chosen),
         "labels": organs,
         "label_names": {str(lab): label_name(table, lab) for lab in organs},
         "device": str(dev),

@@ -16,9 +16,11 @@ from scipy import stats
 from ranreg.options import RegistrationOptions
 from ranreg.runtime import is_neural, resolve_precision
 
-__all__ = ["ModelRun", "mean_sd", "summarise", "wilcoxon_table"]
+__all__ = ["ModelRun", "has_landmarks", "mean_sd", "summarise", "wilcoxon_table"]
 
 _SCORES = (("dice", "Dice"), ("asd_mm", "ASD (mm)"), ("hd95_mm", "HD95 (mm)"))
+#: what each Wilcoxon table tests, by its key
+_TESTED = {"dice": "Dice", "landmark_error_mm": "landmark error"}
 
 
 class ModelRun(NamedTuple):
@@ -59,14 +61,18 @@ def _pair_means(rows: list[dict[str, Any]], model: str, key: str) -> dict[tuple[
     return out
 
 
-def wilcoxon_table(rows: list[dict[str, Any]], models: Sequence[str]) -> list[dict[str, Any]]:
-    """Paired Wilcoxon signed-rank tests of per-pair mean Dice: ``models[0]`` vs each other."""
+def wilcoxon_table(
+    rows: list[dict[str, Any]], models: Sequence[str], key: str = "dice"
+) -> list[dict[str, Any]]:
+    """Paired Wilcoxon signed-rank tests of the per-pair mean of ``key`` over organs (Dice,
+    or ``landmark_error_mm``, the same on every row of a pair): ``models[0]`` vs each
+    other."""
     if len(models) < 2:
         return []
-    first = _pair_means(rows, models[0], "dice")
+    first = _pair_means(rows, models[0], key)
     out = []
     for other in models[1:]:
-        second = _pair_means(rows, other, "dice")
+        second = _pair_means(rows, other, key)
         pairs = [p for p in first if p in second]
         a = np.array([first[p] for p in pairs])
         b = np.array([second[p] for p in pairs])
@@ -82,7 +88,7 @@ def wilcoxon_table(rows: list[dict[str, Any]], models: Sequence[str]) -> list[di
             "note": "",
         }
         if a.size == 0:
-            entry["note"] = "no pairs with Dice for both"
+            entry["note"] = f"no pairs with {_TESTED.get(key, key)} for both"
         elif np.all(a == b):
             entry["note"] = "all differences are zero"
         else:
@@ -157,8 +163,10 @@ def _md_header(models: list[ModelRun], labels: Sequence[int], info: dict[str, An
         "",
         f"- data: `{info['data']}` (split: {info['split'] or 'none'}), "
         f"{info['subjects']} subjects: {', '.join(info['subject_names'])}",
-        f"- ordered pairs (moving, fixed): {info['pairs']}; organs: "
-        + ", ".join(f"{lab} {_name(info, lab)}" for lab in labels),
+        f"- ordered pairs (moving, fixed): {info['pairs']}"
+        + (f" ({info['pairs_from']})" if info.get("pairs_from") else "")
+        + "; organs: "
+        + (", ".join(f"{lab} {_name(info, lab)}" for lab in labels) or "none (no label maps)"),
         f"- device: {info['device']}; scores on each fixed image's original grid; "
         "mean ± sd (sample sd) over pairs; NaN (organ absent) left out",
         "",
@@ -218,9 +226,10 @@ def _md_regularity(stats: dict[str, dict[str, Any]], names: Sequence[str]) -> li
     return lines
 
 
-def _md_wilcoxon(tests: list[dict[str, Any]]) -> list[str]:
-    """The table of :func:`wilcoxon_table` (or why there is none)."""
-    lines = ["", "## Paired Wilcoxon signed-rank tests (per-pair mean Dice over organs)", ""]
+def _md_wilcoxon(tests: list[dict[str, Any]], key: str) -> list[str]:
+    """The table of :func:`wilcoxon_table` for ``key`` (or why there is none)."""
+    what = "per-pair mean Dice over organs" if key == "dice" else "per-pair mean landmark error"
+    lines = ["", f"## Paired Wilcoxon signed-rank tests ({what})", ""]
     if not tests:
         return [*lines, "Only one model: no test."]
     lines += [
@@ -247,27 +256,42 @@ def _markdown(
     labels: Sequence[int],
     info: dict[str, Any],
     stats: dict[str, dict[str, Any]],
-    tests: list[dict[str, Any]],
+    tests: dict[str, list[dict[str, Any]]],
 ) -> str:
-    """The text of ``summary.md``."""
+    """The text of ``summary.md``: score tables and Dice tests where there are labels,
+    landmark tests where there are landmarks."""
     names = [r.name for r in models]
-    lines = [
-        *_md_header(models, labels, info),
-        *_md_scores(stats, names, labels, info),
-        *_md_regularity(stats, names),
-        *_md_wilcoxon(tests),
-        "",
-        "Box plots: `boxplots.png` (all organs) and `boxplots/` (one figure per organ).",
-        "",
-    ]
+    lines = [*_md_header(models, labels, info)]
+    if labels:
+        lines += _md_scores(stats, names, labels, info)
+    lines += _md_regularity(stats, names)
+    for key, table in tests.items():
+        lines += _md_wilcoxon(table, key)
+    figures = []
+    if labels:
+        figures.append("`boxplots.png` (all organs) and `boxplots/` (one figure per organ)")
+    if "landmark_error_mm" in tests:
+        figures.append("`landmarks.png` (landmark error per pair)")
+    lines += ["", f"Box plots: {'; '.join(figures)}.", ""]
     return "\n".join(lines)
 
 
 def _summary_json(
-    info: dict[str, Any], stats: dict[str, dict[str, Any]], tests: list[dict[str, Any]]
+    info: dict[str, Any], stats: dict[str, dict[str, Any]], tests: dict[str, list[dict[str, Any]]]
 ) -> dict[str, Any]:
-    """The content of ``summary.json`` (also what :func:`evaluate` returns)."""
-    return {"info": info, "models": stats, "wilcoxon": tests}
+    """The content of ``summary.json`` (also what :func:`evaluate` returns): ``wilcoxon``
+    tests Dice, ``wilcoxon_landmarks`` the landmark error (each where measured)."""
+    out: dict[str, Any] = {"info": info, "models": stats}
+    if "dice" in tests:
+        out["wilcoxon"] = tests["dice"]
+    if "landmark_error_mm" in tests:
+        out["wilcoxon_landmarks"] = tests["landmark_error_mm"]
+    return out
+
+
+def has_landmarks(rows: list[dict[str, Any]]) -> bool:
+    """Whether any pair of ``rows`` has a landmark error."""
+    return any(math.isfinite(r.get("landmark_error_mm", math.nan)) for r in rows)
 
 
 def summarise(
@@ -279,5 +303,6 @@ def summarise(
     """``summary.md`` and ``summary.json``, from statistics computed once for both."""
     names = [r.name for r in models]
     stats = {name: _model_stats(rows, name, labels) for name in names}
-    tests = wilcoxon_table(rows, names)
+    keys = (["dice"] if labels else []) + (["landmark_error_mm"] if has_landmarks(rows) else [])
+    tests = {key: wilcoxon_table(rows, names, key) for key in keys}
     return _markdown(models, labels, info, stats, tests), _summary_json(info, stats, tests)

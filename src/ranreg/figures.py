@@ -26,7 +26,13 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from ranreg.metrics import ORGAN_NAMES  # noqa: E402
 
-__all__ = ["overlay_figure", "boxplot_figure", "head_mask_figure", "save_figure"]
+__all__ = [
+    "overlay_figure",
+    "boxplot_figure",
+    "landmark_boxplot",
+    "head_mask_figure",
+    "save_figure",
+]
 
 _PLANE_BY_CODE = {"R": "sagittal", "L": "sagittal", "A": "coronal", "P": "coronal"}
 _PLANE_BY_CODE.update({"S": "axial", "I": "axial"})
@@ -36,6 +42,7 @@ _METRIC_LABELS = {
     "hd95_mm": "HD95 (mm)",
     "asd": "ASD (mm)",
     "hd95": "HD95 (mm)",
+    "landmark_error_mm": "landmark error (mm)",
 }
 
 
@@ -311,17 +318,19 @@ def _slug(text: str) -> str:
 def _boxes(
     ax: Any,
     rows: Sequence[Mapping[str, Any]],
-    label: int,
+    label: int | None,
     models: Sequence[str],
     metric: str,
     colors: Sequence[Any],
 ) -> None:
+    """One box per model of ``metric`` over the rows of ``label`` (None: every row)."""
     data = []
     for model in models:
         vals = [
             _float(r.get(metric))
             for r in rows
-            if str(r.get("model")) == model and int(_float(r.get("label"))) == int(label)
+            if str(r.get("model")) == model
+            and (label is None or int(_float(r.get("label"))) == int(label))
         ]
         data.append(np.array([v for v in vals if math.isfinite(v)], dtype=np.float64))
     positions = np.arange(1, len(models) + 1)
@@ -413,6 +422,20 @@ def boxplot_figure(
         fig.tight_layout(rect=(0, 0.06, 1, 0.96))
         written.append(save_figure(fig, combined_path, dpi=100))
     return written
+
+
+def landmark_boxplot(
+    pair_rows: Iterable[Mapping[str, Any]], models: Sequence[str], path: str | os.PathLike[str]
+) -> Path:
+    """Box plot of the mean landmark error of each pair (one row per model and pair, with
+    the key ``landmark_error_mm``), the models side by side; written to ``path``."""
+    models = [str(m) for m in models]
+    colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(models))]
+    fig, ax = plt.subplots(figsize=(0.9 * len(models) + 2.4, 3.4))
+    _boxes(ax, list(pair_rows), None, models, "landmark_error_mm", colors)
+    ax.set_title("Mean landmark error per pair", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def _volume(image: Any) -> np.ndarray:

@@ -28,6 +28,7 @@ def _run(args: Any) -> int:
         options=options_from_args(args),
         label_names=args.label_names,
         landmark_coordinates=args.landmark_coordinates,
+        pairs=args.pairs,
     )
     info = summary["info"]
     print(
@@ -36,8 +37,13 @@ def _run(args: Any) -> int:
         "(results.csv, summary.md, boxplots.png, boxplots/)"
     )
     for name, scores in summary["models"].items():
-        d = scores["mean_over_organs"]["dice"]
-        print(f"  {name}: mean Dice over organs {mean_sd(d['mean'], d['sd'], 3)}")
+        d, tre = scores["mean_over_organs"]["dice"], scores["per_pair"]["landmark_error_mm"]
+        parts = []
+        if info["labels"]:
+            parts.append(f"mean Dice over organs {mean_sd(d['mean'], d['sd'], 3)}")
+        if tre["n"]:
+            parts.append(f"landmark error {mean_sd(tre['mean'], tre['sd'], 2)} mm")
+        print(f"  {name}: " + "; ".join(parts))
     return 0
 
 
@@ -55,6 +61,15 @@ def add_parser(sub: Any) -> None:
         "--split",
         default=None,
         help="train, val or test (default: test, or none for a folder holding images/)",
+    )
+    p.add_argument(
+        "--pairs",
+        default=None,
+        metavar="CSV|KEY",
+        help="evaluate these pairs, not every ordered pair: a CSV file with the columns "
+        "moving and fixed (subject names of the split), or a key of a Learn2Reg "
+        "*_dataset.json (registration_val, registration_test, training_paired_images; its "
+        "keypoints are landmarks, and a task without label maps is scored by them)",
     )
     p.add_argument(
         "--model",

@@ -67,12 +67,14 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Subject:
     """One subject: its image file and, when the dataset has them, its label file and its
-    landmarks file."""
+    landmarks file; ``coordinates`` is the system of a landmarks CSV when the data set
+    fixes it (Learn2Reg keypoints: ``"voxel"``), else None (the caller's choice)."""
 
     name: str
     image: Path
     label: Path | None = None
     landmarks: Path | None = None
+    coordinates: str | None = None
 
 
 def _image_files(folder: Path) -> list[Path]:
