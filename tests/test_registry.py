@@ -26,7 +26,8 @@ def test_every_kind_of_method_is_registered_once() -> None:
         "RAN0", "RAN0-noRA", "RAN3", "RAN3-noRA", "RAN4", "RAN4-noRA", "RAN4+", "RAN4+-noRA"
     ]  # fmt: skip
     assert {"VoxelMorph", "VoxelMorph-pkg"} <= set(list_methods("network"))
-    assert list_methods("peer") == ["ants-syn"] and list_methods("reference") == ["identity"]
+    assert list_methods("peer") == ["ants-syn", "convex-adam"]
+    assert list_methods("reference") == ["identity"]
     assert get_method("ran4+").name == "RAN4+"  # case ignored
     with pytest.raises(ValueError, match="unknown method 'RAN9'"):
         get_method("RAN9")
