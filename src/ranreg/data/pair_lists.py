@@ -41,8 +41,9 @@ Pair = tuple[Subject, Subject]
 
 
 def is_pairs_file(spec: str) -> bool:
-    """Whether a ``--pairs`` value names a CSV file (else it is a Learn2Reg key)."""
-    return spec.lower().endswith(".csv") or os.sep in spec or Path(spec).is_file()
+    """Whether a ``--pairs`` value names a CSV file (a ``.csv`` name or a path; else it is
+    a Learn2Reg key)."""
+    return spec.lower().endswith(".csv") or "/" in spec or os.sep in spec
 
 
 def learn2reg_json(root: Path) -> Path:
