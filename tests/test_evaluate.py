@@ -220,23 +220,25 @@ def test_evaluate_reports_the_landmark_error_of_each_pair(tmp_path: Path, capsys
 _ANATOMY = np.array([[0.0, 10.0, 20.0], [5.0, 12.0, 40.0], [-3.0, 20.0, 30.0]])
 
 
-def _voxel_lines(shift: int) -> str:
-    """The anatomy's landmarks in a subject shifted by ``shift`` voxels, as Learn2Reg
-    keypoints: voxel indices, no header."""
-    ras = _ANATOMY - [1.5 * shift, 0.0, 0.0]
+def _voxel_lines(shift: int, count: int = 3) -> str:
+    """The anatomy's first ``count`` landmarks in a subject shifted by ``shift`` voxels, as
+    Learn2Reg keypoints: voxel indices, no header."""
+    ras = _ANATOMY[:count] - [1.5 * shift, 0.0, 0.0]
     vox = np.linalg.solve(_affine()[:3, :3], (ras - _affine()[:3, 3]).T).T
     return "".join(",".join(f"{v:.6f}" for v in row) + "\n" for row in vox)
 
 
 def _learn2reg(root: Path, shifts: dict[str, int], labels: bool) -> Path:
-    """A Learn2Reg folder: imagesTr/NAME.nii.gz, keypointsTr/NAME.csv, labelsTr when
-    ``labels``, and a dataset.json whose lists the test writes."""
+    """A Learn2Reg folder: imagesTr/NAME.nii.gz, keypointsTr/NAME.csv (3 points, 2 for the
+    patient P2, as the number differs between patients), labelsTr when ``labels``; the
+    test writes the dataset.json."""
     for folder in ("imagesTr", "keypointsTr") + (("labelsTr",) if labels else ()):
         (root / folder).mkdir(parents=True)
     for name, shift in shifts.items():
         image, label = _subject(shift)
         write_nifti(root / "imagesTr" / f"{name}.nii.gz", image, _affine())
-        (root / "keypointsTr" / f"{name}.csv").write_text(_voxel_lines(shift))
+        count = 2 if name.startswith("P2") else 3
+        (root / "keypointsTr" / f"{name}.csv").write_text(_voxel_lines(shift, count))
         if labels:
             write_nifti(root / "labelsTr" / f"{name}.nii.gz", label, _affine())
     return root

@@ -233,21 +233,28 @@ def _voxel_grid(subject: Subject, coordinates: str | None) -> Grid | None:
     return read_grid(subject.image) if coordinates == "voxel" else None
 
 
-def _load_landmarks(subjects: Sequence[Subject], coordinates: str | None) -> dict[str, np.ndarray]:
+def _load_landmarks(
+    subjects: Sequence[Subject],
+    pairs: Sequence[tuple[Subject, Subject]],
+    coordinates: str | None,
+) -> dict[str, np.ndarray]:
     """The landmarks (RAS, ``(N, 3)``) of the subjects that have them, all read before the
-    long loop; every subject must list the same number of points. A CSV's axes are the
-    data set's (:attr:`Subject.coordinates`), else ``coordinates``."""
+    long loop; the two subjects of a pair must list the same number of points (they are
+    paired in order; Learn2Reg's keypoints differ in number from patient to patient). A
+    CSV's axes are the data set's (:attr:`Subject.coordinates`), else ``coordinates``."""
     marks = {}
     for s in subjects:
         if s.landmarks:
             axes = s.coordinates or coordinates
             marks[s.name] = read_points(s.landmarks, axes, _voxel_grid(s, axes)).ras
-    counts = {name: len(points) for name, points in marks.items()}
-    if len(set(counts.values())) > 1:
-        raise RanregError(
-            f"landmarks: the subjects list different numbers of points ({counts}); they are "
-            "paired in order, so every file must list the same landmarks"
-        )
+    for moving, fixed in pairs:
+        counts = [len(marks[s.name]) for s in (moving, fixed) if s.name in marks]
+        if len(counts) == 2 and counts[0] != counts[1]:
+            raise RanregError(
+                f"landmarks: {moving.landmarks} and {fixed.landmarks} list different numbers "
+                f"of points ({counts[0]} and {counts[1]}); the points of a pair are matched "
+                "in order, so both files must list the same landmarks"
+            )
     return marks
 
 
@@ -412,7 +419,7 @@ def evaluate(
     if subjects[0].label is None:
         organs = []  # a Learn2Reg keypoint task: scored by its landmarks
     volumes = _load_all(subjects)
-    landmarks = _load_landmarks(subjects, landmark_coordinates)
+    landmarks = _load_landmarks(subjects, chosen, landmark_coordinates)
     rows = _run_all(named, chosen, volumes, organs, table, dev, progress, landmarks)
     info = {
         "data": str(root),
