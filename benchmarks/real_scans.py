@@ -87,8 +87,8 @@ BUILTIN_METHODS = {
     "default": (),
     "fast": ("--fast",),
     "ants-syn": ("--model", "ants-syn"),
-    # ConvexAdam has no affine stage of its own: without ranreg's, the validation cases'
-    # rotations defeat it (docs/benchmarks.md)
+    # ConvexAdam has no affine stage of its own: without ranreg's it failed on a validation
+    # case with large motion (docs/benchmarks.md)
     "convex-adam": ("--model", "convex-adam", "--affine", "affine"),
     "identity": ("--model", "identity"),
 }
