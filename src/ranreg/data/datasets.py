@@ -9,7 +9,7 @@ DeepReg unpaired::
     root/{train,val,test}/landmarks/NAME.csv      (optional; or .fcsv, .mrk.json)
 
 or a root that directly holds ``images/`` and ``labels/`` (and ``landmarks/``). Landmarks
-are points files of :mod:`ranreg.points`, listed in the same order for every subject.
+are points files of :mod:`ranreg.points`, the points of two subjects matched in order.
 
 Learn2Reg::
 
