@@ -53,8 +53,9 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "evaluate",
         help=command_help("evaluate"),
-        description="Register every ordered pair of distinct subjects with each model and "
-        "'identity' (the reference) and write results.csv, summary.md and box plots.",
+        description="Register every ordered pair of distinct subjects (or the --pairs "
+        "listed) with each model and 'identity' (the reference) and write results.csv, "
+        "summary.md and box plots.",
     )
     p.add_argument("--data", required=True, help="data set folder (DeepReg or Learn2Reg layout)")
     p.add_argument(
