@@ -41,7 +41,7 @@ from ranreg.data.datasets import Subject, discover_subjects, load_subject, order
 from ranreg.data.io import Volume, spacing_from_affine
 from ranreg.data.pair_lists import csv_pairs, is_pairs_file, learn2reg_pairs
 from ranreg.errors import RanregError
-from ranreg.evaluate_report import ModelRun, has_landmarks, summarise
+from ranreg.evaluate_report import ModelRun, has_landmarks, pair_rows, summarise
 from ranreg.grids import read_grid
 from ranreg.labelnames import label_name, load_label_names
 from ranreg.metrics import PAPER_ORGANS
@@ -374,8 +374,8 @@ def _write_outputs(
                 names={int(k): v for k, v in info["label_names"].items()},
             )
         if has_landmarks(rows):
-            first = {(r["model"], r["moving"], r["fixed"]): r for r in reversed(rows)}
-            figures.landmark_boxplot(first.values(), names, tmp / "landmarks.png")
+            per_pair = [r for name in names for r in pair_rows(rows, name)]
+            figures.landmark_boxplot(per_pair, names, tmp / "landmarks.png")
 
 
 def evaluate(

@@ -16,7 +16,14 @@ from scipy import stats
 from ranreg.options import RegistrationOptions
 from ranreg.runtime import is_neural, resolve_precision
 
-__all__ = ["ModelRun", "has_landmarks", "mean_sd", "summarise", "wilcoxon_table"]
+__all__ = [
+    "ModelRun",
+    "has_landmarks",
+    "mean_sd",
+    "pair_rows",
+    "summarise",
+    "wilcoxon_table",
+]
 
 _SCORES = (("dice", "Dice"), ("asd_mm", "ASD (mm)"), ("hd95_mm", "HD95 (mm)"))
 #: what each Wilcoxon table tests, by its key
@@ -129,7 +136,7 @@ def _fmt_stat(stat: dict[str, Any], digits: int) -> str:
     return mean_sd(stat["mean"], stat["sd"], digits)
 
 
-def _pair_rows(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
+def pair_rows(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
     """One row per pair of ``model``: the first organ's, since the regularity and the runtime
     are the same on every organ row of a pair."""
     per_pair: dict[tuple[str, str], dict[str, Any]] = {}
@@ -151,7 +158,7 @@ def _model_stats(rows: list[dict[str, Any]], model: str, labels: Sequence[int]) 
     stats["mean_over_organs"] = {
         key: _stat(list(_pair_means(rows, model, key).values())) for key in keys
     }
-    pairs = _pair_rows(rows, model)
+    pairs = pair_rows(rows, model)
     stats["per_pair"] = {key: _stat([r.get(key, math.nan) for r in pairs]) for key, *_ in _PER_PAIR}
     return stats
 
