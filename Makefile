@@ -13,7 +13,7 @@ $(VENV)/.core: pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# tests also exercise the comparison peers (optional extra: voxelmorph, antspyx)
+# tests also exercise the comparison peers (optional extra: voxelmorph, antspyx, convexAdam)
 $(VENV)/.test: $(VENV)/.core
 	$(BIN)/pip install -q $(TORCH_PIN) -e '.[test,peers]'
 	touch $@
