@@ -27,7 +27,7 @@ from typing import Any
 from ranreg.atomic import atomic_file, remove_stale_temporaries
 from ranreg.errors import RanregError
 
-__all__ = ["Pair", "read_pairs", "run_batch", "SUMMARY_FIELDS"]
+__all__ = ["Pair", "read_csv_rows", "read_pairs", "run_batch", "SUMMARY_FIELDS"]
 
 SUMMARY_FIELDS = (
     "name",
@@ -67,16 +67,28 @@ def _resolve(base: Path, text: str | None) -> Path | None:
     return p if p.is_absolute() else base / p
 
 
+def read_csv_rows(path: str | os.PathLike[str], columns: tuple[str, ...]) -> list[dict[str, str]]:
+    """The rows of a pairs CSV (``ranreg register --pairs``, ``ranreg evaluate --pairs``),
+    with one ``error:`` line for a file that is missing, unreadable, or without rows and a
+    header naming ``columns`` (a byte-order mark, as spreadsheets write, is allowed)."""
+    p = Path(path)
+    try:
+        with p.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except FileNotFoundError:
+        raise RanregError(f"{p}: pairs file not found") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise RanregError(f"{p}: cannot read the pairs file ({exc})") from None
+    if not rows or not set(columns) <= set(rows[0]):
+        need = " and ".join(columns)
+        raise RanregError(f"{p}: need a header with the columns {need} (and rows)")
+    return rows
+
+
 def read_pairs(path: str | os.PathLike[str]) -> list[Pair]:
     """The pairs of a CSV file, checked: columns, unique safe names, files that exist."""
     p = Path(path)
-    try:
-        with p.open(newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise RanregError(f"{p}: cannot read the pairs file ({exc})") from None
-    if not rows or not {"fixed", "moving"} <= set(rows[0]):
-        raise RanregError(f"{p}: need a header with the columns fixed and moving (and rows)")
+    rows = read_csv_rows(p, ("fixed", "moving"))
     pairs = [_pair(p, i, row) for i, row in enumerate(rows, start=1)]
     names = [x.name for x in pairs]
     dupes = sorted({n for n in names if names.count(n) > 1})

@@ -17,7 +17,6 @@ Two sources of pairs:
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Sequence
@@ -127,25 +126,16 @@ def learn2reg_pairs(root: str | os.PathLike[str], key: str) -> list[Pair]:
 
 def csv_pairs(path: str | os.PathLike[str], subjects: Sequence[Subject]) -> list[Pair]:
     """The pairs of a CSV with columns ``moving`` and ``fixed`` (subject names)."""
-    file = Path(path)
+    from ranreg.batch import read_csv_rows
+
     by_name = {s.name: s for s in subjects}
-    try:
-        with file.open(newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
-            columns = set(rows[0]) if rows else set()
-    except FileNotFoundError:
-        raise RanregError(f"{file}: pairs file not found") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise RanregError(f"{file}: not a readable CSV file ({exc})") from None
-    if not {"moving", "fixed"} <= columns:
-        raise RanregError(f"{file}: expected a header with the columns moving and fixed")
     pairs = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in enumerate(read_csv_rows(path, ("moving", "fixed")), start=2):
         names = (row["moving"] or "").strip(), (row["fixed"] or "").strip()
         for name in names:
             if name not in by_name:
-                raise RanregError(f"{file}, line {line}: no subject {name!r} in the data set")
+                raise RanregError(f"{path}, line {line}: no subject {name!r} in the data set")
         if names[0] == names[1]:
-            raise RanregError(f"{file}, line {line}: a pair needs two subjects, got {names[0]!r}")
+            raise RanregError(f"{path}, line {line}: a pair needs two subjects, got {names[0]!r}")
         pairs.append((by_name[names[0]], by_name[names[1]]))
     return pairs
