@@ -10,7 +10,9 @@ so a folder that exists is a finished pair. Run again after a kill (or with new 
 finished pairs are skipped, stale temporary folders of the killed run are removed, and
 ``DIR/summary.csv`` (one row per pair, rewritten atomically after each pair) is complete
 again. A pair that fails is recorded in the summary with its error and the others go on;
-the command then ends with one ``error:`` line and exit code 2.
+the command then ends with one ``error:`` line and exit code 2. A Learn2Reg list instead
+of a CSV (``--pairs registration_test --data DIR``) gives its pairs through
+:mod:`ranreg.learn2reg`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from typing import Any
 from ranreg.atomic import atomic_file, remove_stale_temporaries
 from ranreg.errors import RanregError
 
-__all__ = ["Pair", "read_csv_rows", "read_pairs", "run_batch", "SUMMARY_FIELDS"]
+__all__ = [
+    "Pair",
+    "check_unique_names",
+    "read_csv_rows",
+    "read_pairs",
+    "run_batch",
+    "SUMMARY_FIELDS",
+]
 
 SUMMARY_FIELDS = (
     "name",
@@ -58,6 +67,8 @@ class Pair:
     initial_affine: Path | None = None
     fixed_landmarks: Path | None = None
     moving_landmarks: Path | None = None
+    #: the axes of the landmark files when the data set fixes them (Learn2Reg: voxel)
+    landmark_coordinates: str | None = None
 
 
 def _resolve(base: Path, text: str | None) -> Path | None:
@@ -90,11 +101,16 @@ def read_pairs(path: str | os.PathLike[str]) -> list[Pair]:
     p = Path(path)
     rows = read_csv_rows(p, ("fixed", "moving"))
     pairs = [_pair(p, i, row) for i, row in enumerate(rows, start=1)]
+    check_unique_names(pairs, str(p))
+    return pairs
+
+
+def check_unique_names(pairs: list[Pair], where: str) -> None:
+    """One folder per pair: refuse two pairs of one name."""
     names = [x.name for x in pairs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise RanregError(f"{p}: pair names must be unique, repeated: {', '.join(dupes)}")
-    return pairs
+        raise RanregError(f"{where}: pair names must be unique, repeated: {', '.join(dupes)}")
 
 
 def _pair(path: Path, index: int, row: dict[str, str]) -> Pair:

@@ -223,6 +223,29 @@ class Transform:
             out[start:stop] = values(apply_affine(to_image, q))
         return Volume(out, ref.affine.copy(), spacing_from_affine(ref.affine))
 
+    def voxel_displacement(
+        self,
+        moving: Grid | Volume | str | os.PathLike[str] | None = None,
+        reference: Grid | Volume | str | os.PathLike[str] | None = None,
+    ) -> np.ndarray:
+        """The mapping in voxel units, ``(X, Y, Z, 3)`` float32 on ``reference`` (default:
+        the field's grid): at the voxel ``x``, ``A_moving^-1 (p + u(p)) - x`` with
+        ``p = A_ref x``, i.e. the moving voxel that ``x`` corresponds to is ``x`` plus this,
+        along the arrays' axes (Learn2Reg's displacement files, :mod:`ranreg.learn2reg`).
+        ``moving``: the moving image or its grid (default: :attr:`target`)."""
+        ref = self.grid if reference is None else _as_grid(reference)
+        mov = self.target if moving is None else _as_grid(moving)
+        if mov is None:
+            raise RanregError(f"{self.origin or 'transform'}: the moving grid is not known")
+        out = np.empty((*ref.shape, 3), dtype=np.float32)
+        to_moving, to_ref = np.linalg.inv(mov.affine), np.linalg.inv(ref.affine)
+        for start, stop in ref.slabs():
+            p = ref.points(start, stop)
+            q = p + self._displacement(ref, start, stop, p)
+            vox = apply_affine(to_moving, q) - apply_affine(to_ref, p)
+            out[start:stop] = vox.movedim(0, -1).numpy()
+        return out
+
     # ---------------------------------------------------------------- inverse
     def linear_fit(self) -> np.ndarray:
         """The 4x4 affine map closest (least squares, on a sub-grid of at most 24 points

@@ -53,25 +53,46 @@ def _run(args: Any) -> int:
     return 0
 
 
+def _cohort(args: Any) -> tuple[list[Any], bool]:
+    """The pairs of ``--pairs``: a CSV file, or a Learn2Reg list of ``--data``; and whether
+    they are Learn2Reg's (then the displacement files are written too)."""
+    from ranreg.batch import read_pairs
+    from ranreg.data.pair_lists import is_pairs_file
+    from ranreg.learn2reg import submission_pairs
+
+    if is_pairs_file(args.pairs):
+        if args.data:
+            raise RanregError("register: --data goes with a Learn2Reg key in --pairs, not a CSV")
+        return read_pairs(args.pairs), False
+    if not args.data:
+        raise RanregError(
+            f"register: --pairs {args.pairs} is not a CSV file; a Learn2Reg key needs --data, "
+            "the Learn2Reg folder"
+        )
+    return submission_pairs(args.data, args.pairs), True
+
+
 def _run_pairs(args: Any) -> int:
-    """``--pairs``: the model loaded once, one folder per pair, a summary (ranreg.batch)."""
-    from ranreg.batch import read_pairs, run_batch
+    """``--pairs``: the model loaded once, one folder per pair, a summary (ranreg.batch);
+    for a Learn2Reg key also the challenge's displacement files (ranreg.learn2reg)."""
+    from ranreg.batch import run_batch
+    from ranreg.learn2reg import FIELDS_FOLDER, write_field, write_missing_fields
 
     per_pair = (args.fixed, args.moving, args.moving_labels, args.fixed_labels)
     if any(per_pair) or args.fixed_landmarks or args.moving_landmarks:
-        raise RanregError("register: --pairs takes the images from the CSV, not --fixed etc.")
+        raise RanregError("register: --pairs takes the images from its list, not --fixed etc.")
     if args.initial_affine:
         raise RanregError(
             "register: with --pairs, give each pair's affine in an initial_affine column"
         )
-    pairs = read_pairs(args.pairs)
+    pairs, learn2reg = _cohort(args)
     opts = options_from_args(args).with_(progress=False)
     net = resolve_model(args.model)
     resolve_device(args.device)
     names = load_label_names(args.label_names)
 
     def one(pair: Any, folder: Path) -> dict[str, Any]:
-        return register_files(
+        metrics = register_files(
             pair.fixed,
             pair.moving,
             folder,
@@ -85,13 +106,20 @@ def _run_pairs(args: Any) -> int:
             output_format=args.format,
             fixed_landmarks=pair.fixed_landmarks,
             moving_landmarks=pair.moving_landmarks,
-            landmark_coordinates=args.landmark_coordinates,
+            landmark_coordinates=pair.landmark_coordinates or args.landmark_coordinates,
             save_inverse=args.save_inverse,
         )
+        if learn2reg:  # a pair registered again replaces its file
+            write_field(folder, pair, Path(args.out) / FIELDS_FOLDER)
+        return metrics
 
     rows = run_batch(pairs, args.out, one, progress=sys.stderr.isatty())
     failed = [r for r in rows if r["status"] != "done"]
     print(f"{len(rows) - len(failed)} of {len(rows)} pairs registered; {args.out}/summary.csv")
+    if learn2reg:
+        done = [p for p, r in zip(pairs, rows, strict=True) if r["status"] == "done"]
+        write_missing_fields(args.out, done)  # a run killed between a folder and its file
+        print(f"Learn2Reg displacement files: {args.out}/{FIELDS_FOLDER}/ ({len(done)} pairs)")
     if failed:
         raise RanregError(
             f"{len(failed)} of {len(rows)} pairs failed (first: {failed[0]['name']}: "
@@ -171,11 +199,15 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--moving", help="moving image (same formats)")
     p.add_argument(
         "--pairs",
-        metavar="CSV",
+        metavar="CSV|KEY",
         help="register a cohort instead: a CSV with columns fixed, moving [, moving_labels, "
-        "fixed_labels, initial_affine, fixed_landmarks, moving_landmarks, name]; one folder "
-        "per pair in --out and a summary.csv; finished pairs are skipped when run again",
+        "fixed_labels, initial_affine, fixed_landmarks, moving_landmarks, name], or a list of "
+        "a Learn2Reg folder's *_dataset.json (registration_test, registration_val, "
+        "training_paired_images; with --data), which also writes the challenge's "
+        "disp_FFFF_MMMM.nii.gz files into --out/learn2reg; one folder per pair in --out and a "
+        "summary.csv; finished pairs are skipped when run again",
     )
+    p.add_argument("--data", help="the Learn2Reg folder of --pairs KEY")
     p.add_argument(
         "--model",
         default=None,

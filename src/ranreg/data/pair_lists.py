@@ -40,9 +40,10 @@ Pair = tuple[Subject, Subject]
 
 
 def is_pairs_file(spec: str) -> bool:
-    """Whether a ``--pairs`` value names a CSV file (a ``.csv`` name or a path; else it is
-    a Learn2Reg key)."""
-    return spec.lower().endswith(".csv") or "/" in spec or os.sep in spec
+    """Whether a ``--pairs`` value names a CSV file (a ``.csv`` name, a path, or a file that
+    exists; else it is a Learn2Reg key)."""
+    path_like = spec.lower().endswith(".csv") or "/" in spec or os.sep in spec
+    return path_like or Path(spec).is_file()
 
 
 def learn2reg_json(root: Path) -> Path:
