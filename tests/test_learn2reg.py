@@ -150,6 +150,7 @@ def test_register_a_learn2reg_list_writes_the_challenge_files(tmp_path: Path) ->
         (["--data", "{root}", "--pairs", "{csv}"], "--data goes with a Learn2Reg key"),
         (["--data", "{root}", "--pairs", "registration_test"], "no pairs under"),
         (["--data", "{dupes}"], "pair names must be unique"),
+        (["--data", "{root}/missing"], "Learn2Reg folder not found"),
     ],
 )
 def test_bad_learn2reg_lists(extra: list[str], message: str, tmp_path: Path, capsys) -> None:

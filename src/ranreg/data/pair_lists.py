@@ -48,6 +48,8 @@ def is_pairs_file(spec: str) -> bool:
 
 def learn2reg_json(root: Path) -> Path:
     """The one ``*_dataset.json`` (or ``dataset.json``) of a Learn2Reg folder."""
+    if not root.is_dir():
+        raise RanregError(f"{root}: Learn2Reg folder not found")
     found = sorted(root.glob("*dataset.json"))
     if len(found) != 1:
         what = "no" if not found else f"{len(found)}"
