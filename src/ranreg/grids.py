@@ -83,14 +83,18 @@ class Grid:
         for start in range(0, self.shape[0], rows):
             yield start, min(start + rows, self.shape[0])
 
-    def points(self, start: int, stop: int) -> Tensor:
-        """World points ``(3, stop - start, Y, Z)`` (float64) of the planes start..stop-1."""
+    def indices(self, start: int, stop: int) -> Tensor:
+        """Voxel indices ``(3, stop - start, Y, Z)`` (float64) of the planes start..stop-1."""
         axes = [
             torch.arange(start, stop, dtype=torch.float64),
             torch.arange(self.shape[1], dtype=torch.float64),
             torch.arange(self.shape[2], dtype=torch.float64),
         ]
-        return apply_affine(self.affine, torch.stack(torch.meshgrid(*axes, indexing="ij")))
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"))
+
+    def points(self, start: int, stop: int) -> Tensor:
+        """World points ``(3, stop - start, Y, Z)`` (float64) of the planes start..stop-1."""
+        return apply_affine(self.affine, self.indices(start, stop))
 
     def inside(self, world: Tensor) -> Tensor:
         """Which world points ``(3, *T)`` lie within half a voxel of the grid."""

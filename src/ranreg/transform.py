@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,12 +217,19 @@ class Transform:
         ref = self.grid if reference is None else _as_grid(reference)
         values, dtype = _sampler(vol, mode, labels)
         out = np.empty(ref.shape, dtype=dtype)
-        to_image = np.linalg.inv(vol.affine)
+        for start, stop, vox in self._mapped_voxels(ref, vol.affine):
+            out[start:stop] = values(vox)
+        return Volume(out, ref.affine.copy(), spacing_from_affine(ref.affine))
+
+    def _mapped_voxels(
+        self, ref: Grid, image_affine: np.ndarray
+    ) -> Iterator[tuple[int, int, Tensor]]:
+        """Slab by slab of ``ref``: ``start, stop`` and the voxel ``A_image^-1 (p + u(p))``
+        ``(3, stop - start, Y, Z)`` of an image in moving space at each point ``p``."""
+        to_image = np.linalg.inv(image_affine)
         for start, stop in ref.slabs():
             p = ref.points(start, stop)
-            q = p + self._displacement(ref, start, stop, p)
-            out[start:stop] = values(apply_affine(to_image, q))
-        return Volume(out, ref.affine.copy(), spacing_from_affine(ref.affine))
+            yield start, stop, apply_affine(to_image, p + self._displacement(ref, start, stop, p))
 
     def voxel_displacement(
         self,
@@ -238,12 +246,8 @@ class Transform:
         if mov is None:
             raise RanregError(f"{self.origin or 'transform'}: the moving grid is not known")
         out = np.empty((*ref.shape, 3), dtype=np.float32)
-        to_moving, to_ref = np.linalg.inv(mov.affine), np.linalg.inv(ref.affine)
-        for start, stop in ref.slabs():
-            p = ref.points(start, stop)
-            q = p + self._displacement(ref, start, stop, p)
-            vox = apply_affine(to_moving, q) - apply_affine(to_ref, p)
-            out[start:stop] = vox.movedim(0, -1).numpy()
+        for start, stop, vox in self._mapped_voxels(ref, mov.affine):
+            out[start:stop] = (vox - ref.indices(start, stop)).movedim(0, -1).numpy()
         return out
 
     # ---------------------------------------------------------------- inverse
