@@ -88,6 +88,9 @@ def test_docs_examples_run(
     for block in blocks:
         exec(compile(block, str(DOC), "exec"), namespace)  # noqa: S102 - our own docs
     reg, inv = namespace["reg"], namespace["inv"]
+    cohort = namespace["rows"][0]  # type: ignore[index]
+    assert cohort["status"] == "done" and (tmp_path / "cohort" / "first" / "ddf.nii.gz").is_file()
+    assert cohort["mean_dice_after"] > cohort["mean_dice_before"]
     assert inv.round_trip_mm["mean"] < 0.1  # type: ignore[attr-defined]
     assert reg.metrics["moving_grid"]["shape"] == [28, 24, 18]  # type: ignore[attr-defined]
     saved = {p.name for p in (tmp_path / "result").iterdir()}

@@ -22,6 +22,7 @@ _LAZY = {
     "warp": "ranreg.spatial",
     "warp_labels": "ranreg.spatial",
     "register": "ranreg.api",
+    "register_cohort": "ranreg.cohort",
     "RegistrationOptions": "ranreg.options",
 }
 

@@ -22,7 +22,6 @@ import torch
 
 from ranreg.atomic import new_output_dir
 from ranreg.data.io import Volume, spacing_from_affine
-from ranreg.errors import RanregError
 from ranreg.labelnames import load_label_names
 from ranreg.models import resolve_model
 from ranreg.options import RegistrationOptions
@@ -134,19 +133,6 @@ def _named(volume: Volume, name: str) -> Volume:
     return volume if volume.path is not None else dataclasses.replace(volume, path=Path(name))
 
 
-def _options(options: dict[str, Any]) -> RegistrationOptions:
-    known = {f.name for f in dataclasses.fields(RegistrationOptions)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise RanregError(
-            f"unknown registration option(s) {', '.join(unknown)}; known: "
-            f"{', '.join(sorted(known))}"
-        )
-    if options.get("refine_levels") is not None:
-        options = {**options, "refine_levels": tuple(float(s) for s in options["refine_levels"])}
-    return RegistrationOptions(**options)
-
-
 def register(
     fixed: ImageLike,
     moving: ImageLike,
@@ -179,7 +165,7 @@ def register(
     ``landmark_coordinates="voxel"``), ``metrics["landmarks"]`` holds their error before
     and after (:func:`ranreg.points.landmark_errors`).
     """
-    opts = _options(options)
+    opts = RegistrationOptions.from_settings(options)
     net = model if isinstance(model, torch.nn.Module) else resolve_model(model)
     fix = as_volume(fixed, "fixed image")
     mov = as_volume(moving, "moving image")

@@ -21,7 +21,7 @@ import csv
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from ranreg.errors import RanregError
 
 __all__ = [
     "Pair",
-    "check_unique_names",
+    "check_pair_names",
     "read_csv_rows",
     "read_pairs",
     "run_batch",
@@ -101,22 +101,30 @@ def read_pairs(path: str | os.PathLike[str]) -> list[Pair]:
     p = Path(path)
     rows = read_csv_rows(p, ("fixed", "moving"))
     pairs = [_pair(p, i, row) for i, row in enumerate(rows, start=1)]
-    check_unique_names(pairs, str(p))
+    check_pair_names(pairs, str(p))
     return pairs
 
 
-def check_unique_names(pairs: list[Pair], where: str) -> None:
-    """One folder per pair: refuse two pairs of one name."""
+def check_pair_names(pairs: Sequence[Pair], where: str) -> None:
+    """One folder per pair: refuse a name that is not a plain folder name, and two pairs
+    of one name."""
+    for pair in pairs:
+        if not _safe_name(pair.name):
+            raise RanregError(f"{where}: pair name {pair.name!r} is not a safe folder name")
     names = [x.name for x in pairs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise RanregError(f"{where}: pair names must be unique, repeated: {', '.join(dupes)}")
 
 
+def _safe_name(name: str) -> bool:
+    return bool(_NAME.match(name)) and not name.startswith(".")
+
+
 def _pair(path: Path, index: int, row: dict[str, str]) -> Pair:
     base = path.parent
     name = (row.get("name") or "").strip() or f"pair-{index:04d}"
-    if not _NAME.match(name) or name.startswith("."):
+    if not _safe_name(name):
         raise RanregError(f"{path}: line {index + 1}: name {name!r} is not a safe folder name")
     keys = (
         "fixed",
@@ -167,7 +175,7 @@ def _write_summary(out: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def run_batch(
-    pairs: list[Pair],
+    pairs: Sequence[Pair],
     out_dir: str | os.PathLike[str],
     register_one: Callable[[Pair, Path], dict[str, Any]],
     progress: bool = True,

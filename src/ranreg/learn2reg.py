@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from ranreg.atomic import atomic_file
-from ranreg.batch import Pair, check_unique_names
+from ranreg.batch import Pair, check_pair_names
 from ranreg.data.formats import image_stem
 from ranreg.data.pair_lists import learn2reg_pairs
 from ranreg.grids import read_grid
@@ -74,7 +74,7 @@ def submission_pairs(root: str | os.PathLike[str], key: str) -> list[Pair]:
                 landmark_coordinates="voxel" if both else None,
             )
         )
-    check_unique_names(pairs, f"{root} ({key})")
+    check_pair_names(pairs, f"{root} ({key})")
     return pairs
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,22 @@ class RegistrationOptions:
         if isinstance(self.initial_affine, str) and not Path(self.initial_affine).is_file():
             raise RanregError(f"{self.initial_affine}: initial affine file not found")
         self._refine_settings(self.refine or 0).check()
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> RegistrationOptions:
+        """The options named in ``settings`` (keyword arguments of the Python API), with one
+        error line that lists the known names for a name that is not one."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise RanregError(
+                f"unknown registration option(s) {', '.join(unknown)}; known: "
+                f"{', '.join(sorted(known))}"
+            )
+        if settings.get("refine_levels") is not None:  # a list from JSON or a caller
+            levels = tuple(float(s) for s in settings["refine_levels"])
+            settings = {**settings, "refine_levels": levels}
+        return cls(**settings)
 
     def with_(self, **changes: Any) -> RegistrationOptions:
         """A copy with some settings changed (checked again)."""

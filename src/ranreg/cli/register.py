@@ -16,10 +16,7 @@ from ranreg.cli.options import (
 from ranreg.data.formats import OUTPUT_FORMATS
 from ranreg.errors import RanregError
 from ranreg.infer import register_files
-from ranreg.labelnames import load_label_names
-from ranreg.models import resolve_model
 from ranreg.outputs import DDF_CONVENTION
-from ranreg.runtime import resolve_device
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -53,30 +50,9 @@ def _run(args: Any) -> int:
     return 0
 
 
-def _cohort(args: Any) -> tuple[list[Any], bool]:
-    """The pairs of ``--pairs``: a CSV file, or a Learn2Reg list of ``--data``; and whether
-    they are Learn2Reg's (then the displacement files are written too)."""
-    from ranreg.batch import read_pairs
+def _check_cohort_args(args: Any) -> None:
+    """``--pairs`` takes everything per pair from its list; ``--data`` goes with a key."""
     from ranreg.data.pair_lists import is_pairs_file
-    from ranreg.learn2reg import submission_pairs
-
-    if is_pairs_file(args.pairs):
-        if args.data:
-            raise RanregError("register: --data goes with a Learn2Reg key in --pairs, not a CSV")
-        return read_pairs(args.pairs), False
-    if not args.data:
-        raise RanregError(
-            f"register: --pairs {args.pairs} is not a CSV file; a Learn2Reg key needs --data, "
-            "the Learn2Reg folder"
-        )
-    return submission_pairs(args.data, args.pairs), True
-
-
-def _run_pairs(args: Any) -> int:
-    """``--pairs``: the model loaded once, one folder per pair, a summary (ranreg.batch);
-    for a Learn2Reg key also the challenge's displacement files (ranreg.learn2reg)."""
-    from ranreg.batch import run_batch
-    from ranreg.learn2reg import FIELDS_FOLDER, write_field, write_missing_fields
 
     per_pair = (args.fixed, args.moving, args.moving_labels, args.fixed_labels)
     if any(per_pair) or args.fixed_landmarks or args.moving_landmarks:
@@ -85,41 +61,46 @@ def _run_pairs(args: Any) -> int:
         raise RanregError(
             "register: with --pairs, give each pair's affine in an initial_affine column"
         )
-    pairs, learn2reg = _cohort(args)
-    opts = options_from_args(args).with_(progress=False)
-    net = resolve_model(args.model)
-    resolve_device(args.device)
-    names = load_label_names(args.label_names)
-
-    def one(pair: Any, folder: Path) -> dict[str, Any]:
-        metrics = register_files(
-            pair.fixed,
-            pair.moving,
-            folder,
-            net,
-            moving_labels=pair.moving_labels,
-            fixed_labels=pair.fixed_labels,
-            device=args.device,
-            labels_to_score=args.labels,
-            options=opts.with_(initial_affine=pair.initial_affine),
-            label_names=names if args.label_names else None,
-            output_format=args.format,
-            fixed_landmarks=pair.fixed_landmarks,
-            moving_landmarks=pair.moving_landmarks,
-            landmark_coordinates=pair.landmark_coordinates or args.landmark_coordinates,
-            save_inverse=args.save_inverse,
+    if is_pairs_file(args.pairs):
+        if args.data:
+            raise RanregError("register: --data goes with a Learn2Reg key in --pairs, not a CSV")
+    elif not args.data:
+        raise RanregError(
+            f"register: --pairs {args.pairs} is not a CSV file; a Learn2Reg key needs --data, "
+            "the Learn2Reg folder"
         )
-        if learn2reg:  # a pair registered again replaces its file
-            write_field(folder, pair, Path(args.out) / FIELDS_FOLDER)
-        return metrics
 
-    rows = run_batch(pairs, args.out, one, progress=sys.stderr.isatty())
+
+def _run_pairs(args: Any) -> int:
+    """``--pairs``: :func:`ranreg.cohort.register_cohort` (the model loaded once, one
+    folder per pair, a summary; for a Learn2Reg key also the challenge's files)."""
+    import dataclasses
+
+    from ranreg.cohort import register_cohort
+    from ranreg.learn2reg import FIELDS_FOLDER
+
+    _check_cohort_args(args)
+    settings = dataclasses.asdict(options_from_args(args))
+    del settings["initial_affine"], settings["progress"]
+    rows = register_cohort(
+        args.pairs,
+        args.out,
+        data=args.data,
+        model=args.model,
+        device=args.device,
+        labels_to_score=args.labels,
+        label_names=args.label_names,
+        output_format=args.format,
+        landmark_coordinates=args.landmark_coordinates,
+        save_inverse=args.save_inverse,
+        progress=sys.stderr.isatty(),
+        **settings,
+    )
     failed = [r for r in rows if r["status"] != "done"]
     print(f"{len(rows) - len(failed)} of {len(rows)} pairs registered; {args.out}/summary.csv")
-    if learn2reg:
-        done = [p for p, r in zip(pairs, rows, strict=True) if r["status"] == "done"]
-        write_missing_fields(args.out, done)  # a run killed between a folder and its file
-        print(f"Learn2Reg displacement files: {args.out}/{FIELDS_FOLDER}/ ({len(done)} pairs)")
+    if args.data:
+        done = len(rows) - len(failed)
+        print(f"Learn2Reg displacement files: {args.out}/{FIELDS_FOLDER}/ ({done} pairs)")
     if failed:
         raise RanregError(
             f"{len(failed)} of {len(rows)} pairs failed (first: {failed[0]['name']}: "
