@@ -23,6 +23,19 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _shared(args: Any) -> dict[str, Any]:
+    """The arguments a single pair and a cohort take alike."""
+    return {
+        "model": args.model,
+        "device": args.device,
+        "labels_to_score": args.labels,
+        "label_names": args.label_names,
+        "output_format": args.format,
+        "landmark_coordinates": args.landmark_coordinates,
+        "save_inverse": args.save_inverse,
+    }
+
+
 def _run(args: Any) -> int:
     if args.pairs:
         return _run_pairs(args)
@@ -32,19 +45,13 @@ def _run(args: Any) -> int:
         args.fixed,
         args.moving,
         args.out,
-        args.model,
         moving_labels=args.moving_labels,
         fixed_labels=args.fixed_labels,
-        device=args.device,
-        labels_to_score=args.labels,
         head_masks=args.head_masks,
         options=options_from_args(args),
-        label_names=args.label_names,
-        output_format=args.format,
         fixed_landmarks=args.fixed_landmarks,
         moving_landmarks=args.moving_landmarks,
-        landmark_coordinates=args.landmark_coordinates,
-        save_inverse=args.save_inverse,
+        **_shared(args),
     )
     print_report(metrics, Path(args.out), args.moving, args.fixed)
     return 0
@@ -86,14 +93,8 @@ def _run_pairs(args: Any) -> int:
         args.pairs,
         args.out,
         data=args.data,
-        model=args.model,
-        device=args.device,
-        labels_to_score=args.labels,
-        label_names=args.label_names,
-        output_format=args.format,
-        landmark_coordinates=args.landmark_coordinates,
-        save_inverse=args.save_inverse,
         progress=sys.stderr.isatty(),
+        **_shared(args),
         **settings,
     )
     failed = [r for r in rows if r["status"] != "done"]
