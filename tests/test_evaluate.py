@@ -281,6 +281,15 @@ def test_evaluate_learn2reg_pairs_without_labels_by_keypoints(tmp_path: Path) ->
     assert "wilcoxon" not in result and len(result["wilcoxon_landmarks"]) == 1
     assert result["info"]["subject_names"] == ["P1_0001", "P1_0000", "P2_0001", "P2_0000"]
     assert (out / "landmarks.png").stat().st_size > 1000 and not (out / "boxplots.png").exists()
+    # without --pairs or --split, a Learn2Reg folder gives its validation pairs, not every
+    # ordered pair of its images (which would pair P1_0000 with P2_0001)
+    again = tmp_path / "default"
+    assert main(["evaluate", "--data", str(data), "--model", "identity", "--out", str(again)]) == 0
+    with (again / "results.csv").open() as fh:
+        assert [(r["moving"], r["fixed"]) for r in csv.DictReader(fh)] == pairs
+    assert json.loads((again / "summary.json").read_text())["info"]["pairs_from"] == (
+        "registration_val"
+    )
 
 
 def test_evaluate_learn2reg_pairs_with_labels_keep_the_json_order(tmp_path: Path) -> None:

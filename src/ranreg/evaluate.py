@@ -39,7 +39,7 @@ from tqdm import tqdm
 from ranreg.atomic import check_out_dir, new_output_dir
 from ranreg.data.datasets import Subject, discover_subjects, load_subject, ordered_pairs
 from ranreg.data.io import Volume, spacing_from_affine
-from ranreg.data.pair_lists import csv_pairs, is_pairs_file, learn2reg_pairs
+from ranreg.data.pair_lists import csv_pairs, default_pairs, is_pairs_file, learn2reg_pairs
 from ranreg.errors import RanregError
 from ranreg.evaluate_report import ModelRun, has_landmarks, pair_rows, summarise
 from ranreg.grids import read_grid
@@ -396,8 +396,10 @@ def evaluate(
     pair of the subjects of ``data`` (``split`` default: ``test``, or none for a folder that
     directly holds ``images/``), or on the ``pairs`` of a CSV file among them or of a
     Learn2Reg key such as ``"registration_val"`` (:mod:`ranreg.data.pair_lists`; a data set
-    without label maps is then scored by its landmarks alone); write the outputs into the
-    new folder ``out_dir`` (see the module docstring). ``options`` is the pipeline every
+    without label maps is then scored by its landmarks alone). A Learn2Reg folder with
+    neither ``split`` nor ``pairs`` is evaluated on its ``registration_val`` list
+    (:func:`ranreg.data.pair_lists.default_pairs`). The outputs go into the new folder
+    ``out_dir`` (see the module docstring). ``options`` is the pipeline every
     model runs with (a ``MODEL@bf16`` or ``MODEL+fast`` spec changes it for one model).
     ``label_names``: the table naming the labels (:func:`ranreg.labelnames.load_label_names`;
     default the abdomen organs). Subjects with landmarks (``landmarks/``,
@@ -414,6 +416,8 @@ def evaluate(
     dev = resolve_device(device)
     named = model_runs(models, options)
     spec = None if pairs is None else str(pairs)
+    if spec is None and split is None:
+        spec = default_pairs(root)  # a Learn2Reg folder: the challenge's validation pairs
     subjects, chosen = _subject_pairs(root, split, spec)
     organs = [int(v) for v in (labels if labels else PAPER_ORGANS)]
     if subjects[0].label is None:

@@ -61,7 +61,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--split",
         default=None,
-        help="train, val or test (default: test, or none for a folder holding images/)",
+        help="train, val or test (default: test, or none for a folder holding images/; "
+        "a Learn2Reg folder without --split or --pairs: its registration_val pairs)",
     )
     p.add_argument(
         "--pairs",

@@ -27,7 +27,14 @@ from ranreg.data.datasets import Subject
 from ranreg.data.formats import image_stem
 from ranreg.errors import RanregError
 
-__all__ = ["LEARN2REG_KEYS", "is_pairs_file", "learn2reg_json", "learn2reg_pairs", "csv_pairs"]
+__all__ = [
+    "LEARN2REG_KEYS",
+    "csv_pairs",
+    "default_pairs",
+    "is_pairs_file",
+    "learn2reg_json",
+    "learn2reg_pairs",
+]
 
 #: the lists of (fixed, moving) pairs a Learn2Reg ``*_dataset.json`` may hold
 LEARN2REG_KEYS: tuple[str, ...] = (
@@ -44,6 +51,19 @@ def is_pairs_file(spec: str) -> bool:
     exists; else it is a Learn2Reg key)."""
     path_like = spec.lower().endswith(".csv") or "/" in spec or os.sep in spec
     return path_like or Path(spec).is_file()
+
+
+def default_pairs(root: str | os.PathLike[str]) -> str | None:
+    """``registration_val`` for a Learn2Reg folder whose ``*_dataset.json`` lists it: the
+    pairs the challenge validates on (with their labels or keypoints), rather than every
+    ordered pair of ``imagesTs`` (unlabelled, and for intra-patient tasks not one scan per
+    subject). None for any other folder."""
+    r = Path(root)
+    found = sorted(r.glob("*dataset.json")) if r.is_dir() else []
+    if len(found) != 1 or not (r / "imagesTr").is_dir():
+        return None
+    listed = _load_json(found[0]).get("registration_val")
+    return "registration_val" if isinstance(listed, list) and listed else None
 
 
 def learn2reg_json(root: Path) -> Path:
