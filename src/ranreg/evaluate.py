@@ -83,16 +83,17 @@ def _default_split(root: Path, split: str | None) -> str | None:
 
 def _subject_pairs(
     data: Path, split: str | None, pairs: str | None
-) -> tuple[list[Subject], list[tuple[Subject, Subject]]]:
-    """The subjects and the (moving, fixed) pairs: every ordered pair of the split, the
-    pairs of a CSV file among the split's subjects, or a Learn2Reg key's pairs
-    (:mod:`ranreg.data.pair_lists`)."""
+) -> tuple[list[Subject], list[tuple[Subject, Subject]], str | None]:
+    """The subjects, the (moving, fixed) pairs and the split they come from: every ordered
+    pair of the split, the pairs of a CSV file among the split's subjects, or a Learn2Reg
+    key's pairs (:mod:`ranreg.data.pair_lists`; no split)."""
     if pairs is not None and not is_pairs_file(pairs):
         if split is not None:
             raise RanregError(f"pairs {pairs!r} name their own images: leave out the split")
         chosen = learn2reg_pairs(data, pairs)
     else:
-        subjects = discover_subjects(data, _default_split(data, split))
+        split = _default_split(data, split)
+        subjects = discover_subjects(data, split)
         if pairs is None and len(subjects) < 2:
             raise RanregError(
                 f"{data}: need at least 2 subjects to form pairs, found {len(subjects)}"
@@ -103,7 +104,7 @@ def _subject_pairs(
         if used.setdefault(s.name, s) != s:
             raise RanregError(f"{s.image} and {used[s.name].image}: two images named {s.name!r}")
     _check_scores(list(used.values()))
-    return list(used.values()), chosen
+    return list(used.values()), chosen, split
 
 
 def _check_scores(subjects: Sequence[Subject]) -> None:
@@ -418,7 +419,7 @@ def evaluate(
     spec = None if pairs is None else str(pairs)
     if spec is None and split is None:
         spec = default_pairs(root)  # a Learn2Reg folder: the challenge's validation pairs
-    subjects, chosen = _subject_pairs(root, split, spec)
+    subjects, chosen, split = _subject_pairs(root, split, spec)
     organs = [int(v) for v in (labels if labels else PAPER_ORGANS)]
     if subjects[0].label is None:
         organs = []  # a Learn2Reg keypoint task: scored by its landmarks
@@ -427,7 +428,7 @@ def evaluate(
     rows = _run_all(named, chosen, volumes, organs, table, dev, progress, landmarks)
     info = {
         "data": str(root),
-        "split": None if spec and not is_pairs_file(spec) else _default_split(root, split),
+        "split": split,
         "pairs_from": spec,
         "subjects": len(subjects),
         "subject_names": [s.name for s in subjects],
