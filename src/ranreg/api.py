@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from ranreg.atomic import new_output_dir
+from ranreg.data.formats import output_format as choose_format
 from ranreg.data.io import Volume, spacing_from_affine
 from ranreg.labelnames import load_label_names
 from ranreg.models import resolve_model
@@ -33,8 +35,15 @@ from ranreg.outputs import (
     write_json,
     write_outputs,
 )
-from ranreg.pipeline import RegistrationResult, align_labels, register_volumes
+from ranreg.pipeline import (
+    RegistrationResult,
+    align_labels,
+    check_inputs,
+    model_settings,
+    register_volumes,
+)
 from ranreg.points import check_landmarks, landmark_metrics
+from ranreg.runtime import resolve_device
 from ranreg.transform import Grid, ImageLike, Transform, as_volume
 
 __all__ = ["Registration", "register"]
@@ -61,6 +70,7 @@ class Registration:
     model: torch.nn.Module
     options: RegistrationOptions
     labels_to_score: list[int]
+    head_masks: bool = False
 
     def _on_fixed(self, array: np.ndarray) -> Volume:
         affine = self.fixed.affine.copy()
@@ -104,12 +114,23 @@ class Registration:
         :meth:`Transform.inverse <ranreg.transform.Transform.inverse>`."""
         return self.transform.inverse(**kwargs)
 
-    def save(self, out_dir: str | os.PathLike[str], *, inverse: bool = False) -> Path:
+    def save(
+        self,
+        out_dir: str | os.PathLike[str],
+        *,
+        inverse: bool = False,
+        output_format: str | None = None,
+        since: float | None = None,
+    ) -> Path:
         """Write the files of ``ranreg register --out out_dir`` (warped image and labels,
         ddf.nii.gz, affine.txt, jacobian.nii.gz, overlay.png, metrics.json; with
         ``inverse`` also inverse_ddf.nii.gz, as ``--save-inverse``) into the new folder
-        ``out_dir``, atomically (a failure leaves nothing)."""
+        ``out_dir``, atomically (a failure leaves nothing). The volumes take the fixed
+        image's file format or ``output_format`` (``--format``). ``since``: a
+        ``time.perf_counter()`` reading; ``metrics.json`` then holds ``total_s``, the
+        seconds from it to the end of writing (``ranreg register`` passes its start)."""
         out = Path(out_dir)
+        fmt = choose_format(self.fixed.path, output_format).lstrip(".")
         with new_output_dir(out) as tmp:
             write_outputs(
                 tmp,
@@ -120,10 +141,14 @@ class Registration:
                 _named(self.moving, "moving (array)"),
                 fix_lab=self.fixed_labels,
                 labels=self.labels_to_score,
+                head_masks=self.head_masks,
+                fmt=fmt,
             )
             metrics = dict(self.metrics)
             if inverse:
                 metrics["inverse"] = jsonable(write_inverse(tmp, self.transform))
+            if since is not None:
+                metrics["total_s"] = time.perf_counter() - since
             write_json(tmp / "metrics.json", metrics)
         return out
 
@@ -146,6 +171,7 @@ def register(
     fixed_landmarks: str | os.PathLike[str] | np.ndarray | None = None,
     moving_landmarks: str | os.PathLike[str] | np.ndarray | None = None,
     landmark_coordinates: str | None = None,
+    head_masks: bool = False,
     **options: Any,
 ) -> Registration:
     """Register ``moving`` to ``fixed``, as ``ranreg register`` does.
@@ -163,12 +189,16 @@ def register(
     With ``fixed_landmarks`` and ``moving_landmarks`` (files of :mod:`ranreg.points` or RAS
     arrays ``(N, 3)``, paired in order; voxel indices of each image with
     ``landmark_coordinates="voxel"``), ``metrics["landmarks"]`` holds their error before
-    and after (:func:`ranreg.points.landmark_errors`).
+    and after (:func:`ranreg.points.landmark_errors`). ``head_masks`` keeps the RA heads'
+    masks of a RAN model for :meth:`Registration.save` (``head_masks.png``).
     """
     opts = RegistrationOptions.from_settings(options)
     net = model if isinstance(model, torch.nn.Module) else resolve_model(model)
     fix = as_volume(fixed, "fixed image")
     mov = as_volume(moving, "moving image")
+    check_inputs(net, mov, fix)  # before anything long: a 2D model, a 2D image
+    model_settings(net.config)
+    resolve_device(device)
     fix_lab = None if fixed_labels is None else as_volume(fixed_labels, "fixed labels", labels=True)
     mov_lab = (
         None if moving_labels is None else as_volume(moving_labels, "moving labels", labels=True)
@@ -179,7 +209,9 @@ def register(
     labels = choose_labels(labels_to_score, label_names, fix_lab)
     grids = (Grid.of(fix), Grid.of(mov))
     landmarks = check_landmarks(fixed_landmarks, moving_landmarks, landmark_coordinates, grids)
-    result = register_volumes(net, mov, fix, mov_lab, fix_lab, device, options=opts)
+    result = register_volumes(
+        net, mov, fix, mov_lab, fix_lab, device, options=opts, return_levels=head_masks
+    )
     metrics = result_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device, labels, names)
     _name_inputs(metrics, fix, mov, fix_lab, mov_lab)
     transform = Transform(
@@ -203,6 +235,7 @@ def register(
         model=net,
         options=opts,
         labels_to_score=labels,
+        head_masks=head_masks,
     )
 
 

@@ -1,10 +1,11 @@
 """``ranreg register``: register two image files and write the results.
 
-:func:`register_files` reads the files, resolves the model
-(:func:`ranreg.models.resolve_model`: packaged names, files, ``identity``, classical
-peers), runs :func:`ranreg.pipeline.register_volumes` (affine -> network -> instance
-optimisation; geometry and conventions are documented there) and writes the output folder
-atomically (:mod:`ranreg.outputs`). ``ddf.nii.gz`` holds the whole mapping (affine
+:func:`register_files` is :func:`ranreg.api.register` on two files (the model resolved by
+:func:`ranreg.models.resolve_model`: packaged names, files, ``identity``, classical peers;
+the pipeline :func:`ranreg.pipeline.register_volumes`, affine -> network -> instance
+optimisation, whose docs give the geometry and conventions) followed by
+:meth:`ranreg.api.Registration.save`, which writes the output folder atomically
+(:mod:`ranreg.outputs`). ``ddf.nii.gz`` holds the whole mapping (affine
 included) as world displacements in mm (:data:`ranreg.outputs.DDF_CONVENTION`);
 ``affine.txt`` holds the affine stage alone as an ITK transform (LPS), for tools that want
 it separately.
@@ -12,6 +13,8 @@ it separately.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -20,24 +23,10 @@ from typing import Any
 
 import torch
 
-from ranreg.atomic import check_out_dir, new_output_dir
-from ranreg.data.formats import output_format as _output_format
-from ranreg.data.io import load_label_volume, load_nifti
-from ranreg.labelnames import load_label_names
-from ranreg.models import resolve_model
+from ranreg.api import register
+from ranreg.atomic import check_out_dir
+from ranreg.data.formats import output_format as choose_format
 from ranreg.options import RegistrationOptions
-from ranreg.outputs import (
-    choose_labels,
-    jsonable,
-    result_metrics,
-    write_inverse,
-    write_json,
-    write_outputs,
-)
-from ranreg.pipeline import align_labels, check_inputs, model_settings, register_volumes
-from ranreg.points import check_landmarks, landmark_metrics
-from ranreg.runtime import resolve_device
-from ranreg.transform import Grid, Transform
 
 __all__ = ["register_files"]
 
@@ -83,48 +72,22 @@ def register_files(
     t0 = time.perf_counter()
     out = Path(out_dir)
     check_out_dir(out)
+    choose_format(fixed, output_format)  # an unknown --format fails before registering
     opts = (options or RegistrationOptions()).with_(**changes)
-    net = model if isinstance(model, torch.nn.Module) else resolve_model(model)
-    resolve_device(device)
-    fix = load_nifti(fixed)
-    mov = load_nifti(moving)
-    mov_lab = None if moving_labels is None else load_label_volume(moving_labels)
-    fix_lab = None if fixed_labels is None else load_label_volume(fixed_labels)
-    check_inputs(net, mov, fix)
-    mov_lab = align_labels(mov_lab, mov, "moving")
-    fix_lab = align_labels(fix_lab, fix, "fixed")
-    model_settings(net.config)
-    names = label_names if isinstance(label_names, dict) else load_label_names(label_names)
-    labels = choose_labels(labels_to_score, label_names, fix_lab)
-    grids = (Grid.of(fix), Grid.of(mov))
-    landmarks = check_landmarks(fixed_landmarks, moving_landmarks, landmark_coordinates, grids)
-
-    result = register_volumes(
-        net, mov, fix, mov_lab, fix_lab, device, options=opts, return_levels=head_masks
+    reg = register(
+        fixed,
+        moving,
+        model=model,
+        moving_labels=moving_labels,
+        fixed_labels=fixed_labels,
+        device=device,
+        labels_to_score=labels_to_score,
+        label_names=label_names,
+        fixed_landmarks=fixed_landmarks,
+        moving_landmarks=moving_landmarks,
+        landmark_coordinates=landmark_coordinates,
+        head_masks=head_masks,
+        **dataclasses.asdict(opts),
     )
-    metrics = result_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device, labels, names)
-    # the mapping as a Transform, once, for what is measured or written through it
-    transform = Transform(result.ddf_mm, grids[0], target=grids[1])
-    if landmarks is not None:
-        metrics["landmarks"] = landmark_metrics(
-            transform, fixed_landmarks, moving_landmarks, landmarks
-        )
-    with new_output_dir(out) as tmp:
-        fmt = _output_format(fixed, output_format).lstrip(".")
-        write_outputs(
-            tmp,
-            result,
-            metrics,
-            net,
-            fix,
-            mov,
-            fix_lab=fix_lab,
-            labels=labels,
-            head_masks=head_masks,
-            fmt=fmt,
-        )
-        if save_inverse:
-            metrics["inverse"] = write_inverse(tmp, transform)
-        metrics["total_s"] = time.perf_counter() - t0
-        write_json(tmp / "metrics.json", metrics)
-    return jsonable(metrics)
+    reg.save(out, inverse=save_inverse, output_format=output_format, since=t0)
+    return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
