@@ -49,3 +49,19 @@ def test_version_is_one_and_the_changelog_knows_it(wheel: Path) -> None:
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(rf'^version = "{re.escape(ranreg.__version__)}"$', pyproject, re.M)
     assert f"## {ranreg.__version__} " in (ROOT / "CHANGELOG.md").read_text()
+
+
+@pytest.mark.parametrize("module", ["ranreg", "ranreg.cli"])
+def test_python_m_runs_the_command(module: str, tmp_path: Path) -> None:
+    """`python -m ranreg` is the `ranreg` command: its version, and a bad file as one error
+    line with exit code 2."""
+    run = [sys.executable, "-m", module]
+    version = subprocess.run([*run, "--version"], capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0
+    assert version.stdout.strip() == f"ranreg {ranreg.__version__}"
+    missing = str(tmp_path / "missing.nii.gz")
+    args = ["register", "--fixed", missing, "--moving", missing, "--out", str(tmp_path / "o")]
+    bad = subprocess.run([*run, *args], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.stderr
+    assert not (tmp_path / "o").exists()
