@@ -151,35 +151,10 @@ def run_separability(
     ``(label, path)`` pairs of trained model files, which replace a same-named entry of
     ``models`` or are added after them.
     """
-    from ranreg.checkpoint import load_model
-
-    entries: dict[str, dict[str, Any]] = {}
-    for name in models:
-        entries[name] = {"name": name, "architecture": name, "source": "untrained", "path": None}
-    loaded: dict[str, nn.Module] = {}
-    for label, path in checkpoints:
-        model = load_model(path, device=device)
-        if int(model.config.get("ndim", ndim)) != ndim:
-            got = model.config["ndim"]
-            raise RanregError(f"--checkpoint {label}={path}: a {got}D model, --ndim is {ndim}")
-        loaded[label] = model
-        entries[label] = {
-            "name": label,
-            "architecture": model.config["name"],
-            "source": "checkpoint",
-            "path": str(path),
-        }
+    entries, loaded = _networks(models, checkpoints, ndim, device)
     rows = []
     for label, entry in entries.items():
-        try:
-            bound = theoretical_separability(entry["architecture"], distances, mode)
-            variant = resolve_variant(entry["architecture"])
-            levels = [
-                {"level": k, "scale": variant.scales[k], "range": capturable_range(variant, k)}
-                for k in range(len(variant.scales))
-            ]
-        except ValueError:
-            bound, levels = None, []
+        bound, levels = _bound(entry["architecture"], distances, mode)
         measured = None
         if empirical:
             model = loaded.get(label)
@@ -204,6 +179,49 @@ def run_separability(
         "note": _NOTE,
         "models": rows,
     }
+
+
+def _networks(
+    models: Sequence[str], checkpoints: Sequence[tuple[str, str]], ndim: int, device: str
+) -> tuple[dict[str, dict[str, Any]], dict[str, nn.Module]]:
+    """The report's entries by label (architectures, then checkpoints, which replace an
+    architecture of the same label) and the loaded checkpoints' models."""
+    from ranreg.checkpoint import load_model
+
+    entries: dict[str, dict[str, Any]] = {}
+    for name in models:
+        entries[name] = {"name": name, "architecture": name, "source": "untrained", "path": None}
+    loaded: dict[str, nn.Module] = {}
+    for label, path in checkpoints:
+        model = load_model(path, device=device)
+        if int(model.config.get("ndim", ndim)) != ndim:
+            got = model.config["ndim"]
+            raise RanregError(f"--checkpoint {label}={path}: a {got}D model, --ndim is {ndim}")
+        loaded[label] = model
+        entries[label] = {
+            "name": label,
+            "architecture": model.config["name"],
+            "source": "checkpoint",
+            "path": str(path),
+        }
+    return entries, loaded
+
+
+def _bound(
+    architecture: str, distances: Sequence[int], mode: str
+) -> tuple[np.ndarray | None, list[dict[str, Any]]]:
+    """Theorem 1's bound at ``distances`` and each level's capturable range; none for an
+    architecture without RA levels (a U-Net)."""
+    try:
+        bound = theoretical_separability(architecture, distances, mode)
+        variant = resolve_variant(architecture)
+    except ValueError:
+        return None, []
+    levels = [
+        {"level": k, "scale": variant.scales[k], "range": capturable_range(variant, k)}
+        for k in range(len(variant.scales))
+    ]
+    return bound, levels
 
 
 def _to_json(result: dict[str, Any]) -> dict[str, Any]:
