@@ -103,8 +103,18 @@ def test_evaluate_split_layout_default_test(tmp_path: Path) -> None:
     assert "Only one model" in (out / "summary.md").read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("case", ["missing", "no-labels", "one-subject", "bad-image"])
-def test_bad_data_folder(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "case", ["missing", "no-labels", "one-subject", "bad-image", "blank-image"]
+)
+def test_bad_data_folder(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    import ranreg.evaluate
+
+    def no_registration(*args, **kwargs):
+        raise AssertionError("a pair was registered before the bad file was found")
+
+    monkeypatch.setattr(ranreg.evaluate, "register_volumes", no_registration)
     data = tmp_path / "data"
     name = "data"
     if case == "no-labels":
@@ -119,6 +129,10 @@ def test_bad_data_folder(case: str, tmp_path: Path, capsys: pytest.CaptureFixtur
         _dataset(data, shifts=(0, 1))
         (data / "images" / "s1.nii.gz").write_bytes(b"not a nifti file")
         name = "s1.nii.gz"
+    elif case == "blank-image":  # the last image read: refused before any registration
+        _dataset(data, shifts=(0, 1, 3))
+        write_nifti(data / "images" / "s2.nii.gz", np.zeros(SHAPE, np.float32), _affine())
+        name = "s2.nii.gz: every voxel is 0"
     out = tmp_path / "eval"
     argv = ["evaluate", "--data", str(data), "--model", "identity", "--out", str(out)]
     assert main([*argv, "--no-progress"]) == 2

@@ -350,9 +350,13 @@ def test_unreadable_voxel_types_sizes_and_output_paths_are_one_error_line(
     zero.header.set_zooms((0.0, 0.0, 0.0))
     zero.header["sform_code"] = zero.header["qform_code"] = 0
     nib.save(zero, tmp_path / "zero.nii")
+    # air only (a failed DICOM conversion): any field fits it, so there is nothing to return
+    blank = np.full((20, 18, 16), -1024.0, np.float32)
+    nib.save(nib.Nifti1Image(blank, np.eye(4)), tmp_path / "blank.nii.gz")
     (tmp_path / "link").symlink_to(tmp_path / "nowhere")
     cases = [
         (["--moving", str(tmp_path / "complex.nii.gz")], "unsupported voxel type"),
+        (["--fixed", str(tmp_path / "blank.nii.gz")], "every voxel is -1024; an image without"),
         (["--moving", str(tmp_path / "zero.nii")], "voxel size is unknown"),
         ([], "symbolic link"),
     ]

@@ -48,7 +48,7 @@ from ranreg.metrics import PAPER_ORGANS
 from ranreg.models import IDENTITY, IdentityModel, model_label, resolve_model
 from ranreg.options import PRECISIONS, RegistrationOptions
 from ranreg.outputs import score_labels, write_json
-from ranreg.pipeline import RegistrationResult, register_volumes
+from ranreg.pipeline import RegistrationResult, check_contrast, register_volumes
 from ranreg.points import landmark_errors, read_points
 from ranreg.refine import DEFAULT_STEPS
 from ranreg.runtime import is_neural, resolve_device
@@ -126,10 +126,9 @@ def _check_scores(subjects: Sequence[Subject]) -> None:
 def _load(subject: Subject) -> tuple[Volume, Volume | None]:
     image, label, affine = load_subject(subject)  # checks shapes, names both files
     spacing = spacing_from_affine(affine)
-    return (
-        Volume(image, affine, spacing, subject.image),
-        None if label is None else Volume(label, affine, spacing, subject.label),
-    )
+    volume = Volume(image, affine, spacing, subject.image)
+    check_contrast(volume)  # here, before the long loop, not at the pair that uses it
+    return volume, None if label is None else Volume(label, affine, spacing, subject.label)
 
 
 def split_precision(spec: str | None, default: str) -> tuple[str | None, str]:

@@ -62,6 +62,7 @@ __all__ = [
     "RegistrationResult",
     "align_labels",
     "check_inputs",
+    "check_contrast",
     "model_settings",
     "register_volumes",
 ]
@@ -166,8 +167,8 @@ def _volume_name(v: Volume, default: str) -> str:
 
 
 def check_inputs(model: torch.nn.Module, moving: Volume, fixed: Volume) -> None:
-    """Refuse a model that is not 3D and images that are not 3D volumes (RanregError
-    naming the model or file)."""
+    """Refuse a model that is not 3D, images that are not 3D volumes and images without
+    contrast (RanregError naming the model or file)."""
     ndim = int(getattr(model, "config", {}).get("ndim", 3))
     if ndim != 3:
         raise RanregError(
@@ -180,6 +181,18 @@ def check_inputs(model: torch.nn.Module, moving: Volume, fixed: Volume) -> None:
                 f"{_volume_name(vol, name)}: need a 3D volume with at least 2 voxels per axis, "
                 f"got shape {vol.shape}"
             )
+        check_contrast(vol, name)
+
+
+def check_contrast(volume: Volume, name: str = "image") -> None:
+    """Refuse an image whose voxels all have one value (RanregError naming the file):
+    any field fits it equally well, so a registration would return an arbitrary one."""
+    lo, hi = float(np.min(volume.array)), float(np.max(volume.array))
+    if not hi > lo:
+        raise RanregError(
+            f"{_volume_name(volume, name)}: every voxel is {lo:g}; an image without "
+            "contrast cannot be registered (an empty scan or a failed conversion?)"
+        )
 
 
 def align_labels(label: Volume | None, image: Volume, role: str) -> Volume | None:
