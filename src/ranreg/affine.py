@@ -146,18 +146,23 @@ def _make_level(
     centre: np.ndarray,
     similarity: str,
     window: int,
+    fixed_mask: Tensor | None = None,
 ) -> _Level:
     """Both images at about ``spacing`` mm: the fixed image averaged over blocks and sampled
-    at the cell centres, the moving image averaged over blocks (sampled while optimising)."""
+    at the cell centres, the moving image averaged over blocks (sampled while optimising);
+    the fixed mask, if given, the same way (the cells at least half inside it)."""
     space = spacing
     shape, step = cell_grid(fixed_vol, (space, space, space))
-    fixed_small, fixed_small_affine = area_downsample(fixed, fixed_vol.affine, space)
+    both = fixed if fixed_mask is None else torch.cat([fixed, fixed_mask.to(fixed.dtype)], 1)
+    fixed_small, fixed_small_affine = area_downsample(both, fixed_vol.affine, space)
     centres = cell_centres(shape, step, "cpu").reshape(3, -1)
     world = torch.as_tensor(fixed_vol.affine, dtype=torch.float64)
     points = world[:3, :3] @ centres + world[:3, 3:]
     to_small = torch.as_tensor(np.linalg.inv(fixed_small_affine), dtype=torch.float64)
     vox = (to_small[:3, :3] @ points + to_small[:3, 3:]).reshape(3, *shape)
-    fixed_level = sample(fixed_small, vox, "bilinear", 0.0)[None, None].float()
+    on_cells = sample(fixed_small, vox, "bilinear", 0.0).view(-1, *shape)
+    fixed_level = on_cells[:1][None].float()
+    region = None if fixed_mask is None else (on_cells[1:] >= 0.5)[None].float()
     moving_small, moving_small_affine = area_downsample(moving, moving_affine, space)
     shift = np.eye(4)
     shift[:3, 3] = centre
@@ -167,7 +172,7 @@ def _make_level(
         shape=shape,
         moving=moving_small.float(),
         world_to_moving=torch.as_tensor(w2m, dtype=torch.float32),
-        similarity=build_similarity(similarity, fixed_level, window),
+        similarity=build_similarity(similarity, fixed_level, window, region),
         spacing=space,
     )
 
@@ -228,6 +233,7 @@ def register_affine(
     settings: AffineSettings | None = None,
     images: tuple[Tensor, Tensor] | None = None,
     initial: np.ndarray | None = None,
+    fixed_mask: Tensor | None = None,
 ) -> np.ndarray:
     """The 4x4 world (RAS+) map from fixed to moving points (see the module docstring).
 
@@ -235,7 +241,9 @@ def register_affine(
     ``--initial-moving-transform``) instead of the centres of mass; ``mode="none"``
     returns it as it is (the identity without it). Images are compared after
     :func:`~ranreg.similarity.robust_normalise` (``images``: the two already normalised,
-    from :func:`~ranreg.similarity.normalised_volumes`).
+    from :func:`~ranreg.similarity.normalised_volumes`). ``fixed_mask`` ``(1, 1, *fixed)``,
+    0/1: the similarity counts only voxels inside it (the centres of mass stay the whole
+    images').
     """
     s = settings or AffineSettings()
     s.check()
@@ -246,9 +254,8 @@ def register_affine(
     # ``start`` (its voxels at world points start^-1 q), then composed with ``start``
     seen = replace(moving, affine=np.linalg.inv(start) @ np.asarray(moving.affine))
     with torch.inference_mode(False), torch.enable_grad():
-        found = _register(
-            fixed, seen, s, images or normalised_volumes(fixed, moving), initial is None
-        )
+        images = images or normalised_volumes(fixed, moving)
+        found = _register(fixed, seen, s, images, initial is None, fixed_mask)
     return start @ found
 
 
@@ -271,6 +278,7 @@ def _register(
     s: AffineSettings,
     images: tuple[Tensor, ...],
     from_centres: bool = True,
+    fixed_mask: Tensor | None = None,
 ) -> np.ndarray:
     sim = choose_similarity(fixed, moving, s.similarity)
     fix, mov = images
@@ -280,7 +288,9 @@ def _register(
     shift = torch.tensor(shift0, dtype=torch.float32, requires_grad=True)
     extra = torch.zeros(3, 3, requires_grad=True) if s.mode == "affine" else None
     for i, (spacing, steps) in enumerate(plan_levels(fixed, s.levels, s.iterations)):
-        level = _make_level(fix, fixed, mov, moving.affine, spacing, centre, sim, s.window)
+        level = _make_level(
+            fix, fixed, mov, moving.affine, spacing, centre, sim, s.window, fixed_mask
+        )
         if i == 0:
             _best_start(level, rotvec, shift, steps, s.starts_deg)
             _fit(level, rotvec, shift, None, steps)  # rigid first: an affine fit from a poor

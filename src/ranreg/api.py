@@ -172,6 +172,7 @@ def register(
     moving_landmarks: str | os.PathLike[str] | np.ndarray | None = None,
     landmark_coordinates: str | None = None,
     head_masks: bool = False,
+    fixed_mask: ImageLike | None = None,
     **options: Any,
 ) -> Registration:
     """Register ``moving`` to ``fixed``, as ``ranreg register`` does.
@@ -191,6 +192,9 @@ def register(
     ``landmark_coordinates="voxel"``), ``metrics["landmarks"]`` holds their error before
     and after (:func:`ranreg.points.landmark_errors`). ``head_masks`` keeps the RA heads'
     masks of a RAN model for :meth:`Registration.save` (``head_masks.png``).
+    ``fixed_mask`` (an image like ``fixed``; non-zero: inside) limits the similarity of the
+    affine stage and of the optimisation to the voxels inside it (ANTs' ``-x``); the network
+    sees the whole images (:func:`ranreg.pipeline.register_volumes`).
     """
     opts = RegistrationOptions.from_settings(options)
     net = model if isinstance(model, torch.nn.Module) else resolve_model(model)
@@ -203,6 +207,7 @@ def register(
     mov_lab = (
         None if moving_labels is None else as_volume(moving_labels, "moving labels", labels=True)
     )
+    mask = None if fixed_mask is None else as_volume(fixed_mask, "fixed mask", labels=True)
     names = label_names if isinstance(label_names, dict) else load_label_names(label_names)
     mov_lab = align_labels(mov_lab, mov, "moving")
     fix_lab = align_labels(fix_lab, fix, "fixed")
@@ -210,10 +215,19 @@ def register(
     grids = (Grid.of(fix), Grid.of(mov))
     landmarks = check_landmarks(fixed_landmarks, moving_landmarks, landmark_coordinates, grids)
     result = register_volumes(
-        net, mov, fix, mov_lab, fix_lab, device, options=opts, return_levels=head_masks
+        net,
+        mov,
+        fix,
+        mov_lab,
+        fix_lab,
+        device,
+        options=opts,
+        return_levels=head_masks,
+        fixed_mask=mask,
     )
     metrics = result_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device, labels, names)
     _name_inputs(metrics, fix, mov, fix_lab, mov_lab)
+    metrics["fixed_mask"] = _mask_entry(mask, result)
     transform = Transform(
         result.ddf_mm,
         grids[0],
@@ -237,6 +251,15 @@ def register(
         labels_to_score=labels,
         head_masks=head_masks,
     )
+
+
+def _mask_entry(mask: Volume | None, result: RegistrationResult) -> dict[str, Any] | None:
+    """The fixed mask in ``metrics``: its file (None for an array) and the fraction of the
+    fixed image inside it."""
+    if mask is None:
+        return None
+    path = None if mask.path is None else str(mask.path)
+    return {"path": path, "fraction": result.fixed_mask_fraction}
 
 
 def _name_inputs(

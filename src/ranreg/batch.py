@@ -1,7 +1,8 @@
 """Registering a cohort: ``ranreg register --pairs pairs.csv --out DIR``.
 
 ``pairs.csv`` has a header with the columns ``fixed`` and ``moving`` and optionally
-``moving_labels``, ``fixed_labels``, ``initial_affine`` (an ITK transform file to start the
+``moving_labels``, ``fixed_labels``, ``fixed_mask`` (as ``--fixed-mask``),
+``initial_affine`` (an ITK transform file to start the
 affine stage from, as ``--initial-affine``), ``fixed_landmarks`` and ``moving_landmarks``
 (as ``--fixed-landmarks``/``--moving-landmarks``) and ``name`` (relative paths are taken from
 the CSV's folder). The model is loaded once; every pair gets its own folder ``DIR/NAME`` (default
@@ -69,6 +70,8 @@ class Pair:
     moving_landmarks: Path | None = None
     #: the axes of the landmark files when the data set fixes them (Learn2Reg: voxel)
     landmark_coordinates: str | None = None
+    #: compare the images only inside this mask of the fixed image (``--fixed-mask``)
+    fixed_mask: Path | None = None
 
 
 def _resolve(base: Path, text: str | None) -> Path | None:
@@ -131,6 +134,7 @@ def _pair(path: Path, index: int, row: dict[str, str]) -> Pair:
         "moving",
         "moving_labels",
         "fixed_labels",
+        "fixed_mask",
         "initial_affine",
         "fixed_landmarks",
         "moving_landmarks",

@@ -105,6 +105,7 @@ def register_cohort(
             moving_landmarks=pair.moving_landmarks,
             landmark_coordinates=pair.landmark_coordinates or landmark_coordinates,
             save_inverse=save_inverse,
+            fixed_mask=pair.fixed_mask,
         )
         if data is not None:  # a pair registered again replaces its file
             write_field(folder, pair, fields)

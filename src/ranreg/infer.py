@@ -49,6 +49,7 @@ def register_files(
     moving_landmarks: str | os.PathLike[str] | None = None,
     landmark_coordinates: str | None = None,
     save_inverse: bool = False,
+    fixed_mask: str | os.PathLike[str] | None = None,
     **changes: Any,
 ) -> dict[str, Any]:
     """Register two NIfTI files and write the results into the new folder ``out_dir``.
@@ -66,7 +67,8 @@ def register_files(
     ``moving_landmarks`` (files of :mod:`ranreg.points`, paired in order; a CSV's axes are
     ``landmark_coordinates``), ``metrics["landmarks"]`` holds their error before and after
     (:func:`ranreg.points.landmark_errors`). ``save_inverse`` adds ``inverse_ddf.nii.gz``,
-    the inverse mapping on the moving grid (:func:`ranreg.outputs.write_inverse`). Returns
+    the inverse mapping on the moving grid (:func:`ranreg.outputs.write_inverse`).
+    ``fixed_mask``: compare the images only inside it (:func:`ranreg.register`). Returns
     the metrics dict (as in ``metrics.json``).
     """
     t0 = time.perf_counter()
@@ -87,6 +89,7 @@ def register_files(
         moving_landmarks=moving_landmarks,
         landmark_coordinates=landmark_coordinates,
         head_masks=head_masks,
+        fixed_mask=fixed_mask,
         **dataclasses.asdict(opts),
     )
     reg.save(out, inverse=save_inverse, output_format=output_format, since=t0)

@@ -63,6 +63,7 @@ __all__ = [
     "align_labels",
     "check_inputs",
     "check_contrast",
+    "mask_on_fixed",
     "model_settings",
     "register_volumes",
 ]
@@ -116,9 +117,10 @@ class RegistrationResult:
     ``ddf_vox`` (X, Y, Z, 3): the same displacement in fixed voxels along the fixed array
     axes. ``world_map``: the affine stage's 4x4 world map (fixed -> moving point);
     ``initial_map``: the one it started from (``initial_affine``), or None;
-    ``refine_report``: what the optimisation did (None without it). ``moving_on_fixed`` /
-    ``moving_label_on_fixed``: the moving image / labels resampled to the fixed grid with
-    the identity world transform (the "before" state).
+    ``refine_report``: what the optimisation did (None without it);
+    ``fixed_mask_fraction``: the part of the fixed image inside ``fixed_mask``, if given.
+    ``moving_on_fixed`` / ``moving_label_on_fixed``: the moving image / labels resampled to
+    the fixed grid with the identity world transform (the "before" state).
     """
 
     warped: np.ndarray
@@ -141,6 +143,7 @@ class RegistrationResult:
     world_map: np.ndarray | None = None
     refine_report: RefineReport | None = None
     initial_map: np.ndarray | None = None
+    fixed_mask_fraction: float | None = None
 
     @property
     def fixed_spacing(self) -> tuple[float, float, float]:
@@ -195,13 +198,16 @@ def check_contrast(volume: Volume, name: str = "image") -> None:
         )
 
 
-def align_labels(label: Volume | None, image: Volume, role: str) -> Volume | None:
+def align_labels(
+    label: Volume | None, image: Volume, role: str, kind: str = "labels"
+) -> Volume | None:
     """``label`` on its image's grid: as it is when the grids agree, else resampled through
-    both affines with a warning; a label map that lands outside its image is an error."""
+    both affines with a warning; a label map that lands outside its image is an error.
+    ``role`` and ``kind`` name an array in messages (``fixed labels``, ``fixed mask``)."""
     if label is None or same_grid(label, image):
         return label
     placed = labels_on_grid(label, image)
-    name = _volume_name(label, f"{role} labels")
+    name = _volume_name(label, f"{role} {kind}")
     if np.asarray(label.array).any() and not placed.array.any():
         raise RanregError(
             f"{name}: no label of this map falls inside its image "
@@ -213,6 +219,33 @@ def align_labels(label: Volume | None, image: Volume, role: str) -> Volume | Non
         stacklevel=3,
     )
     return placed
+
+
+def mask_on_fixed(mask: Volume | None, fixed: Volume) -> Tensor | None:
+    """The fixed mask (non-zero: inside) as a ``(1, 1, *fixed)`` 0/1 tensor on the fixed
+    image's grid, resampled like a label map when it is stored on another grid; a mask
+    with no voxel inside is an error."""
+    if mask is None:
+        return None
+    placed = align_labels(mask, fixed, "fixed", "mask")
+    assert placed is not None
+    inside = np.asarray(placed.array) != 0
+    if not inside.any():
+        raise RanregError(f"{_volume_name(mask, 'fixed mask')}: the mask is empty")
+    return torch.from_numpy(inside.astype(np.float32))[None, None]
+
+
+def _check_mask(mask: Tensor, images: tuple[Tensor, ...] | None, name: str) -> None:
+    """A mask outside the fixed body (normalised intensity over 0.1, what the similarities
+    count) would leave nothing to compare: refuse it rather than return the start."""
+    if images is None:
+        warnings.warn(
+            f"{name} has no effect: it restricts the affine stage and the optimisation, and "
+            "neither runs",
+            stacklevel=3,
+        )
+    elif not bool(((mask > 0.5) & (images[0] > 0.1)).any()):
+        raise RanregError(f"{name}: no voxel of the mask lies in the fixed image's body")
 
 
 @dataclass
@@ -314,6 +347,7 @@ def register_volumes(
     *,
     options: RegistrationOptions | None = None,
     return_levels: bool = False,
+    fixed_mask: Volume | None = None,
     **changes: Any,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (both in world space) with ``model``.
@@ -324,6 +358,9 @@ def register_volumes(
     for the steps and the geometry. ``return_levels`` also keeps the network's per-level
     output (``result.levels``, RAN models only) and the normalised fixed image on the
     network grid (``result.network_fixed``), for :func:`ranreg.figures.head_mask_figure`.
+    ``fixed_mask`` (non-zero: inside) limits the similarity of the affine stage and of the
+    optimisation to the voxels inside it, as ANTs' and elastix's fixed masks do; the
+    network sees the whole images, and the field covers the whole fixed image.
     """
     start = time.perf_counter()
     opts = (options or RegistrationOptions()).with_(**changes)
@@ -331,6 +368,7 @@ def register_volumes(
     check_inputs(model, moving, fixed)
     moving_label = align_labels(moving_label, moving, "moving")
     fixed_label = align_labels(fixed_label, fixed, "fixed")
+    mask = mask_on_fixed(fixed_mask, fixed)
     neural = is_neural(model)
     trained_spacing, window = model_settings(model.config)
     spacing = opts.grid_spacing(trained_spacing, neural)
@@ -342,8 +380,10 @@ def register_volumes(
     affine_settings = opts.affine_settings(neural)
     optimised = affine_settings.mode != "none" or refine_settings.steps > 0
     images = normalised_volumes(fixed, moving) if optimised else None
+    if fixed_mask is not None and mask is not None:
+        _check_mask(mask, images, _volume_name(fixed_mask, "fixed mask"))
     initial = opts.initial_map()
-    world_map = register_affine(fixed, moving, affine_settings, images, initial)
+    world_map = register_affine(fixed, moving, affine_settings, images, initial, mask)
     affine_s = time.perf_counter() - t_affine
     inputs = _load_inputs(fixed, moving, world_map, dev)
 
@@ -355,7 +395,7 @@ def register_volumes(
 
     # step 4: instance optimisation from the network's field (or from zero)
     t_refine = time.perf_counter()
-    v, report = _refined(fixed, moving, inputs, ddf_g, refine_settings, opts, images)
+    v, report = _refined(fixed, moving, inputs, ddf_g, refine_settings, opts, images, mask)
     refine_s = time.perf_counter() - t_refine if report is not None else 0.0
 
     # step 5: outputs on the fixed grid
@@ -376,6 +416,7 @@ def register_volumes(
         network_spacing=tuple(float(s * st) for s, st in zip(fixed.spacing, step, strict=True)),
         network_fixed=fixed_n[0, 0].cpu().numpy() if return_levels else None,
         levels=levels,
+        fixed_mask_fraction=None if mask is None else round(float(mask.mean()), 6),
     )
 
 
@@ -460,6 +501,7 @@ def _refined(
     settings: RefineSettings,
     opts: RegistrationOptions,
     images: Any,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, RefineReport | None]:
     """Step 4: the field on the fixed grid, optimised from the network's (or from zero
     when the network gave none) unless optimisation is off."""
@@ -469,7 +511,7 @@ def _refined(
         return (ddf_g if same else resize_ddf(ddf_g, shape_f)), None
     start_field = ddf_g if bool(ddf_g.any()) else None
     args = (fixed, moving, inputs.fixed_to_moving, start_field, settings, opts.progress, images)
-    v, report = refine_pair(*args)
+    v, report = refine_pair(*args, fixed_mask=mask)
     return v.to(inputs.fixed.device), report
 
 

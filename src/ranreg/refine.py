@@ -109,12 +109,14 @@ def _fit_level(
     base: Tensor,
     s: RefineSettings,
     progress: Callable[[float], None] | None = None,
+    region: Tensor | None = None,
 ) -> Tensor:
-    """Fit ``base`` (1, 3, *S) plus a coarse correction to one level for ``s.steps`` steps;
-    returns the field."""
+    """Fit ``base`` (1, 3, *S) plus a coarse correction to one level for ``s.steps`` steps,
+    the similarity within ``region`` (a fixed mask on the level) if given; returns the
+    field."""
     shape = tuple(base.shape[2:])
     ctrl_shape = tuple(max(2, math.ceil(n / s.control)) for n in shape)
-    sim = LocalNCC(fixed, s.window)
+    sim = LocalNCC(fixed, s.window, region)
     if s.diffeomorphic:
         start = resize_ddf(base, ctrl_shape)
 
@@ -228,17 +230,21 @@ def _level_images(
     fixed_to_moving: np.ndarray,
     shape: tuple[int, int, int],
     space: float,
-) -> tuple[Tensor, Tensor]:
-    """Fixed and (affinely mapped) moving images, block-averaged, on one level's cells."""
+    fixed_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Fixed and (affinely mapped) moving images, block-averaged, on one level's cells,
+    and the fixed mask there (the cells at least half inside it), if one is given."""
     step = np.asarray(fixed_vol.shape, dtype=np.float64) / np.asarray(shape)
     centres = cell_centres(shape, step, "cpu")
-    small_f, aff_f = area_downsample(fixed, fixed_vol.affine, space)
+    both = fixed if fixed_mask is None else torch.cat([fixed, fixed_mask.to(fixed.dtype)], 1)
+    small_f, aff_f = area_downsample(both, fixed_vol.affine, space)
     small_m, aff_m = area_downsample(moving, moving_affine, space)
     to_f = np.linalg.inv(aff_f) @ fixed_vol.affine
     to_m = np.linalg.inv(aff_m) @ np.asarray(moving_affine) @ fixed_to_moving
-    f = sample(small_f, apply_affine(to_f, centres), "bilinear", 0.0)
+    f = sample(small_f, apply_affine(to_f, centres), "bilinear", 0.0).view(-1, *shape)
     m = sample(small_m, apply_affine(to_m, centres), "bilinear", 0.0)
-    return f[None, None].float(), m[None, None].float()
+    region = None if fixed_mask is None else (f[1:] >= 0.5)[None].float()
+    return f[:1][None].float(), m[None, None].float(), region
 
 
 def refine_pair(
@@ -249,16 +255,20 @@ def refine_pair(
     settings: RefineSettings,
     progress: bool = False,
     images: tuple[Tensor, Tensor] | None = None,
+    fixed_mask: Tensor | None = None,
 ) -> tuple[Tensor, RefineReport]:
     """Multi-level instance optimisation of one pair; returns ``v`` ``(1, 3, *fixed)`` in
     fixed voxels along the fixed axes (moving voxel ``fixed_to_moving (x + v(x))``) and a
     report. ``start``: the network's field on any cell grid of the fixed image, or None.
     ``images``: both images already normalised
-    (:func:`~ranreg.similarity.normalised_volumes`)."""
+    (:func:`~ranreg.similarity.normalised_volumes`). ``fixed_mask`` ``(1, 1, *fixed)``,
+    0/1: the similarity counts only voxels inside it (the field still covers the image)."""
     settings.check()
     images = images or normalised_volumes(fixed, moving)
     with torch.inference_mode(False), torch.enable_grad():
-        return _refine_pair(fixed, moving, fixed_to_moving, start, settings, progress, images)
+        return _refine_pair(
+            fixed, moving, fixed_to_moving, start, settings, progress, images, fixed_mask
+        )
 
 
 def _refine_pair(
@@ -269,6 +279,7 @@ def _refine_pair(
     s: RefineSettings,
     progress: bool,
     images: tuple[Tensor, ...],
+    fixed_mask: Tensor | None,
 ) -> tuple[Tensor, RefineReport]:
     from tqdm import tqdm
 
@@ -286,15 +297,17 @@ def _refine_pair(
     report = RefineReport([], False, float("nan"), float("nan"), float("nan"))
     with bar:
         for i, (space, shape) in enumerate(levels):
-            f, m = _level_images(fix, fixed, mov, moving.affine, fixed_to_moving, shape, space)
+            f, m, region = _level_images(
+                fix, fixed, mov, moving.affine, fixed_to_moving, shape, space, fixed_mask
+            )
             if i == 0:
-                field = _choose_start(f, m, start, s.window, report)
+                field = _choose_start(f, m, start, s.window, report, region)
             else:
                 field = resize_ddf(field, shape)
-            field = _fit_level(f, m, field, s.with_steps(plan[i]), tick)
+            field = _fit_level(f, m, field, s.with_steps(plan[i]), tick, region)
             report.levels.append((space, shape, plan[i]))
         with torch.no_grad():
-            sim = LocalNCC(f, s.window)
+            sim = LocalNCC(f, s.window, region)
             report.ncc_affine = -float(sim(m))  # on the finest level, like the final value
             report.ncc_final = -float(sim(warp(m, field)))
     shape_f = tuple(int(n) for n in fixed.shape)
@@ -303,12 +316,17 @@ def _refine_pair(
 
 
 def _choose_start(
-    fixed: Tensor, moving: Tensor, start: Tensor | None, window: int, report: RefineReport
+    fixed: Tensor,
+    moving: Tensor,
+    start: Tensor | None,
+    window: int,
+    report: RefineReport,
+    region: Tensor | None = None,
 ) -> Tensor:
     """The network's field on this level if it improves the similarity, else zero."""
     shape = tuple(fixed.shape[2:])
     zero = torch.zeros(1, 3, *shape)
-    sim = LocalNCC(fixed, window)
+    sim = LocalNCC(fixed, window, region)
     with torch.no_grad():
         report.ncc_zero = -float(sim(moving))
         if start is None:

@@ -61,19 +61,25 @@ def box_mean(x: Tensor, window: int) -> Tensor:
     return y / _in_image_count(tuple(x.shape[2:]), window, x.device)
 
 
+def _in_region(body: Tensor, region: Tensor | None) -> Tensor:
+    """The voxels a similarity averages over: the fixed body, within the user's region."""
+    return body if region is None else body & (region > 0.5)
+
+
 class LocalNCC:
     """``-mean(cc)`` over a mask, ``cc`` the squared local correlation coefficient of the
     fixed image and a warped moving image in a box of ``window`` voxels (odd).
 
-    ``cc = cov^2 / (var_f var_w + eps)``; the mask defaults to ``fixed > 0.1`` (intensities
-    normalised to [0, 1]: the body, not air). Identical textured images give -1.
+    ``cc = cov^2 / (var_f var_w + eps)``; the mask is ``fixed > 0.1`` (intensities
+    normalised to [0, 1]: the body, not air), within ``region`` (a fixed mask, 0/1, the
+    shape of ``fixed``) when one is given. Identical textured images give -1.
     """
 
     def __init__(
         self,
         fixed: Tensor,
         window: int = 5,
-        mask: Tensor | None = None,
+        region: Tensor | None = None,
         eps: float = 1e-8,
     ) -> None:
         if window < 1 or window % 2 == 0:
@@ -83,8 +89,7 @@ class LocalNCC:
         mf, mff = box_mean(torch.cat([fixed, fixed * fixed], dim=1), window).chunk(2, dim=1)
         self.mean_f = mf
         self.var_f = (mff - mf * mf).clamp_min(0.0)
-        mask = (fixed > 0.1) if mask is None else mask
-        self.mask = mask.to(fixed.dtype)
+        self.mask = _in_region(fixed > 0.1, region).to(fixed.dtype)
         self.count = self.mask.sum().clamp_min(1.0)
 
     def __call__(self, warped: Tensor) -> Tensor:
@@ -98,13 +103,14 @@ class LocalNCC:
 
 class MutualInformation:
     """``-MI`` (Parzen-window estimate, MONAI's ``GlobalMutualInformationLoss``) between the
-    fixed image and a warped moving image, both in [0, 1], over the mask ``fixed > 0.05``."""
+    fixed image and a warped moving image, both in [0, 1], over the mask ``fixed > 0.05``
+    (within ``region``, a fixed mask, when one is given)."""
 
-    def __init__(self, fixed: Tensor, bins: int = 32, mask: Tensor | None = None) -> None:
+    def __init__(self, fixed: Tensor, bins: int = 32, region: Tensor | None = None) -> None:
         from monai.losses import GlobalMutualInformationLoss  # slow import: only when used
 
         self.loss = GlobalMutualInformationLoss(num_bins=bins, sigma_ratio=0.5)
-        mask = (fixed > 0.05) if mask is None else mask
+        mask = _in_region(fixed > 0.05, region)
         self.index = mask.flatten().nonzero()[:, 0]
         self.fixed = fixed.flatten()[self.index].view(1, 1, -1)
 
@@ -137,12 +143,14 @@ def normalised_volumes(*volumes: Any) -> tuple[Tensor, ...]:
     )
 
 
-def build_similarity(name: str, fixed: Tensor, window: int = 5) -> LocalNCC | MutualInformation:
-    """``"lncc"`` or ``"mi"`` on ``fixed`` ``(1, 1, *S)``."""
+def build_similarity(
+    name: str, fixed: Tensor, window: int = 5, region: Tensor | None = None
+) -> LocalNCC | MutualInformation:
+    """``"lncc"`` or ``"mi"`` on ``fixed`` ``(1, 1, *S)``, within ``region`` if given."""
     if name == "lncc":
-        return LocalNCC(fixed, window)
+        return LocalNCC(fixed, window, region)
     if name == "mi":
-        return MutualInformation(fixed)
+        return MutualInformation(fixed, region=region)
     raise ValueError(f"similarity must be lncc or mi, got {name!r}")
 
 

@@ -51,6 +51,7 @@ def _run(args: Any) -> int:
         options=options_from_args(args),
         fixed_landmarks=args.fixed_landmarks,
         moving_landmarks=args.moving_landmarks,
+        fixed_mask=args.fixed_mask,
         **_shared(args),
     )
     print_report(metrics, Path(args.out), args.moving, args.fixed)
@@ -61,7 +62,7 @@ def _check_cohort_args(args: Any) -> None:
     """``--pairs`` takes everything per pair from its list; ``--data`` goes with a key."""
     from ranreg.data.pair_lists import is_pairs_file
 
-    per_pair = (args.fixed, args.moving, args.moving_labels, args.fixed_labels)
+    per_pair = (args.fixed, args.moving, args.moving_labels, args.fixed_labels, args.fixed_mask)
     if any(per_pair) or args.fixed_landmarks or args.moving_landmarks:
         raise RanregError("register: --pairs takes the images from its list, not --fixed etc.")
     if args.initial_affine:
@@ -183,7 +184,8 @@ def add_parser(sub: Any) -> None:
         "--pairs",
         metavar="CSV|KEY",
         help="register a cohort instead: a CSV with columns fixed, moving [, moving_labels, "
-        "fixed_labels, initial_affine, fixed_landmarks, moving_landmarks, name], or a list of "
+        "fixed_labels, fixed_mask, initial_affine, fixed_landmarks, moving_landmarks, name], "
+        "or a list of "
         "a Learn2Reg folder's *_dataset.json (registration_test, registration_val, "
         "training_paired_images; with --data), which also writes the challenge's "
         "disp_FFFF_MMMM.nii.gz files into --out/learn2reg; one folder per pair in --out and a "
@@ -206,6 +208,13 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--moving-labels", help="moving label map (warped with nearest neighbour)")
     p.add_argument("--fixed-labels", help="fixed label map (Dice/ASD/HD95 before and after)")
+    p.add_argument(
+        "--fixed-mask",
+        metavar="MASK",
+        help="compare the images only inside this mask of the fixed image (non-zero: inside), "
+        "in the affine stage and the optimisation, as ANTs' -x; the network sees the whole "
+        "images and the field covers the whole fixed image",
+    )
     p.add_argument(
         "--fixed-landmarks",
         metavar="POINTS",
