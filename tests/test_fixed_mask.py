@@ -103,6 +103,18 @@ def test_a_mask_of_the_whole_image_changes_nothing(scene: dict[str, Volume]) -> 
     assert np.array_equal(without, with_all)
 
 
+def test_a_mask_outside_the_body_is_refused_and_one_without_use_warns(scene) -> None:
+    from ranreg.errors import RanregError
+
+    air = np.zeros(SHAPE, np.uint8)
+    air[:3] = 1  # in front of block A: no tissue there
+    with pytest.raises(RanregError, match="no voxel of the mask lies in the fixed image's body"):
+        _register(scene, _volume(air), affine="rigid", refine=0)
+    with pytest.warns(UserWarning, match="has no effect"):
+        ddf = _register(scene, scene["mask_a"], affine="none", refine=0)
+    assert not ddf.any()
+
+
 def test_local_ncc_averages_over_the_body_within_the_region() -> None:
     rng = np.random.default_rng(1)
     fixed = torch.from_numpy(rng.uniform(0.0, 1.0, (1, 1, 9, 8, 7)).astype(np.float32))
