@@ -141,11 +141,14 @@ def _files(tmp_path: Path, scene: dict[str, Volume]) -> dict[str, str]:
     fine[tuple(slice(2 * s.start, 2 * s.stop) for s in A)] = 1
     fine_affine = np.diag([1.0, 1.0, 1.0, 1.0])
     fine_affine[:3, 3] = -0.5
+    far_affine = AFFINE.copy()
+    far_affine[:3, 3] = 1000.0  # a metre away: no voxel of it over the fixed image
     return {
         "fixed": str(write_nifti(tmp_path / "f.nii.gz", scene["fixed"].array, AFFINE)),
         "moving": str(write_nifti(tmp_path / "m.nii.gz", scene["moving"].array, AFFINE)),
         "mask": str(write_nifti(tmp_path / "mask.nii.gz", fine, fine_affine)),
         "empty": str(write_nifti(tmp_path / "e.nii.gz", np.zeros(SHAPE, np.uint8), AFFINE)),
+        "far": str(write_nifti(tmp_path / "far.nii.gz", np.ones(SHAPE, np.uint8), far_affine)),
     }
 
 
@@ -170,6 +173,7 @@ def test_register_command_with_a_fixed_mask(tmp_path: Path, scene, capsys) -> No
     for extra, message in (
         (["--fixed-mask", f["empty"]], "the mask is empty"),
         (["--fixed-mask", f["fixed"]], "non-integer"),
+        (["--fixed-mask", f["far"]], "no voxel of this mask falls inside its image"),
     ):
         assert main([*base, "--out", str(tmp_path / "bad"), *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -61,7 +61,7 @@ def test_ddf_is_the_whole_mapping_affine_then_network(monkeypatch) -> None:
     world[:3, :3] = Rotation.from_rotvec([0.05, -0.08, 0.1]).as_matrix()
     world[:3, 3] = (3.0, -2.0, 4.0)
     monkeypatch.setattr(
-        pipeline, "register_affine", lambda f, m, s, images=None, initial=None: world
+        pipeline, "register_affine", lambda f, m, s, images=None, initial=None, **kw: world
     )
     shift = (0.7, -0.4, 0.5)  # fixed voxels (the network runs on the fixed grid)
     res = register_volumes(

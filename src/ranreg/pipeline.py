@@ -209,8 +209,9 @@ def align_labels(
     placed = labels_on_grid(label, image)
     name = _volume_name(label, f"{role} {kind}")
     if np.asarray(label.array).any() and not placed.array.any():
+        what = "label of this map" if kind == "labels" else f"voxel of this {kind}"
         raise RanregError(
-            f"{name}: no label of this map falls inside its image "
+            f"{name}: no {what} falls inside its image "
             f"{_volume_name(image, role + ' image')} in world space (their affines disagree)"
         )
     warnings.warn(
@@ -383,7 +384,7 @@ def register_volumes(
     if fixed_mask is not None and mask is not None:
         _check_mask(mask, images, _volume_name(fixed_mask, "fixed mask"))
     initial = opts.initial_map()
-    world_map = register_affine(fixed, moving, affine_settings, images, initial, mask)
+    world_map = register_affine(fixed, moving, affine_settings, images, initial, fixed_mask=mask)
     affine_s = time.perf_counter() - t_affine
     inputs = _load_inputs(fixed, moving, world_map, dev)
 
