@@ -115,6 +115,17 @@ def test_a_mask_outside_the_body_is_refused_and_one_without_use_warns(scene) -> 
     assert not ddf.any()
 
 
+def test_a_peer_is_said_not_to_use_the_mask(scene: dict[str, Volume]) -> None:
+    pytest.importorskip("ants")
+    net = resolve_model("ants-syn")
+    for affine, message in (("none", "has no effect"), ("rigid", "only ranreg's affine stage")):
+        with pytest.warns(UserWarning, match=message) as caught:
+            register_volumes(
+                net, scene["moving"], scene["fixed"], fixed_mask=scene["mask_a"], affine=affine
+            )
+        assert len(caught) == 1 and "do not use it" in str(caught[0].message)
+
+
 def test_local_ncc_averages_over_the_body_within_the_region() -> None:
     rng = np.random.default_rng(1)
     fixed = torch.from_numpy(rng.uniform(0.0, 1.0, (1, 1, 9, 8, 7)).astype(np.float32))

@@ -52,6 +52,7 @@ from ranreg.geometry import (
 )
 from ranreg.options import RegistrationOptions
 from ranreg.refine import RefineReport, RefineSettings, refine_pair
+from ranreg.registry import is_peer
 from ranreg.runtime import is_neural, resolve_device, run_network, synchronize
 from ranreg.similarity import normalised_volumes
 from ranreg.spatial import folding_fraction, identity_grid, jacobian_determinant, resize_ddf
@@ -236,16 +237,22 @@ def mask_on_fixed(mask: Volume | None, fixed: Volume) -> Tensor | None:
     return torch.from_numpy(inside.astype(np.float32))[None, None]
 
 
-def _check_mask(mask: Tensor, images: tuple[Tensor, ...] | None, name: str) -> None:
+def _check_mask(mask: Tensor, images: tuple[Tensor, ...] | None, name: str, peer: bool) -> None:
     """A mask outside the fixed body (normalised intensity over 0.1, what the similarities
-    count) would leave nothing to compare: refuse it rather than return the start."""
+    count) would leave nothing to compare: refuse it rather than return the start. A mask
+    that nothing or only the affine stage uses is said in a warning."""
+    peers = "the comparison methods (ANTs SyN, ConvexAdam) do not use it"
     if images is None:
+        why = peers + " and the affine stage does not run" if peer else "nothing uses it"
         warnings.warn(
-            f"{name} has no effect: it restricts the affine stage and the optimisation, and "
-            "neither runs",
+            f"{name} has no effect: it restricts ranreg's affine stage and optimisation, and "
+            + why,
             stacklevel=3,
         )
-    elif not bool(((mask > 0.5) & (images[0] > 0.1)).any()):
+        return
+    if peer:
+        warnings.warn(f"{name}: {peers}; only ranreg's affine stage does", stacklevel=3)
+    if not bool(((mask > 0.5) & (images[0] > 0.1)).any()):
         raise RanregError(f"{name}: no voxel of the mask lies in the fixed image's body")
 
 
@@ -382,7 +389,7 @@ def register_volumes(
     optimised = affine_settings.mode != "none" or refine_settings.steps > 0
     images = normalised_volumes(fixed, moving) if optimised else None
     if fixed_mask is not None and mask is not None:
-        _check_mask(mask, images, _volume_name(fixed_mask, "fixed mask"))
+        _check_mask(mask, images, _volume_name(fixed_mask, "fixed mask"), is_peer(model))
     initial = opts.initial_map()
     world_map = register_affine(fixed, moving, affine_settings, images, initial, fixed_mask=mask)
     affine_s = time.perf_counter() - t_affine

@@ -28,6 +28,7 @@ __all__ = [
     "Method",
     "create_model",
     "get_method",
+    "is_peer",
     "list_methods",
     "list_pretrained",
     "packaged",
@@ -95,14 +96,25 @@ def get_method(name: str) -> Method:
     return method
 
 
+def _method_of(model: nn.Module) -> Method | None:
+    """The registered method of a built model (the name in its config), if any."""
+    try:
+        return get_method(str(getattr(model, "config", {}).get("name")))
+    except ValueError:
+        return None
+
+
 def returns_levels(model: nn.Module) -> bool:
     """Whether ``model(m, f, return_levels=True)`` gives per-level outputs: declared by its
     method (the name in its config)."""
-    name = getattr(model, "config", {}).get("name")
-    try:
-        return get_method(str(name)).returns_levels
-    except ValueError:
-        return False
+    method = _method_of(model)
+    return method is not None and method.returns_levels
+
+
+def is_peer(model: nn.Module) -> bool:
+    """Whether ``model`` is a classical comparison method (kind ``peer``)."""
+    method = _method_of(model)
+    return method is not None and method.kind == "peer"
 
 
 def packaged() -> tuple[dict[str, Path], dict[str, str], str | None]:
