@@ -19,6 +19,7 @@ from ranreg.affine import read_itk_affine
 from ranreg.cli import main
 from ranreg.data.io import Volume, load_nifti, spacing_from_affine
 from ranreg.demo import demo_files
+from ranreg.errors import RanregError
 from ranreg.models import resolve_model
 from ranreg.options import RegistrationOptions
 from ranreg.pipeline import register_volumes
@@ -232,6 +233,43 @@ def test_bad_pipeline_settings_exit_2_and_write_nothing(tmp_path: Path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
     assert not out.exists()
+
+
+def test_images_that_do_not_overlap_are_refused_without_the_affine_stage(
+    tmp_path: Path, capsys
+) -> None:
+    """A moving image a metre away: with ``--affine none`` every output would be empty, so
+    it is one error line; the affine stage (from the centres of mass) brings it over."""
+    argv = _pair(tmp_path)
+    moved = nib.load(tmp_path / "m.nii.gz")
+    far = moved.affine.copy()
+    far[:3, 3] += 1000.0
+    nib.save(nib.Nifti1Image(np.asarray(moved.dataobj), far), tmp_path / "far.nii.gz")
+    argv[argv.index("--moving") + 1] = str(tmp_path / "far.nii.gz")
+    base = [*argv, "--model", "identity", "--refine", "0"]
+    assert main([*base, "--out", str(tmp_path / "o"), "--affine", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no part of it lies over the fixed image" in err[0], err
+    assert not (tmp_path / "o").exists()
+    assert main([*base, "--out", str(tmp_path / "o2"), "--affine", "rigid"]) == 0
+    shift = json.loads((tmp_path / "o2" / "metrics.json").read_text())["affine"]
+    assert np.linalg.norm(np.asarray(shift["world_matrix_ras"])[:3, 3]) > 900.0
+
+
+def test_a_thin_slab_between_the_check_points_of_the_fixed_grid_still_overlaps() -> None:
+    """The overlap check samples each image on 8 mm cells: a 4 mm slab lying between two
+    cell centres of a large fixed scan is found from the slab's own cells."""
+    fixed = Volume(smooth_image((40, 40, 40), 0), np.diag([4.0, 4.0, 4.0, 1.0]), (4.0,) * 3)
+    slab_affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    slab_affine[:3, 3] = (20.0, 20.0, 4.5)  # z from 3.5 to 7.5 mm; fixed cells at 2 and 10
+    slab = Volume(smooth_image((30, 30, 2), 1), slab_affine, (2.0,) * 3)
+    net = resolve_model("identity")
+    result = register_volumes(net, slab, fixed, affine="none", refine=0)
+    assert np.isfinite(result.warped).all()
+    far = slab_affine.copy()
+    far[2, 3] = 400.0
+    with pytest.raises(RanregError, match="no part of it lies over the fixed image"):
+        register_volumes(net, Volume(slab.array, far, (2.0,) * 3), fixed, affine="none", refine=0)
 
 
 def test_register_writes_affine_txt_consistent_with_metrics(tmp_path: Path, capsys) -> None:

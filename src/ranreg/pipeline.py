@@ -256,6 +256,35 @@ def _check_mask(mask: Tensor, images: tuple[Tensor, ...] | None, name: str, peer
         raise RanregError(f"{name}: no voxel of the mask lies in the fixed image's body")
 
 
+def _check_overlap(world_map: np.ndarray, fixed: Volume, moving: Volume, mode: str) -> None:
+    """Refuse a pair whose moving image, after the affine stage, lies nowhere over the
+    fixed image: every output would be empty. Checked both ways on 8 mm grids of each image
+    (at least two cells per axis, so a thin slab over a large scan is found)."""
+    to_moving = np.linalg.inv(np.asarray(moving.affine)) @ world_map @ np.asarray(fixed.affine)
+    if _any_inside(fixed, moving, to_moving) or _any_inside(
+        moving, fixed, np.linalg.inv(to_moving)
+    ):
+        return
+    how = (
+        "where they lie in world space (--affine none)"
+        if mode == "none"
+        else "after the affine stage"
+    )
+    raise RanregError(
+        f"{_volume_name(moving, 'moving image')}: no part of it lies over the fixed image "
+        f"{_volume_name(fixed, 'fixed image')} {how}; check the files' origins and "
+        "orientation, or let the affine stage run (--affine affine)"
+    )
+
+
+def _any_inside(source: Volume, target: Volume, source_to_target: np.ndarray) -> bool:
+    """Whether a cell centre of an 8 mm grid over ``source`` maps inside ``target``."""
+    shape, step = cell_grid(source, (8.0, 8.0, 8.0))
+    where = apply_affine(source_to_target, cell_centres(shape, step, "cpu"))
+    size = torch.tensor(target.shape, dtype=where.dtype).view(3, 1, 1, 1)
+    return bool(((where > -0.5) & (where < size - 0.5)).all(dim=0).any())
+
+
 @dataclass
 class _Inputs:
     """The pair on the device: raw intensities, their minima, the fixed-to-moving voxel map."""
@@ -393,6 +422,7 @@ def register_volumes(
     initial = opts.initial_map()
     world_map = register_affine(fixed, moving, affine_settings, images, initial, fixed_mask=mask)
     affine_s = time.perf_counter() - t_affine
+    _check_overlap(world_map, fixed, moving, affine_settings.mode)
     inputs = _load_inputs(fixed, moving, world_map, dev)
 
     # steps 2-3: the network on its grid
