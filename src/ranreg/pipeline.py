@@ -50,11 +50,12 @@ from ranreg.geometry import (
     same_grid,
     sample,
 )
+from ranreg.grids import Grid
 from ranreg.options import RegistrationOptions
 from ranreg.refine import RefineReport, RefineSettings, refine_pair
 from ranreg.registry import is_peer
 from ranreg.runtime import is_neural, resolve_device, run_network, synchronize
-from ranreg.similarity import normalised_volumes
+from ranreg.similarity import BODY_THRESHOLD, normalised_volumes
 from ranreg.spatial import folding_fraction, identity_grid, jacobian_determinant, resize_ddf
 from ranreg.spatial import std_log_jacobian as _std_log_jacobian
 
@@ -252,7 +253,7 @@ def _check_mask(mask: Tensor, images: tuple[Tensor, ...] | None, name: str, peer
         return
     if peer:
         warnings.warn(f"{name}: {peers}; only ranreg's affine stage does", stacklevel=3)
-    if not bool(((mask > 0.5) & (images[0] > 0.1)).any()):
+    if not bool(((mask > 0.5) & (images[0] > BODY_THRESHOLD)).any()):
         raise RanregError(f"{name}: no voxel of the mask lies in the fixed image's body")
 
 
@@ -260,9 +261,8 @@ def _check_overlap(world_map: np.ndarray, fixed: Volume, moving: Volume, mode: s
     """Refuse a pair whose moving image, after the affine stage, lies nowhere over the
     fixed image: every output would be empty. Checked both ways on 8 mm grids of each image
     (at least two cells per axis, so a thin slab over a large scan is found)."""
-    to_moving = np.linalg.inv(np.asarray(moving.affine)) @ world_map @ np.asarray(fixed.affine)
-    if _any_inside(fixed, moving, to_moving) or _any_inside(
-        moving, fixed, np.linalg.inv(to_moving)
+    if _any_inside(fixed, moving, world_map) or _any_inside(
+        moving, fixed, np.linalg.inv(world_map)
     ):
         return
     how = (
@@ -277,12 +277,13 @@ def _check_overlap(world_map: np.ndarray, fixed: Volume, moving: Volume, mode: s
     )
 
 
-def _any_inside(source: Volume, target: Volume, source_to_target: np.ndarray) -> bool:
-    """Whether a cell centre of an 8 mm grid over ``source`` maps inside ``target``."""
+def _any_inside(source: Volume, target: Volume, world_map: np.ndarray) -> bool:
+    """Whether a cell centre of an 8 mm grid over ``source``, moved by the world map
+    ``world_map``, lies on ``target``'s grid (:meth:`Grid.inside`)."""
     shape, step = cell_grid(source, (8.0, 8.0, 8.0))
-    where = apply_affine(source_to_target, cell_centres(shape, step, "cpu"))
-    size = torch.tensor(target.shape, dtype=where.dtype).view(3, 1, 1, 1)
-    return bool(((where > -0.5) & (where < size - 0.5)).all(dim=0).any())
+    to_world = world_map @ np.asarray(source.affine, dtype=np.float64)
+    world = apply_affine(to_world, cell_centres(shape, step, "cpu"))
+    return bool(Grid.of(target).inside(world).any())
 
 
 @dataclass
