@@ -41,7 +41,7 @@ from ranreg.data.io import Volume
 from ranreg.errors import RanregError
 from ranreg.geometry import apply_affine, area_downsample, cell_centres, cell_grid, sample
 from ranreg.losses import gradient_l2
-from ranreg.similarity import LocalNCC, normalised_volumes
+from ranreg.similarity import BODY_THRESHOLD, LocalNCC, normalised_volumes
 from ranreg.spatial import integrate_velocity, resize_ddf, warp
 
 __all__ = [
@@ -152,7 +152,7 @@ def refine_ddf(
     lr: float = DEFAULT_LR,
     control: int = 1,
     diffeomorphic: bool = False,
-    mask_threshold: float | None = 0.1,
+    mask_threshold: float | None = BODY_THRESHOLD,
 ) -> Tensor:
     """Fit ``ddf`` to one pair on one grid and return the refined field (detached, float32).
 
@@ -180,8 +180,8 @@ def refine_ddf(
             # LocalNCC masks fixed > 0.1; lifting the image keeps every voxel (cc is shift
             # invariant)
             fixed = fixed - fixed.min() + 1.0
-        elif mask_threshold != 0.1:
-            fixed = fixed + (0.1 - mask_threshold)
+        elif mask_threshold != BODY_THRESHOLD:
+            fixed = fixed + (BODY_THRESHOLD - mask_threshold)
         return _fit_level(fixed, moving, base, s)
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 from ranreg.data.preprocess import HU_THRESHOLD
 
 __all__ = [
+    "BODY_THRESHOLD",
     "box_mean",
     "LocalNCC",
     "MutualInformation",
@@ -61,6 +62,11 @@ def box_mean(x: Tensor, window: int) -> Tensor:
     return y / _in_image_count(tuple(x.shape[2:]), window, x.device)
 
 
+#: the fixed voxels local NCC counts: intensity above this after :func:`robust_normalise`
+#: (the body, not air)
+BODY_THRESHOLD = 0.1
+
+
 def _in_region(body: Tensor, region: Tensor | None) -> Tensor:
     """The voxels a similarity averages over: the fixed body, within the user's region."""
     return body if region is None else body & (region > 0.5)
@@ -89,7 +95,7 @@ class LocalNCC:
         mf, mff = box_mean(torch.cat([fixed, fixed * fixed], dim=1), window).chunk(2, dim=1)
         self.mean_f = mf
         self.var_f = (mff - mf * mf).clamp_min(0.0)
-        self.mask = _in_region(fixed > 0.1, region).to(fixed.dtype)
+        self.mask = _in_region(fixed > BODY_THRESHOLD, region).to(fixed.dtype)
         self.count = self.mask.sum().clamp_min(1.0)
 
     def __call__(self, warped: Tensor) -> Tensor:
