@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ranreg.adam import DecayingAdam
@@ -49,6 +48,9 @@ SIMILARITIES = ("auto", "lncc", "mi")
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 #: the most cells a level may have (finer levels are coarsened to fit: time per step)
 MAX_CELLS = 160_000
+#: a fixed axis with fewer cells than this at a level is too thin there to show a shift
+#: along it or a tilt out of it: those parameters keep their values at that level
+MIN_AXIS_CELLS = 4
 
 
 @dataclass(frozen=True)
@@ -105,17 +107,15 @@ class _Level:
     world_to_moving: Tensor  # (4, 4) float32, relative to c
     similarity: Callable[[Tensor], Tensor]
     spacing: float
+    thin: Tensor  # (3, k): orthonormal world directions of the fixed axes too thin here
 
     def warp(self, matrix: Tensor, shift: Tensor) -> Tensor:
         """The moving image at ``M p + t`` (relative to ``c``) for every cell, (1, 1, *S)."""
         q = matrix @ self.points + shift[:, None]
         vox = self.world_to_moving[:3, :3] @ q + self.world_to_moving[:3, 3:]
-        n = torch.tensor(self.moving.shape[2:], dtype=vox.dtype)[:, None]
-        grid = (vox * (2.0 / (n - 1).clamp_min(1)) - 1.0).flip(0).T
-        grid = grid.reshape(1, *self.shape, 3)
-        return F.grid_sample(
-            self.moving, grid, mode="bilinear", padding_mode="zeros", align_corners=True
-        )
+        # sampled by the rule the fixed cells were (border within half a voxel, zero beyond),
+        # so that an image registered to itself is best aligned by the identity
+        return sample(self.moving, vox.view(3, *self.shape), "bilinear", 0.0)[None, None]
 
     def loss(self, matrix: Tensor, shift: Tensor) -> Tensor:
         return self.similarity(self.warp(matrix, shift))
@@ -174,7 +174,38 @@ def _make_level(
         world_to_moving=torch.as_tensor(w2m, dtype=torch.float32),
         similarity=build_similarity(similarity, fixed_level, window, region),
         spacing=space,
+        thin=_thin_directions(fixed_vol.affine, shape),
     )
+
+
+def _thin_directions(affine: np.ndarray, shape: Sequence[int]) -> Tensor:
+    """Orthonormal world directions ``(3, k)`` of the axes with fewer than
+    :data:`MIN_AXIS_CELLS` cells (a slab's normal; ``k = 0`` for a usual scan)."""
+    cols = [
+        np.asarray(affine, dtype=np.float64)[:3, a] for a in range(3) if shape[a] < MIN_AXIS_CELLS
+    ]
+    if not cols:
+        return torch.zeros(3, 0)
+    q, _ = np.linalg.qr(np.stack(cols, axis=1))
+    return torch.as_tensor(q, dtype=torch.float32)
+
+
+@torch.no_grad()
+def _hold_thin(thin: Tensor, start: list[Tensor], params: list[Tensor]) -> None:
+    """Undo the changes since ``start`` that a level with thin axes cannot measure: shifts
+    along them, rotations and affine parts that tilt them (a rotation about the one thin
+    axis keeps the slab's plane and stays free). Adam moves a parameter whose gradient is
+    nearly zero by its full step, so an unmeasurable one would otherwise drift."""
+    k = thin.shape[1]
+    if k == 0:
+        return
+    plane = torch.eye(3) - thin @ thin.T
+    rotvec, shift, *extra = params
+    r0, t0, *e0 = start
+    rotvec.copy_(r0 + (thin @ (thin.T @ (rotvec - r0)) if k == 1 else 0.0))
+    shift.copy_(t0 + plane @ (shift - t0))
+    for e, e_start in zip(extra, e0, strict=True):
+        e.copy_(e_start + plane @ (e - e_start) @ plane)
 
 
 def _fit(
@@ -191,10 +222,13 @@ def _fit(
     if extra is not None:
         groups.append((extra, level.spacing / 3200.0))
     opt = DecayingAdam(groups, steps)
+    params = [p for p, _ in groups]
+    start = [p.detach().clone() for p in params]
     for _ in range(steps):
         matrix = rotation_matrix(rotvec) + (0 if extra is None else extra)
         level.loss(matrix, shift).backward()
         opt.step()
+        _hold_thin(level.thin, start, params)
     with torch.no_grad():
         matrix = rotation_matrix(rotvec) + (0 if extra is None else extra)
         return float(level.loss(matrix, shift))
