@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ranreg.adam import DecayingAdam
@@ -110,12 +111,23 @@ class _Level:
     thin: Tensor  # (3, k): orthonormal world directions of the fixed axes too thin here
 
     def warp(self, matrix: Tensor, shift: Tensor) -> Tensor:
-        """The moving image at ``M p + t`` (relative to ``c``) for every cell, (1, 1, *S)."""
+        """The moving image at ``M p + t`` (relative to ``c``) for every cell, (1, 1, *S):
+        linear, fading to zero over the voxel beyond its outer voxel centres (a gradient
+        where it leaves the field of view); on a level with thin axes, by the fixed cells'
+        rule instead (:func:`~ranreg.geometry.sample`: the border value within half a
+        voxel, zero beyond), as the fade would dim a slab one cell thick and a one-voxel
+        axis would read as endless, so that a slab registered to itself is best aligned
+        by the identity."""
         q = matrix @ self.points + shift[:, None]
         vox = self.world_to_moving[:3, :3] @ q + self.world_to_moving[:3, 3:]
-        # sampled by the rule the fixed cells were (border within half a voxel, zero beyond),
-        # so that an image registered to itself is best aligned by the identity
-        return sample(self.moving, vox.view(3, *self.shape), "bilinear", 0.0)[None, None]
+        if self.thin.shape[1]:
+            return sample(self.moving, vox.view(3, *self.shape), "bilinear", 0.0)[None, None]
+        n = torch.tensor(self.moving.shape[2:], dtype=vox.dtype)[:, None]
+        grid = (vox * (2.0 / (n - 1).clamp_min(1)) - 1.0).flip(0).T
+        grid = grid.reshape(1, *self.shape, 3)
+        return F.grid_sample(
+            self.moving, grid, mode="bilinear", padding_mode="zeros", align_corners=True
+        )
 
     def loss(self, matrix: Tensor, shift: Tensor) -> Tensor:
         return self.similarity(self.warp(matrix, shift))
