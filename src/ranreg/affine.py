@@ -104,14 +104,14 @@ class _Level:
 
     points: Tensor  # (3, N) world - c
     shape: tuple[int, int, int]
-    moving: Tensor  # (1, 1, *S_m)
+    moving: Tensor  # (1, C, *S_m): the image, and the moving mask as channel 1 if given
     world_to_moving: Tensor  # (4, 4) float32, relative to c
-    similarity: Callable[[Tensor], Tensor]
+    similarity: Callable[..., Tensor]
     spacing: float
     thin: Tensor  # (3, k): orthonormal world directions of the fixed axes too thin here
 
     def warp(self, matrix: Tensor, shift: Tensor) -> Tensor:
-        """The moving image at ``M p + t`` (relative to ``c``) for every cell, (1, 1, *S):
+        """The moving image at ``M p + t`` (relative to ``c``) for every cell, (1, C, *S):
         linear, fading to zero over the voxel beyond its outer voxel centres (a gradient
         where it leaves the field of view); on a level with thin axes, by the fixed cells'
         rule instead (:func:`~ranreg.geometry.sample`: the border value within half a
@@ -121,7 +121,8 @@ class _Level:
         q = matrix @ self.points + shift[:, None]
         vox = self.world_to_moving[:3, :3] @ q + self.world_to_moving[:3, 3:]
         if self.thin.shape[1]:
-            return sample(self.moving, vox.view(3, *self.shape), "bilinear", 0.0)[None, None]
+            out = sample(self.moving, vox.view(3, *self.shape), "bilinear", 0.0)
+            return out.view(1, -1, *self.shape)
         n = torch.tensor(self.moving.shape[2:], dtype=vox.dtype)[:, None]
         grid = (vox * (2.0 / (n - 1).clamp_min(1)) - 1.0).flip(0).T
         grid = grid.reshape(1, *self.shape, 3)
@@ -130,7 +131,11 @@ class _Level:
         )
 
     def loss(self, matrix: Tensor, shift: Tensor) -> Tensor:
-        return self.similarity(self.warp(matrix, shift))
+        warped = self.warp(matrix, shift)
+        if warped.shape[1] == 1:
+            return self.similarity(warped)
+        # the moving mask moves with the image: only the cells it then covers count
+        return self.similarity(warped[:, :1], (warped[:, 1:] >= 0.5).to(warped.dtype))
 
 
 def _centre_of_mass(image: Tensor, affine: np.ndarray) -> np.ndarray:
@@ -158,11 +163,13 @@ def _make_level(
     centre: np.ndarray,
     similarity: str,
     window: int,
-    fixed_mask: Tensor | None = None,
+    masks: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> _Level:
     """Both images at about ``spacing`` mm: the fixed image averaged over blocks and sampled
     at the cell centres, the moving image averaged over blocks (sampled while optimising);
-    the fixed mask, if given, the same way (the cells at least half inside it)."""
+    the fixed and moving masks, if given, each with its image (the cells at least half
+    inside)."""
+    fixed_mask, moving_mask = masks
     space = spacing
     shape, step = cell_grid(fixed_vol, (space, space, space))
     both = fixed if fixed_mask is None else torch.cat([fixed, fixed_mask.to(fixed.dtype)], 1)
@@ -175,7 +182,8 @@ def _make_level(
     on_cells = sample(fixed_small, vox, "bilinear", 0.0).view(-1, *shape)
     fixed_level = on_cells[:1][None].float()
     region = None if fixed_mask is None else (on_cells[1:] >= 0.5)[None].float()
-    moving_small, moving_small_affine = area_downsample(moving, moving_affine, space)
+    both_m = moving if moving_mask is None else torch.cat([moving, moving_mask.to(moving.dtype)], 1)
+    moving_small, moving_small_affine = area_downsample(both_m, moving_affine, space)
     shift = np.eye(4)
     shift[:3, 3] = centre
     w2m = np.linalg.inv(moving_small_affine) @ shift
@@ -280,6 +288,7 @@ def register_affine(
     images: tuple[Tensor, Tensor] | None = None,
     initial: np.ndarray | None = None,
     fixed_mask: Tensor | None = None,
+    moving_mask: Tensor | None = None,
 ) -> np.ndarray:
     """The 4x4 world (RAS+) map from fixed to moving points (see the module docstring).
 
@@ -289,7 +298,8 @@ def register_affine(
     :func:`~ranreg.similarity.robust_normalise` (``images``: the two already normalised,
     from :func:`~ranreg.similarity.normalised_volumes`). ``fixed_mask`` ``(1, 1, *fixed)``,
     0/1: the similarity counts only voxels inside it (the centres of mass stay the whole
-    images').
+    images'). ``moving_mask`` ``(1, 1, *moving)``, 0/1: likewise the fixed voxels that the
+    current map sends inside it (ANTs' moving mask).
     """
     s = settings or AffineSettings()
     s.check()
@@ -301,7 +311,8 @@ def register_affine(
     seen = replace(moving, affine=np.linalg.inv(start) @ np.asarray(moving.affine))
     with torch.inference_mode(False), torch.enable_grad():
         images = images or normalised_volumes(fixed, moving)
-        found = _register(fixed, seen, s, images, initial is None, fixed_mask)
+        masks = (fixed_mask, moving_mask)
+        found = _register(fixed, seen, s, images, initial is None, masks)
     return start @ found
 
 
@@ -324,7 +335,7 @@ def _register(
     s: AffineSettings,
     images: tuple[Tensor, ...],
     from_centres: bool = True,
-    fixed_mask: Tensor | None = None,
+    masks: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> np.ndarray:
     sim = choose_similarity(fixed, moving, s.similarity)
     fix, mov = images
@@ -334,9 +345,7 @@ def _register(
     shift = torch.tensor(shift0, dtype=torch.float32, requires_grad=True)
     extra = torch.zeros(3, 3, requires_grad=True) if s.mode == "affine" else None
     for i, (spacing, steps) in enumerate(plan_levels(fixed, s.levels, s.iterations)):
-        level = _make_level(
-            fix, fixed, mov, moving.affine, spacing, centre, sim, s.window, fixed_mask
-        )
+        level = _make_level(fix, fixed, mov, moving.affine, spacing, centre, sim, s.window, masks)
         if i == 0:
             _best_start(level, rotvec, shift, steps, s.starts_deg)
             _fit(level, rotvec, shift, None, steps)  # rigid first: an affine fit from a poor

@@ -173,6 +173,7 @@ def register(
     landmark_coordinates: str | None = None,
     head_masks: bool = False,
     fixed_mask: ImageLike | None = None,
+    moving_mask: ImageLike | None = None,
     **options: Any,
 ) -> Registration:
     """Register ``moving`` to ``fixed``, as ``ranreg register`` does.
@@ -194,7 +195,10 @@ def register(
     masks of a RAN model for :meth:`Registration.save` (``head_masks.png``).
     ``fixed_mask`` (an image like ``fixed``; non-zero: inside) limits the similarity of the
     affine stage and of the optimisation to the voxels inside it (ANTs' ``-x``); the network
-    sees the whole images (:func:`ranreg.pipeline.register_volumes`).
+    sees the whole images (:func:`ranreg.pipeline.register_volumes`). ``moving_mask`` (an
+    image like ``moving``) likewise on the moving image: only the fixed voxels that the
+    transform sends inside it are compared (ANTs' moving mask), e.g. to leave out an
+    artefact that only the moving image has.
     """
     opts = RegistrationOptions.from_settings(options)
     net = model if isinstance(model, torch.nn.Module) else resolve_model(model)
@@ -207,7 +211,10 @@ def register(
     mov_lab = (
         None if moving_labels is None else as_volume(moving_labels, "moving labels", labels=True)
     )
-    mask = None if fixed_mask is None else as_volume(fixed_mask, "fixed mask", labels=True)
+    masks = [
+        None if m is None else as_volume(m, f"{side} mask", labels=True)
+        for m, side in ((fixed_mask, "fixed"), (moving_mask, "moving"))
+    ]
     names = label_names if isinstance(label_names, dict) else load_label_names(label_names)
     mov_lab = align_labels(mov_lab, mov, "moving")
     fix_lab = align_labels(fix_lab, fix, "fixed")
@@ -223,11 +230,13 @@ def register(
         device,
         options=opts,
         return_levels=head_masks,
-        fixed_mask=mask,
+        fixed_mask=masks[0],
+        moving_mask=masks[1],
     )
     metrics = result_metrics(result, net, opts, fix, mov, fix_lab, mov_lab, device, labels, names)
     _name_inputs(metrics, fix, mov, fix_lab, mov_lab)
-    metrics["fixed_mask"] = _mask_entry(mask, result)
+    metrics["fixed_mask"] = _mask_entry(masks[0], result.fixed_mask_fraction)
+    metrics["moving_mask"] = _mask_entry(masks[1], result.moving_mask_fraction)
     transform = Transform(
         result.ddf_mm,
         grids[0],
@@ -253,13 +262,13 @@ def register(
     )
 
 
-def _mask_entry(mask: Volume | None, result: RegistrationResult) -> dict[str, Any] | None:
-    """The fixed mask in ``metrics``: its file (None for an array) and the fraction of the
-    fixed image inside it."""
+def _mask_entry(mask: Volume | None, fraction: float | None) -> dict[str, Any] | None:
+    """A mask in ``metrics``: its file (None for an array) and the fraction of its image
+    inside it."""
     if mask is None:
         return None
     path = None if mask.path is None else str(mask.path)
-    return {"path": path, "fraction": result.fixed_mask_fraction}
+    return {"path": path, "fraction": fraction}
 
 
 def _name_inputs(

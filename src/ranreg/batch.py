@@ -1,7 +1,8 @@
 """Registering a cohort: ``ranreg register --pairs pairs.csv --out DIR``.
 
 ``pairs.csv`` has a header with the columns ``fixed`` and ``moving`` and optionally
-``moving_labels``, ``fixed_labels``, ``fixed_mask`` (as ``--fixed-mask``),
+``moving_labels``, ``fixed_labels``, ``fixed_mask`` and ``moving_mask`` (as
+``--fixed-mask``/``--moving-mask``),
 ``initial_affine`` (an ITK transform file to start the
 affine stage from, as ``--initial-affine``), ``fixed_landmarks`` and ``moving_landmarks``
 (as ``--fixed-landmarks``/``--moving-landmarks``) and ``name`` (relative paths are taken from
@@ -72,6 +73,8 @@ class Pair:
     landmark_coordinates: str | None = None
     #: compare the images only inside this mask of the fixed image (``--fixed-mask``)
     fixed_mask: Path | None = None
+    #: compare only the fixed voxels mapped inside this mask of the moving image
+    moving_mask: Path | None = None
 
 
 def _resolve(base: Path, text: str | None) -> Path | None:
@@ -135,6 +138,7 @@ def _pair(path: Path, index: int, row: dict[str, str]) -> Pair:
         "moving_labels",
         "fixed_labels",
         "fixed_mask",
+        "moving_mask",
         "initial_affine",
         "fixed_landmarks",
         "moving_landmarks",

@@ -106,6 +106,7 @@ def register_cohort(
             landmark_coordinates=pair.landmark_coordinates or landmark_coordinates,
             save_inverse=save_inverse,
             fixed_mask=pair.fixed_mask,
+            moving_mask=pair.moving_mask,
         )
         if data is not None:  # a pair registered again replaces its file
             write_field(folder, pair, fields)

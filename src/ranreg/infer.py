@@ -50,6 +50,7 @@ def register_files(
     landmark_coordinates: str | None = None,
     save_inverse: bool = False,
     fixed_mask: str | os.PathLike[str] | None = None,
+    moving_mask: str | os.PathLike[str] | None = None,
     **changes: Any,
 ) -> dict[str, Any]:
     """Register two NIfTI files and write the results into the new folder ``out_dir``.
@@ -68,7 +69,8 @@ def register_files(
     ``landmark_coordinates``), ``metrics["landmarks"]`` holds their error before and after
     (:func:`ranreg.points.landmark_errors`). ``save_inverse`` adds ``inverse_ddf.nii.gz``,
     the inverse mapping on the moving grid (:func:`ranreg.outputs.write_inverse`).
-    ``fixed_mask``: compare the images only inside it (:func:`ranreg.register`). Returns
+    ``fixed_mask``, ``moving_mask``: compare the images only inside them
+    (:func:`ranreg.register`). Returns
     the metrics dict (as in ``metrics.json``).
     """
     t0 = time.perf_counter()
@@ -90,6 +92,7 @@ def register_files(
         landmark_coordinates=landmark_coordinates,
         head_masks=head_masks,
         fixed_mask=fixed_mask,
+        moving_mask=moving_mask,
         **dataclasses.asdict(opts),
     )
     reg.save(out, inverse=save_inverse, output_format=output_format, since=t0)

@@ -65,7 +65,7 @@ __all__ = [
     "align_labels",
     "check_inputs",
     "check_contrast",
-    "mask_on_fixed",
+    "mask_on",
     "model_settings",
     "register_volumes",
 ]
@@ -120,7 +120,8 @@ class RegistrationResult:
     axes. ``world_map``: the affine stage's 4x4 world map (fixed -> moving point);
     ``initial_map``: the one it started from (``initial_affine``), or None;
     ``refine_report``: what the optimisation did (None without it);
-    ``fixed_mask_fraction``: the part of the fixed image inside ``fixed_mask``, if given.
+    ``fixed_mask_fraction`` / ``moving_mask_fraction``: the part of the fixed / moving
+    image inside its mask, if given.
     ``moving_on_fixed`` / ``moving_label_on_fixed``: the moving image / labels resampled to
     the fixed grid with the identity world transform (the "before" state).
     """
@@ -146,6 +147,7 @@ class RegistrationResult:
     refine_report: RefineReport | None = None
     initial_map: np.ndarray | None = None
     fixed_mask_fraction: float | None = None
+    moving_mask_fraction: float | None = None
 
     @property
     def fixed_spacing(self) -> tuple[float, float, float]:
@@ -224,24 +226,27 @@ def align_labels(
     return placed
 
 
-def mask_on_fixed(mask: Volume | None, fixed: Volume) -> Tensor | None:
-    """The fixed mask (non-zero: inside) as a ``(1, 1, *fixed)`` 0/1 tensor on the fixed
-    image's grid, resampled like a label map when it is stored on another grid; a mask
-    with no voxel inside is an error."""
+def mask_on(mask: Volume | None, image: Volume, side: str = "fixed") -> Tensor | None:
+    """The ``side`` (fixed or moving) image's mask (non-zero: inside) as a
+    ``(1, 1, *image)`` 0/1 tensor on its grid, resampled like a label map when it is stored
+    on another grid; a mask with no voxel inside is an error."""
     if mask is None:
         return None
-    placed = align_labels(mask, fixed, "fixed", "mask")
+    placed = align_labels(mask, image, side, "mask")
     assert placed is not None
     inside = np.asarray(placed.array) != 0
     if not inside.any():
-        raise RanregError(f"{_volume_name(mask, 'fixed mask')}: the mask is empty")
+        raise RanregError(f"{_volume_name(mask, side + ' mask')}: the mask is empty")
     return torch.from_numpy(inside.astype(np.float32))[None, None]
 
 
-def _check_mask(mask: Tensor, images: tuple[Tensor, ...] | None, name: str, peer: bool) -> None:
-    """A mask outside the fixed body (normalised intensity over 0.1, what the similarities
-    count) would leave nothing to compare: refuse it rather than return the start. A mask
-    that nothing or only the affine stage uses is said in a warning."""
+def _check_mask(
+    mask: Tensor, images: tuple[Tensor, ...] | None, name: str, peer: bool, side: int = 0
+) -> None:
+    """A mask outside its image's body (``images[side]``, normalised intensity over 0.1,
+    what the similarities count) would leave nothing to compare: refuse it rather than
+    return the start. A mask that nothing or only the affine stage uses is said in a
+    warning."""
     peers = "the comparison methods (ANTs SyN, ConvexAdam) do not use it"
     if images is None:
         why = peers + " and the affine stage does not run" if peer else "nothing uses it"
@@ -253,8 +258,14 @@ def _check_mask(mask: Tensor, images: tuple[Tensor, ...] | None, name: str, peer
         return
     if peer:
         warnings.warn(f"{name}: {peers}; only ranreg's affine stage does", stacklevel=3)
-    if not bool(((mask > 0.5) & (images[0] > BODY_THRESHOLD)).any()):
-        raise RanregError(f"{name}: no voxel of the mask lies in the fixed image's body")
+    if not bool(((mask > 0.5) & (images[side] > BODY_THRESHOLD)).any()):
+        which = "fixed" if side == 0 else "moving"
+        raise RanregError(f"{name}: no voxel of the mask lies in the {which} image's body")
+
+
+def _fraction(mask: Tensor | None) -> float | None:
+    """The part of an image inside its mask (metrics.json), or None without one."""
+    return None if mask is None else round(float(mask.mean()), 6)
 
 
 def _check_overlap(world_map: np.ndarray, fixed: Volume, moving: Volume, mode: str) -> None:
@@ -386,6 +397,7 @@ def register_volumes(
     options: RegistrationOptions | None = None,
     return_levels: bool = False,
     fixed_mask: Volume | None = None,
+    moving_mask: Volume | None = None,
     **changes: Any,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (both in world space) with ``model``.
@@ -399,6 +411,9 @@ def register_volumes(
     ``fixed_mask`` (non-zero: inside) limits the similarity of the affine stage and of the
     optimisation to the voxels inside it, as ANTs' and elastix's fixed masks do; the
     network sees the whole images, and the field covers the whole fixed image.
+    ``moving_mask`` likewise, on the moving image: only the fixed voxels that the current
+    map sends inside it count (a region of the moving image to leave out, e.g. an
+    artefact that the fixed image does not have).
     """
     start = time.perf_counter()
     opts = (options or RegistrationOptions()).with_(**changes)
@@ -406,7 +421,7 @@ def register_volumes(
     check_inputs(model, moving, fixed)
     moving_label = align_labels(moving_label, moving, "moving")
     fixed_label = align_labels(fixed_label, fixed, "fixed")
-    mask = mask_on_fixed(fixed_mask, fixed)
+    masks = (mask_on(fixed_mask, fixed, "fixed"), mask_on(moving_mask, moving, "moving"))
     neural = is_neural(model)
     trained_spacing, window = model_settings(model.config)
     spacing = opts.grid_spacing(trained_spacing, neural)
@@ -418,10 +433,14 @@ def register_volumes(
     affine_settings = opts.affine_settings(neural)
     optimised = affine_settings.mode != "none" or refine_settings.steps > 0
     images = normalised_volumes(fixed, moving) if optimised else None
-    if fixed_mask is not None and mask is not None:
-        _check_mask(mask, images, _volume_name(fixed_mask, "fixed mask"), is_peer(model))
+    for side, (given, mask) in enumerate(zip((fixed_mask, moving_mask), masks, strict=True)):
+        if given is not None and mask is not None:
+            name = _volume_name(given, ("fixed", "moving")[side] + " mask")
+            _check_mask(mask, images, name, is_peer(model), side)
     initial = opts.initial_map()
-    world_map = register_affine(fixed, moving, affine_settings, images, initial, fixed_mask=mask)
+    world_map = register_affine(
+        fixed, moving, affine_settings, images, initial, fixed_mask=masks[0], moving_mask=masks[1]
+    )
     affine_s = time.perf_counter() - t_affine
     _check_overlap(world_map, fixed, moving, affine_settings.mode)
     inputs = _load_inputs(fixed, moving, world_map, dev)
@@ -434,7 +453,7 @@ def register_volumes(
 
     # step 4: instance optimisation from the network's field (or from zero)
     t_refine = time.perf_counter()
-    v, report = _refined(fixed, moving, inputs, ddf_g, refine_settings, opts, images, mask)
+    v, report = _refined(fixed, moving, inputs, ddf_g, refine_settings, opts, images, masks)
     refine_s = time.perf_counter() - t_refine if report is not None else 0.0
 
     # step 5: outputs on the fixed grid
@@ -455,7 +474,8 @@ def register_volumes(
         network_spacing=tuple(float(s * st) for s, st in zip(fixed.spacing, step, strict=True)),
         network_fixed=fixed_n[0, 0].cpu().numpy() if return_levels else None,
         levels=levels,
-        fixed_mask_fraction=None if mask is None else round(float(mask.mean()), 6),
+        fixed_mask_fraction=_fraction(masks[0]),
+        moving_mask_fraction=_fraction(masks[1]),
     )
 
 
@@ -540,7 +560,7 @@ def _refined(
     settings: RefineSettings,
     opts: RegistrationOptions,
     images: Any,
-    mask: Tensor | None = None,
+    masks: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> tuple[Tensor, RefineReport | None]:
     """Step 4: the field on the fixed grid, optimised from the network's (or from zero
     when the network gave none) unless optimisation is off."""
@@ -550,7 +570,7 @@ def _refined(
         return (ddf_g if same else resize_ddf(ddf_g, shape_f)), None
     start_field = ddf_g if bool(ddf_g.any()) else None
     args = (fixed, moving, inputs.fixed_to_moving, start_field, settings, opts.progress, images)
-    v, report = refine_pair(*args, fixed_mask=mask)
+    v, report = refine_pair(*args, fixed_mask=masks[0], moving_mask=masks[1])
     return v.to(inputs.fixed.device), report
 
 

@@ -103,6 +103,14 @@ class RefineSettings:
         return replace(self, steps=steps)
 
 
+def _compare(sim: LocalNCC, warped: Tensor) -> Tensor:
+    """``sim`` of a warped moving image ``(1, C, *S)``; a second channel is the warped
+    moving mask, and only the voxels it covers count."""
+    if warped.shape[1] == 1:
+        return sim(warped)
+    return sim(warped[:, :1], (warped[:, 1:] >= 0.5).to(warped.dtype))
+
+
 def _fit_level(
     fixed: Tensor,
     moving: Tensor,
@@ -131,7 +139,7 @@ def _fit_level(
     opt = DecayingAdam([(c, s.lr)], s.steps)
     for _ in range(s.steps):
         u = field(c)
-        similarity = sim(warp(moving, u))
+        similarity = _compare(sim, warp(moving, u))
         loss = similarity + s.weight * gradient_l2(u)
         loss.backward()
         opt.step()
@@ -230,21 +238,24 @@ def _level_images(
     fixed_to_moving: np.ndarray,
     shape: tuple[int, int, int],
     space: float,
-    fixed_mask: Tensor | None = None,
+    masks: tuple[Tensor | None, Tensor | None] = (None, None),
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Fixed and (affinely mapped) moving images, block-averaged, on one level's cells,
-    and the fixed mask there (the cells at least half inside it), if one is given."""
+    and the fixed mask there (the cells at least half inside it), if one is given; a
+    moving mask, if given, is a second channel of the moving image (warped with it)."""
+    fixed_mask, moving_mask = masks
     step = np.asarray(fixed_vol.shape, dtype=np.float64) / np.asarray(shape)
     centres = cell_centres(shape, step, "cpu")
     both = fixed if fixed_mask is None else torch.cat([fixed, fixed_mask.to(fixed.dtype)], 1)
     small_f, aff_f = area_downsample(both, fixed_vol.affine, space)
-    small_m, aff_m = area_downsample(moving, moving_affine, space)
+    both_m = moving if moving_mask is None else torch.cat([moving, moving_mask.to(moving.dtype)], 1)
+    small_m, aff_m = area_downsample(both_m, moving_affine, space)
     to_f = np.linalg.inv(aff_f) @ fixed_vol.affine
     to_m = np.linalg.inv(aff_m) @ np.asarray(moving_affine) @ fixed_to_moving
     f = sample(small_f, apply_affine(to_f, centres), "bilinear", 0.0).view(-1, *shape)
-    m = sample(small_m, apply_affine(to_m, centres), "bilinear", 0.0)
+    m = sample(small_m, apply_affine(to_m, centres), "bilinear", 0.0).view(1, -1, *shape)
     region = None if fixed_mask is None else (f[1:] >= 0.5)[None].float()
-    return f[:1][None].float(), m[None, None].float(), region
+    return f[:1][None].float(), m.float(), region
 
 
 def refine_pair(
@@ -256,18 +267,21 @@ def refine_pair(
     progress: bool = False,
     images: tuple[Tensor, Tensor] | None = None,
     fixed_mask: Tensor | None = None,
+    moving_mask: Tensor | None = None,
 ) -> tuple[Tensor, RefineReport]:
     """Multi-level instance optimisation of one pair; returns ``v`` ``(1, 3, *fixed)`` in
     fixed voxels along the fixed axes (moving voxel ``fixed_to_moving (x + v(x))``) and a
     report. ``start``: the network's field on any cell grid of the fixed image, or None.
     ``images``: both images already normalised
     (:func:`~ranreg.similarity.normalised_volumes`). ``fixed_mask`` ``(1, 1, *fixed)``,
-    0/1: the similarity counts only voxels inside it (the field still covers the image)."""
+    0/1: the similarity counts only voxels inside it (the field still covers the image);
+    ``moving_mask`` ``(1, 1, *moving)``: only the fixed voxels the field sends inside it."""
     settings.check()
     images = images or normalised_volumes(fixed, moving)
+    masks = (fixed_mask, moving_mask)
     with torch.inference_mode(False), torch.enable_grad():
         return _refine_pair(
-            fixed, moving, fixed_to_moving, start, settings, progress, images, fixed_mask
+            fixed, moving, fixed_to_moving, start, settings, progress, images, masks
         )
 
 
@@ -279,7 +293,7 @@ def _refine_pair(
     s: RefineSettings,
     progress: bool,
     images: tuple[Tensor, ...],
-    fixed_mask: Tensor | None,
+    masks: tuple[Tensor | None, Tensor | None],
 ) -> tuple[Tensor, RefineReport]:
     from tqdm import tqdm
 
@@ -298,7 +312,7 @@ def _refine_pair(
     with bar:
         for i, (space, shape) in enumerate(levels):
             f, m, region = _level_images(
-                fix, fixed, mov, moving.affine, fixed_to_moving, shape, space, fixed_mask
+                fix, fixed, mov, moving.affine, fixed_to_moving, shape, space, masks
             )
             if i == 0:
                 field = _choose_start(f, m, start, s.window, report, region)
@@ -308,8 +322,8 @@ def _refine_pair(
             report.levels.append((space, shape, plan[i]))
         with torch.no_grad():
             sim = LocalNCC(f, s.window, region)
-            report.ncc_affine = -float(sim(m))  # on the finest level, like the final value
-            report.ncc_final = -float(sim(warp(m, field)))
+            report.ncc_affine = -float(_compare(sim, m))  # the finest level, like the end
+            report.ncc_final = -float(_compare(sim, warp(m, field)))
     shape_f = tuple(int(n) for n in fixed.shape)
     v = field if tuple(field.shape[2:]) == shape_f else resize_ddf(field, shape_f)
     return v, report
@@ -328,10 +342,10 @@ def _choose_start(
     zero = torch.zeros(1, 3, *shape)
     sim = LocalNCC(fixed, window, region)
     with torch.no_grad():
-        report.ncc_zero = -float(sim(moving))
+        report.ncc_zero = -float(_compare(sim, moving))
         if start is None:
             return zero
         base = resize_ddf(start.float().cpu(), shape)
-        report.ncc_start = -float(sim(warp(moving, base)))
+        report.ncc_start = -float(_compare(sim, warp(moving, base)))
     report.start_kept = report.ncc_start > report.ncc_zero
     return base if report.start_kept else zero

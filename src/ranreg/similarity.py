@@ -98,13 +98,18 @@ class LocalNCC:
         self.mask = _in_region(fixed > BODY_THRESHOLD, region).to(fixed.dtype)
         self.count = self.mask.sum().clamp_min(1.0)
 
-    def __call__(self, warped: Tensor) -> Tensor:
+    def __call__(self, warped: Tensor, valid: Tensor | None = None) -> Tensor:
+        """``-mean(cc)`` over the mask; ``valid`` (0/1, the shape of ``fixed``): the moving
+        mask carried onto the fixed image by the current transform, which also limits it."""
         f, w = self.fixed, warped
         mw, mww, mfw = box_mean(torch.cat([w, w * w, f * w], dim=1), self.window).chunk(3, dim=1)
         var_w = (mww - mw * mw).clamp_min(0.0)
         cov = mfw - self.mean_f * mw
         cc = cov.square() / (self.var_f * var_w + self.eps)
-        return -(cc * self.mask).sum() / self.count
+        if valid is None:
+            return -(cc * self.mask).sum() / self.count
+        weight = self.mask * valid
+        return -(cc * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 class MutualInformation:
@@ -120,9 +125,15 @@ class MutualInformation:
         self.index = mask.flatten().nonzero()[:, 0]
         self.fixed = fixed.flatten()[self.index].view(1, 1, -1)
 
-    def __call__(self, warped: Tensor) -> Tensor:
-        moving = warped.flatten()[self.index].view(1, 1, -1)
-        return self.loss(moving.clamp(0, 1), self.fixed.clamp(0, 1))
+    def __call__(self, warped: Tensor, valid: Tensor | None = None) -> Tensor:
+        """``-MI``; ``valid`` as for :class:`LocalNCC` (only the voxels it covers count)."""
+        moving, fixed = warped.flatten()[self.index].view(1, 1, -1), self.fixed
+        if valid is not None:
+            keep = valid.flatten()[self.index] > 0.5
+            if not bool(keep.any()):
+                return warped.sum() * 0.0  # nothing left to compare: no preference
+            moving, fixed = moving[..., keep], fixed[..., keep]
+        return self.loss(moving.clamp(0, 1), fixed.clamp(0, 1))
 
 
 def robust_normalise(image: Tensor, low: float = 0.5, high: float = 99.5) -> Tensor:

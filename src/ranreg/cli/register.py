@@ -52,6 +52,7 @@ def _run(args: Any) -> int:
         fixed_landmarks=args.fixed_landmarks,
         moving_landmarks=args.moving_landmarks,
         fixed_mask=args.fixed_mask,
+        moving_mask=args.moving_mask,
         **_shared(args),
     )
     print_report(metrics, Path(args.out), args.moving, args.fixed)
@@ -62,8 +63,14 @@ def _check_cohort_args(args: Any) -> None:
     """``--pairs`` takes everything per pair from its list; ``--data`` goes with a key."""
     from ranreg.data.pair_lists import is_pairs_file
 
-    per_pair = (args.fixed, args.moving, args.moving_labels, args.fixed_labels, args.fixed_mask)
-    if any(per_pair) or args.fixed_landmarks or args.moving_landmarks:
+    per_pair = (args.fixed, args.moving, args.moving_labels, args.fixed_labels)
+    if (
+        any(per_pair)
+        or args.fixed_mask
+        or args.moving_mask
+        or args.fixed_landmarks
+        or args.moving_landmarks
+    ):
         raise RanregError("register: --pairs takes the images from its list, not --fixed etc.")
     if args.initial_affine:
         raise RanregError(
@@ -184,9 +191,9 @@ def add_parser(sub: Any) -> None:
         "--pairs",
         metavar="CSV|KEY",
         help="register a cohort instead: a CSV with columns fixed, moving [, moving_labels, "
-        "fixed_labels, fixed_mask, initial_affine, fixed_landmarks, moving_landmarks, name], "
-        "or a list of "
-        "a Learn2Reg folder's *_dataset.json (registration_test, registration_val, "
+        "fixed_labels, fixed_mask, moving_mask, initial_affine, fixed_landmarks, "
+        "moving_landmarks, name], or a list of a Learn2Reg folder's *_dataset.json "
+        "(registration_test, registration_val, "
         "training_paired_images; with --data), which also writes the challenge's "
         "disp_FFFF_MMMM.nii.gz files into --out/learn2reg; one folder per pair in --out and a "
         "summary.csv; finished pairs are skipped when run again",
@@ -214,6 +221,12 @@ def add_parser(sub: Any) -> None:
         help="compare the images only inside this mask of the fixed image (non-zero: inside), "
         "in the affine stage and the optimisation, as ANTs' -x; the network sees the whole "
         "images and the field covers the whole fixed image",
+    )
+    p.add_argument(
+        "--moving-mask",
+        metavar="MASK",
+        help="likewise on the moving image: compare only the fixed voxels that the transform "
+        "sends inside it (e.g. to leave out an artefact only the moving image has)",
     )
     p.add_argument(
         "--fixed-landmarks",

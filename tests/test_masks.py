@@ -1,10 +1,11 @@
 """A fixed mask (``--fixed-mask``, ``register(fixed_mask=)``) limits the similarity of the
-affine stage and of the optimisation to the voxels inside it, as ANTs' ``-x`` does.
+affine stage and of the optimisation to the voxels inside it, as ANTs' ``-x`` does; a
+moving mask (``--moving-mask``) to the fixed voxels that the transform sends inside it.
 
 The scene: two textured blocks A and B side by side along axis 0; in the moving image A
 moved by +6 mm and B by -6 mm along axis 1. No rigid map fits both (the best one turns
-between them); with a mask on A the affine stage finds A's shift, and the optimisation fits
-A and leaves B to the regulariser.
+between them); with a mask on A (in either image) the affine stage finds A's shift, and the
+optimisation fits A and leaves B to the regulariser.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def scene() -> dict[str, Volume]:
         "fixed": _volume(_image(0, 0)),
         "moving": _volume(_image(SHIFT_VOX, -SHIFT_VOX)),
         "mask_a": _volume(mask_a),
+        "moving_mask_a": _volume(np.roll(mask_a, SHIFT_VOX, axis=1)),  # A where it moved
     }
 
 
@@ -70,6 +72,14 @@ def _register(scene: dict[str, Volume], mask: Volume | None, **options) -> np.nd
     net = resolve_model("identity")
     result = register_volumes(
         net, scene["moving"], scene["fixed"], fixed_mask=mask, progress=False, **options
+    )
+    return result.ddf_mm
+
+
+def _register_moving_mask(scene: dict[str, Volume], mask: Volume, **options) -> np.ndarray:
+    net = resolve_model("identity")
+    result = register_volumes(
+        net, scene["moving"], scene["fixed"], moving_mask=mask, progress=False, **options
     )
     return result.ddf_mm
 
@@ -203,3 +213,74 @@ def test_register_command_with_a_fixed_mask(tmp_path: Path, scene, capsys) -> No
         assert main(pairs) == 0
     cohort = json.loads((tmp_path / "cohort" / "pair-0001" / "metrics.json").read_text())
     assert cohort["fixed_mask"] == metrics["fixed_mask"]
+
+
+def test_a_moving_mask_on_one_block_is_followed(scene: dict[str, Volume]) -> None:
+    true = SHIFT_VOX * SPACING
+    affine = _register_moving_mask(scene, scene["moving_mask_a"], affine="rigid", refine=0)
+    assert abs(_shift_mm(affine, A) - true) < 0.5
+    assert _shift_mm(affine, B) > 0.5 * true  # B moves with A, as with the fixed mask
+    fitted = _register_moving_mask(scene, scene["moving_mask_a"], affine="none", refine=50)
+    assert abs(_shift_mm(fitted, A) - true) < 1.0
+    assert abs(_shift_mm(fitted, B) + true) > 3.0  # B's motion was not fitted
+
+
+def test_a_moving_mask_outside_the_moving_body_is_refused(scene: dict[str, Volume]) -> None:
+    from ranreg.errors import RanregError
+
+    air = np.zeros(SHAPE, np.uint8)
+    air[:3] = 1
+    with pytest.raises(RanregError, match="no voxel of the mask lies in the moving image's body"):
+        _register_moving_mask(scene, _volume(air), affine="rigid", refine=0)
+
+
+def test_the_similarities_count_only_where_the_moving_mask_lands() -> None:
+    from ranreg.similarity import MutualInformation
+
+    rng = np.random.default_rng(2)
+    fixed = torch.from_numpy(rng.uniform(0.0, 1.0, (1, 1, 9, 8, 7)).astype(np.float32))
+    warped = torch.from_numpy(rng.uniform(0.0, 1.0, (1, 1, 9, 8, 7)).astype(np.float32))
+    valid = torch.zeros_like(fixed)
+    valid[..., 3:, :, :] = 1.0
+    mean_f, mean_w = box_mean(fixed, 3), box_mean(warped, 3)
+    cov = box_mean(fixed * warped, 3) - mean_f * mean_w
+    var_f = box_mean(fixed * fixed, 3) - mean_f**2
+    var_w = box_mean(warped * warped, 3) - mean_w**2
+    cc = cov**2 / (var_f.clamp_min(0) * var_w.clamp_min(0) + 1e-8)
+    expected = -float(cc[(fixed > 0.1) & (valid > 0.5)].mean())
+    assert float(LocalNCC(fixed, 3)(warped, valid)) == pytest.approx(expected, rel=1e-4)
+    # mutual information: the same as on the voxels it keeps alone
+    keep = ((fixed > 0.05) & (valid > 0.5)).flatten()
+    alone = MutualInformation(fixed.flatten()[keep].view(1, 1, -1, 1, 1))
+    whole = MutualInformation(fixed)
+    got = float(whole(warped, valid))
+    assert got == pytest.approx(float(alone(warped.flatten()[keep].view(1, 1, -1, 1, 1))), rel=1e-5)
+    assert got != pytest.approx(float(whole(warped)), rel=1e-3)
+
+
+def test_register_command_with_a_moving_mask(tmp_path: Path, scene, capsys) -> None:
+    f = _files(tmp_path, scene)
+    moved = write_nifti(tmp_path / "mm.nii.gz", scene["moving_mask_a"].array, AFFINE)
+    base = ["register", "--fixed", f["fixed"], "--moving", f["moving"], "--model", "identity"]
+    base += ["--affine", "rigid", "--refine", "0"]
+    assert main([*base, "--out", str(tmp_path / "o"), "--moving-mask", str(moved)]) == 0
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    expected = np.prod([s.stop - s.start for s in A]) / np.prod(SHAPE)
+    assert metrics["moving_mask"] == {"path": str(moved), "fraction": pytest.approx(expected)}
+    assert metrics["fixed_mask"] is None
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "bad"), "--moving-mask", f["empty"]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "the mask is empty" in err[0]
+    assert not (tmp_path / "bad").exists()
+    rows = [{"fixed": f["fixed"], "moving": f["moving"], "moving_mask": str(moved)}]
+    with (tmp_path / "pairs.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    pairs = ["register", "--pairs", str(tmp_path / "pairs.csv"), "--model", "identity"]
+    pairs += ["--affine", "rigid", "--refine", "0", "--out", str(tmp_path / "cohort")]
+    assert main([*pairs, "--moving-mask", str(moved)]) == 2
+    assert main(pairs) == 0
+    cohort = json.loads((tmp_path / "cohort" / "pair-0001" / "metrics.json").read_text())
+    assert cohort["moving_mask"] == metrics["moving_mask"]
