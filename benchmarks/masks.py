@@ -1,6 +1,6 @@
-"""What a fixed mask does on a real scan: an artefact in the moving image, masked out.
+"""What a fixed or moving mask does on a real scan: an artefact in the moving image.
 
-    python benchmarks/fixed_mask.py --out docs/results/fixed-mask-validation.md
+    python benchmarks/masks.py --out docs/results/masks-validation.md
 
 The validation scan (the shared chest CT) under known motions, as in
 ``benchmarks/real_scans.py`` (its cases: smooth and sliding, seeds 0 and 1). The moving
@@ -8,11 +8,12 @@ image gets an artefact the fixed image does not have: a ball of radius
 :data:`ARTEFACT_MM` at +1500 HU (metal, or contrast that arrived between the scans) at a
 random point of the body. Each case is registered three times with the default
 ``ranreg register`` (its subprocess, as a user runs it): the clean moving image, the
-moving image with the artefact, and the same with ``--fixed-mask`` = the fixed
-image without a ball of radius :data:`ARTEFACT_MM` + :data:`MARGIN_MM` around where the
-artefact lies in the fixed image (what a user would draw; the similarities keep to the
-body by themselves). Scores: end-point error (mm) in the
-body and within :data:`NEAR_MM` of the artefact.
+moving image with the artefact, the same with ``--fixed-mask`` = the fixed image without a
+ball of radius :data:`ARTEFACT_MM` + :data:`MARGIN_MM` around where the artefact lies in
+the fixed image (known here from the true motion; a user must guess it), and with
+``--moving-mask`` = the moving image without that ball around the artefact itself (what a
+user sees and would draw). The similarities keep to the body by themselves. Scores:
+end-point error (mm) in the body and within :data:`NEAR_MM` of the artefact.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ ARTEFACT_MM, MARGIN_MM, NEAR_MM, ARTEFACT_HU = 12.0, 8.0, 30.0, 1500.0
 CASES = (("smooth", 0), ("smooth", 1), ("sliding", 0), ("sliding", 1))
 
 
-def _artefact(case: Path, moving: Path, seed: int) -> tuple[Path, Path, np.ndarray]:
-    """The moving image with the artefact, the fixed mask leaving it out, and the
-    artefact's centre in the fixed image (world mm)."""
+def _artefact(case: Path, moving: Path, seed: int) -> tuple[Path, Path, Path, np.ndarray]:
+    """The moving image with the artefact, the fixed and moving masks leaving it out, and
+    the artefact's centre in the fixed image (world mm)."""
     image, affine = load(moving)
     points = world_points(image.shape, affine)  # the moving grid is the fixed one here
     depth = ndimage.distance_transform_edt(
@@ -62,6 +63,8 @@ def _artefact(case: Path, moving: Path, seed: int) -> tuple[Path, Path, np.ndarr
     with_artefact = image.copy()
     with_artefact[ball] = ARTEFACT_HU
     save(case / "moving_artefact.nii.gz", with_artefact.astype(np.float32), affine)
+    around = np.linalg.norm(points - centre_m, axis=-1) > ARTEFACT_MM + MARGIN_MM
+    save(case / "moving_mask.nii.gz", around.astype(np.uint8), affine)
     # where the artefact lies in the fixed image: the fixed point that the true map sends
     # nearest to its centre
     u = load_ddf(case / "true_ddf.nii.gz")
@@ -69,7 +72,12 @@ def _artefact(case: Path, moving: Path, seed: int) -> tuple[Path, Path, np.ndarr
     centre_f = points[np.unravel_index(np.argmin(hit), hit.shape)]
     keep = np.linalg.norm(points - centre_f, axis=-1) > ARTEFACT_MM + MARGIN_MM
     save(case / "mask.nii.gz", keep.astype(np.uint8), affine)
-    return case / "moving_artefact.nii.gz", case / "mask.nii.gz", centre_f
+    return (
+        case / "moving_artefact.nii.gz",
+        case / "mask.nii.gz",
+        case / "moving_mask.nii.gz",
+        centre_f,
+    )
 
 
 def _register(exe: str, fixed: Path, moving: Path, out: Path, extra: list[str]) -> float:
@@ -92,8 +100,8 @@ def _scores(out: Path, case: Path, centre_f: np.ndarray) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default=str(ROOT / "runs" / "fixed-mask"))
-    parser.add_argument("--out", default=str(ROOT / "runs" / "fixed-mask" / "fixed-mask.md"))
+    parser.add_argument("--work", default=str(ROOT / "runs" / "masks"))
+    parser.add_argument("--out", default=str(ROOT / "runs" / "masks" / "masks.md"))
     parser.add_argument("--ranreg", default=None, help="the ranreg executable")
     args = parser.parse_args()
     exe, work = ranreg_executable(args.ranreg), Path(args.work)
@@ -104,12 +112,13 @@ def main() -> int:
         case = work / "cases" / f"{kind}-{seed}"
         if not (case / "case.json").is_file():
             make_case(scan, labels, kind, seed, case)
-        moving_a, mask, centre = _artefact(case, scan.image, seed)
+        moving_a, mask, moving_mask, centre = _artefact(case, scan.image, seed)
         fixed = case / "fixed.nii.gz"
         runs = {
             "clean moving image": (scan.image, []),
             "artefact": (moving_a, []),
             "artefact, --fixed-mask": (moving_a, ["--fixed-mask", str(mask)]),
+            "artefact, --moving-mask": (moving_a, ["--moving-mask", str(moving_mask)]),
         }
         for name, (moving, extra) in runs.items():
             out = work / "out" / f"{kind}-{seed}-{len(rows)}"
@@ -123,7 +132,7 @@ def main() -> int:
 
 def _write(path: Path, rows: list[dict]) -> None:
     names = list(dict.fromkeys(r["run"] for r in rows))
-    lines = ["# A fixed mask on a real scan with an artefact", "", *provenance(), ""]
+    lines = ["# Masks on a real scan with an artefact", "", *provenance(), ""]
     lines += [__doc__.split("\n\n", 2)[2].strip(), ""]
     lines += ["| case | run | EPE in the body (mm) | EPE near the artefact (mm) | s |"]
     lines += ["|---|---|---:|---:|---:|"]
