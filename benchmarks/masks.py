@@ -18,7 +18,6 @@ end-point error (mm) in the body and within :data:`NEAR_MM` of the artefact.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -30,15 +29,15 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, provenance  # noqa: E402
+from common import provenance  # noqa: E402
 from real_scans import (  # noqa: E402
     SCANS,
     body_mask,
+    case_arguments,
     load,
     load_ddf,
     make_case,
     prepare_scan,
-    ranreg_executable,
     save,
     spacing_of,
     world_points,
@@ -99,12 +98,8 @@ def _scores(out: Path, case: Path, centre_f: np.ndarray) -> dict[str, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default=str(ROOT / "runs" / "masks"))
-    parser.add_argument("--out", default=str(ROOT / "runs" / "masks" / "masks.md"))
-    parser.add_argument("--ranreg", default=None, help="the ranreg executable")
-    args = parser.parse_args()
-    exe, work = ranreg_executable(args.ranreg), Path(args.work)
+    args = case_arguments(__doc__, "masks")
+    exe, work = args.ranreg, Path(args.work)
     scan = next(s for s in SCANS if s.name == "chest-ct")
     labels = prepare_scan(scan, work)
     rows = []

@@ -547,6 +547,18 @@ def parse_method(text: str) -> Method:
     return Method(name, BUILTIN_METHODS[name])
 
 
+def case_arguments(doc: str, name: str) -> argparse.Namespace:
+    """``--work`` (default ``runs/NAME``), ``--out`` and ``--ranreg`` of a benchmark that
+    registers cases of the validation scans with the ``ranreg`` command."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--work", default=str(ROOT / "runs" / name))
+    parser.add_argument("--out", default=str(ROOT / "runs" / name / f"{name}.md"))
+    parser.add_argument("--ranreg", default=None, help="the ranreg executable")
+    args = parser.parse_args()
+    args.ranreg = ranreg_executable(args.ranreg)
+    return args
+
+
 def ranreg_executable(given: str | None) -> str:
     """The ``ranreg`` command: ``--ranreg``, else the project's venv, else the PATH."""
     if given:

@@ -20,7 +20,6 @@ registration's end-point error ``|u(p) - (T(p) - p)|`` (``ddf.nii.gz``), in mm.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -33,8 +32,8 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, provenance  # noqa: E402
-from real_scans import SHARED_SCANS, load_ddf, ranreg_executable  # noqa: E402
+from common import provenance  # noqa: E402
+from real_scans import SHARED_SCANS, case_arguments, load_ddf  # noqa: E402
 
 SLICES = (3, 6, 12, 20, 40, 164)  # 164: the whole scan, for reference
 FIRST_SLICE, MOTIONS, MAX_DEGREES, MAX_SHIFT_MM, NOISE_HU = 80, 3, 10.0, 8.0, 10.0
@@ -97,12 +96,8 @@ def score(out: Path, truth: np.ndarray, world: np.ndarray, body: np.ndarray) -> 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default=str(ROOT / "runs" / "thin-slabs"))
-    parser.add_argument("--out", default=str(ROOT / "runs" / "thin-slabs" / "thin-slabs.md"))
-    parser.add_argument("--ranreg", default=None, help="the ranreg executable")
-    args = parser.parse_args()
-    exe, work = ranreg_executable(args.ranreg), Path(args.work)
+    args = case_arguments(__doc__, "thin-slabs")
+    exe, work = args.ranreg, Path(args.work)
     img = nib.load(SCAN)
     scan = np.asarray(img.dataobj, dtype=np.float32)
     rows = []

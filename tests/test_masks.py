@@ -173,6 +173,16 @@ def _files(tmp_path: Path, scene: dict[str, Volume]) -> dict[str, str]:
     }
 
 
+def _cohort(tmp_path: Path, row: dict[str, str]) -> list[str]:
+    """The arguments of ``ranreg register --pairs`` over a CSV of the one ``row``."""
+    with (tmp_path / "pairs.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerow(row)
+    pairs = ["register", "--pairs", str(tmp_path / "pairs.csv"), "--model", "identity"]
+    return [*pairs, "--affine", "rigid", "--refine", "0", "--out", str(tmp_path / "cohort")]
+
+
 def test_register_command_with_a_fixed_mask(tmp_path: Path, scene, capsys) -> None:
     f = _files(tmp_path, scene)
     base = ["register", "--fixed", f["fixed"], "--moving", f["moving"], "--model", "identity"]
@@ -200,13 +210,7 @@ def test_register_command_with_a_fixed_mask(tmp_path: Path, scene, capsys) -> No
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
         assert not (tmp_path / "bad").exists()
-    rows = [{"fixed": f["fixed"], "moving": f["moving"], "fixed_mask": f["mask"]}]
-    with (tmp_path / "pairs.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    pairs = ["register", "--pairs", str(tmp_path / "pairs.csv"), "--model", "identity"]
-    pairs += ["--affine", "rigid", "--refine", "0", "--out", str(tmp_path / "cohort")]
+    pairs = _cohort(tmp_path, {"fixed": f["fixed"], "moving": f["moving"], "fixed_mask": f["mask"]})
     assert main([*pairs, "--fixed-mask", f["mask"]]) == 2
     assert "--pairs takes the images from its list" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="another grid"):
@@ -273,13 +277,9 @@ def test_register_command_with_a_moving_mask(tmp_path: Path, scene, capsys) -> N
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "the mask is empty" in err[0]
     assert not (tmp_path / "bad").exists()
-    rows = [{"fixed": f["fixed"], "moving": f["moving"], "moving_mask": str(moved)}]
-    with (tmp_path / "pairs.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    pairs = ["register", "--pairs", str(tmp_path / "pairs.csv"), "--model", "identity"]
-    pairs += ["--affine", "rigid", "--refine", "0", "--out", str(tmp_path / "cohort")]
+    pairs = _cohort(
+        tmp_path, {"fixed": f["fixed"], "moving": f["moving"], "moving_mask": str(moved)}
+    )
     assert main([*pairs, "--moving-mask", str(moved)]) == 2
     assert main(pairs) == 0
     cohort = json.loads((tmp_path / "cohort" / "pair-0001" / "metrics.json").read_text())
