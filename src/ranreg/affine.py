@@ -30,7 +30,7 @@ from ranreg.adam import DecayingAdam
 from ranreg.data.io import Volume
 from ranreg.errors import RanregError
 from ranreg.geometry import area_downsample, cell_centres, cell_grid, sample
-from ranreg.similarity import build_similarity, is_ct, normalised_volumes
+from ranreg.similarity import build_similarity, is_ct, normalised_volumes, with_moving_mask
 
 __all__ = [
     "AFFINE_MODES",
@@ -131,11 +131,7 @@ class _Level:
         )
 
     def loss(self, matrix: Tensor, shift: Tensor) -> Tensor:
-        warped = self.warp(matrix, shift)
-        if warped.shape[1] == 1:
-            return self.similarity(warped)
-        # the moving mask moves with the image: only the cells it then covers count
-        return self.similarity(warped[:, :1], (warped[:, 1:] >= 0.5).to(warped.dtype))
+        return with_moving_mask(self.similarity, self.warp(matrix, shift))
 
 
 def _centre_of_mass(image: Tensor, affine: np.ndarray) -> np.ndarray:

@@ -41,7 +41,7 @@ from ranreg.data.io import Volume
 from ranreg.errors import RanregError
 from ranreg.geometry import apply_affine, area_downsample, cell_centres, cell_grid, sample
 from ranreg.losses import gradient_l2
-from ranreg.similarity import BODY_THRESHOLD, LocalNCC, normalised_volumes
+from ranreg.similarity import BODY_THRESHOLD, LocalNCC, normalised_volumes, with_moving_mask
 from ranreg.spatial import integrate_velocity, resize_ddf, warp
 
 __all__ = [
@@ -103,14 +103,6 @@ class RefineSettings:
         return replace(self, steps=steps)
 
 
-def _compare(sim: LocalNCC, warped: Tensor) -> Tensor:
-    """``sim`` of a warped moving image ``(1, C, *S)``; a second channel is the warped
-    moving mask, and only the voxels it covers count."""
-    if warped.shape[1] == 1:
-        return sim(warped)
-    return sim(warped[:, :1], (warped[:, 1:] >= 0.5).to(warped.dtype))
-
-
 def _fit_level(
     fixed: Tensor,
     moving: Tensor,
@@ -139,7 +131,7 @@ def _fit_level(
     opt = DecayingAdam([(c, s.lr)], s.steps)
     for _ in range(s.steps):
         u = field(c)
-        similarity = _compare(sim, warp(moving, u))
+        similarity = with_moving_mask(sim, warp(moving, u))
         loss = similarity + s.weight * gradient_l2(u)
         loss.backward()
         opt.step()
@@ -322,8 +314,8 @@ def _refine_pair(
             report.levels.append((space, shape, plan[i]))
         with torch.no_grad():
             sim = LocalNCC(f, s.window, region)
-            report.ncc_affine = -float(_compare(sim, m))  # the finest level, like the end
-            report.ncc_final = -float(_compare(sim, warp(m, field)))
+            report.ncc_affine = -float(with_moving_mask(sim, m))  # the finest level, like the end
+            report.ncc_final = -float(with_moving_mask(sim, warp(m, field)))
     shape_f = tuple(int(n) for n in fixed.shape)
     v = field if tuple(field.shape[2:]) == shape_f else resize_ddf(field, shape_f)
     return v, report
@@ -342,10 +334,10 @@ def _choose_start(
     zero = torch.zeros(1, 3, *shape)
     sim = LocalNCC(fixed, window, region)
     with torch.no_grad():
-        report.ncc_zero = -float(_compare(sim, moving))
+        report.ncc_zero = -float(with_moving_mask(sim, moving))
         if start is None:
             return zero
         base = resize_ddf(start.float().cpu(), shape)
-        report.ncc_start = -float(_compare(sim, warp(moving, base)))
+        report.ncc_start = -float(with_moving_mask(sim, warp(moving, base)))
     report.start_kept = report.ncc_start > report.ncc_zero
     return base if report.start_kept else zero

@@ -9,6 +9,7 @@ pairs of different modalities.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ __all__ = [
     "robust_normalise",
     "normalised_volumes",
     "build_similarity",
+    "with_moving_mask",
 ]
 
 
@@ -134,6 +136,14 @@ class MutualInformation:
                 return warped.sum() * 0.0  # nothing left to compare: no preference
             moving, fixed = moving[..., keep], fixed[..., keep]
         return self.loss(moving.clamp(0, 1), fixed.clamp(0, 1))
+
+
+def with_moving_mask(similarity: Callable[..., Tensor], warped: Tensor) -> Tensor:
+    """``similarity`` of a warped moving image ``(1, C, *S)``: with a second channel, the
+    moving mask warped with it, only the fixed voxels that it then covers count."""
+    if warped.shape[1] == 1:
+        return similarity(warped)
+    return similarity(warped[:, :1], (warped[:, 1:] >= 0.5).to(warped.dtype))
 
 
 def robust_normalise(image: Tensor, low: float = 0.5, high: float = 99.5) -> Tensor:
