@@ -81,3 +81,37 @@ def test_budget_configs_differ_only_in_the_model(tmp_path: Path) -> None:
         assert rest == dict(cfgs["RAN3"], model=None)  # one recipe, one budget
     quick = train_budget.model_config(base, "RAN0", tmp_path, 20)
     assert [s["steps"] for s in quick["stages"]] == [20]
+
+
+def test_thin_slab_cases_carry_their_true_map(tmp_path: Path) -> None:
+    """benchmarks/thin_slabs.py: fixed(p) = moving(T p) up to the added noise, inside the
+    scored region; the identity (no motion) explains the pair far worse."""
+    import nibabel as nib
+    import thin_slabs
+    from scipy import ndimage
+
+    if not thin_slabs.SCAN.is_file():
+        pytest.skip(f"shared scan not found: {thin_slabs.SCAN}")
+    img = nib.load(thin_slabs.SCAN)
+    scan = np.asarray(img.dataobj, dtype=np.float32)
+    case, truth, world, scored = thin_slabs.make_pair(scan, img.affine, 6, 1, tmp_path)
+    fixed = np.asarray(nib.load(case / "fixed.nii.gz").dataobj)
+    moving_img = nib.load(case / "moving.nii.gz")
+    moving = np.asarray(moving_img.dataobj)
+    to_voxel = np.linalg.inv(moving_img.affine)
+
+    def residual(world_map: np.ndarray) -> float:
+        q = world[scored] @ world_map[:3, :3].T + world_map[:3, 3]
+        vox = q @ to_voxel[:3, :3].T + to_voxel[:3, 3]
+        seen = ndimage.map_coordinates(moving, vox.T, order=1, mode="nearest")
+        return float(np.abs(seen - fixed[scored]).mean())
+
+    assert not np.allclose(truth, np.eye(4)) and scored.mean() > 0.4
+    # two noises of SD 10 HU and two linear interpolations of a real CT's edges: ~37 HU;
+    # no motion, or the map taken the wrong way round, leave 150-200 HU
+    assert residual(truth) < 50.0
+    assert residual(truth) < 0.3 * min(residual(np.eye(4)), residual(np.linalg.inv(truth)))
+    # the truth moves the slab within its plane only
+    normal = img.affine[:3, 2] / np.linalg.norm(img.affine[:3, 2])
+    moved = world[scored] @ truth[:3, :3].T + truth[:3, 3] - world[scored]
+    assert np.abs(moved @ normal).max() < 1e-6
