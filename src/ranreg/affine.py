@@ -5,7 +5,9 @@ The transform maps a fixed world point ``p`` (RAS+ mm) to the moving world point
 centres of mass (``M = I``, ``t = c_moving - c``), then optimises a rigid stage (rotation
 vector and translation) and, for ``mode="affine"``, an affine stage (a free 3x3 matrix),
 each coarse to fine on cell grids of the fixed image's field of view (16, 8, then 4 mm or
-the fixed spacing if coarser; a level with too many cells is left out).
+the fixed spacing if coarser; a level with too many cells is left out). On a level where
+the fixed image is under :data:`MIN_AXIS_CELLS` cells thick (a slab), the parameters that
+level cannot measure (a shift across the slab, tilts out of it) keep their values.
 The similarity is local NCC for images of one modality and mutual information for a CT
 registered to anything else (``similarity="auto"``).
 
