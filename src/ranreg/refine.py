@@ -8,9 +8,10 @@ and ``ranreg evaluate``.
 
 Design, for speed and accuracy on a CPU:
 
-* **Multi-level**: cell grids of about 8 mm, then 4 mm (:attr:`RefineSettings.levels`) over
+* **Multi-level**: cell grids of about 8, 4, then 2 mm (:attr:`RefineSettings.levels`) over
   the fixed image's field of view; a level never has more than ``max_cells`` cells (it is
-  coarsened to fit) nor cells finer than the fixed image's voxels. Both images are
+  coarsened to fit) nor cells finer than the fixed image's voxels (so a 4 mm image runs
+  8 and 4 mm, a 3 mm image 8, 4 and 3 mm). Both images are
   averaged over blocks before sampling (no aliasing) and normalised by percentiles.
 * **Coarse parameters**: the correction is held on a grid ``control`` times coarser than the
   level and upsampled (trilinear), added to the field the level starts from; fewer
@@ -82,7 +83,7 @@ class RefineSettings:
 
     steps: int = DEFAULT_STEPS
     weight: float = DEFAULT_WEIGHT
-    levels: tuple[float, ...] = (8.0, 4.0)
+    levels: tuple[float, ...] = (8.0, 4.0, 2.0)
     window: int = DEFAULT_WINDOW
     lr: float = DEFAULT_LR
     control: int = 2
