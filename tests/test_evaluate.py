@@ -184,7 +184,7 @@ def test_evaluate_refine_suffix_adds_instance_optimisation(tmp_path: Path) -> No
     # the pairs differ by 2 voxels (3 mm) along axis 0: optimisation alone recovers much of it
     assert mean_dice("identity+refine60") > mean_dice("identity") + 0.05
     summary = (out / "summary.md").read_text(encoding="utf-8")
-    row = "| identity+refine60 | `identity` | identity | n/a | model + optimisation 60 x 2 |"
+    row = "| identity+refine60 | `identity` | identity | n/a | model + optimisation 60 x 3 |"
     assert row in summary
     assert "| identity | `identity` | identity | n/a | model |" in summary
 
