@@ -237,9 +237,7 @@ def test_the_affine_stage_starts_from_an_initial_affine() -> None:
 
 #: oblique thin slabs through the anatomy: 2 or 3 cells across at every level, so the
 #: similarity cannot show a shift across the slab or a tilt out of it
-SLAB_AFFINES = {
-    n: grid_affine((2.5, 3.0, 2.0), (0.1, -0.15, 0.3), (48, 40, n)) for n in (3, 6)
-}
+SLAB_AFFINES = {n: grid_affine((2.5, 3.0, 2.0), (0.1, -0.15, 0.3), (48, 40, n)) for n in (3, 6)}
 
 
 def _slab_error(est: np.ndarray, truth: np.ndarray, n: int) -> np.ndarray:
