@@ -32,7 +32,13 @@ from ranreg.adam import DecayingAdam
 from ranreg.data.io import Volume
 from ranreg.errors import RanregError
 from ranreg.geometry import area_downsample, cell_centres, cell_grid, sample
-from ranreg.similarity import build_similarity, is_ct, normalised_volumes, with_moving_mask
+from ranreg.similarity import (
+    build_similarity,
+    is_ct,
+    normalised_volumes,
+    with_mask,
+    with_moving_mask,
+)
 
 __all__ = [
     "AFFINE_MODES",
@@ -170,7 +176,7 @@ def _make_level(
     fixed_mask, moving_mask = masks
     space = spacing
     shape, step = cell_grid(fixed_vol, (space, space, space))
-    both = fixed if fixed_mask is None else torch.cat([fixed, fixed_mask.to(fixed.dtype)], 1)
+    both = with_mask(fixed, fixed_mask)
     fixed_small, fixed_small_affine = area_downsample(both, fixed_vol.affine, space)
     centres = cell_centres(shape, step, "cpu").reshape(3, -1)
     world = torch.as_tensor(fixed_vol.affine, dtype=torch.float64)
@@ -180,7 +186,7 @@ def _make_level(
     on_cells = sample(fixed_small, vox, "bilinear", 0.0).view(-1, *shape)
     fixed_level = on_cells[:1][None].float()
     region = None if fixed_mask is None else (on_cells[1:] >= 0.5)[None].float()
-    both_m = moving if moving_mask is None else torch.cat([moving, moving_mask.to(moving.dtype)], 1)
+    both_m = with_mask(moving, moving_mask)
     moving_small, moving_small_affine = area_downsample(both_m, moving_affine, space)
     shift = np.eye(4)
     shift[:3, 3] = centre

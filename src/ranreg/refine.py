@@ -42,7 +42,13 @@ from ranreg.data.io import Volume
 from ranreg.errors import RanregError
 from ranreg.geometry import apply_affine, area_downsample, cell_centres, cell_grid, sample
 from ranreg.losses import gradient_l2
-from ranreg.similarity import BODY_THRESHOLD, LocalNCC, normalised_volumes, with_moving_mask
+from ranreg.similarity import (
+    BODY_THRESHOLD,
+    LocalNCC,
+    normalised_volumes,
+    with_mask,
+    with_moving_mask,
+)
 from ranreg.spatial import integrate_velocity, resize_ddf, warp
 
 __all__ = [
@@ -239,9 +245,9 @@ def _level_images(
     fixed_mask, moving_mask = masks
     step = np.asarray(fixed_vol.shape, dtype=np.float64) / np.asarray(shape)
     centres = cell_centres(shape, step, "cpu")
-    both = fixed if fixed_mask is None else torch.cat([fixed, fixed_mask.to(fixed.dtype)], 1)
+    both = with_mask(fixed, fixed_mask)
     small_f, aff_f = area_downsample(both, fixed_vol.affine, space)
-    both_m = moving if moving_mask is None else torch.cat([moving, moving_mask.to(moving.dtype)], 1)
+    both_m = with_mask(moving, moving_mask)
     small_m, aff_m = area_downsample(both_m, moving_affine, space)
     to_f = np.linalg.inv(aff_f) @ fixed_vol.affine
     to_m = np.linalg.inv(aff_m) @ np.asarray(moving_affine) @ fixed_to_moving

@@ -27,6 +27,7 @@ __all__ = [
     "robust_normalise",
     "normalised_volumes",
     "build_similarity",
+    "with_mask",
     "with_moving_mask",
 ]
 
@@ -136,6 +137,12 @@ class MutualInformation:
                 return warped.sum() * 0.0  # nothing left to compare: no preference
             moving, fixed = moving[..., keep], fixed[..., keep]
         return self.loss(moving.clamp(0, 1), fixed.clamp(0, 1))
+
+
+def with_mask(image: Tensor, mask: Tensor | None) -> Tensor:
+    """``image`` ``(1, 1, *S)`` with ``mask`` as a second channel (resampled with it), or
+    ``image`` alone without a mask."""
+    return image if mask is None else torch.cat([image, mask.to(image.dtype)], 1)
 
 
 def with_moving_mask(similarity: Callable[..., Tensor], warped: Tensor) -> Tensor:
